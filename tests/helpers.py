@@ -1,0 +1,144 @@
+"""Test helpers: tiny model bundles, encoded synthetic scans, and real worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LUNGCAM = str(Path(sys.executable).with_name("lungcam"))
+
+
+def make_bundle(dest: Path, arch: str = "resnet50", input_size: int = 64, seed: int = 0) -> Path:
+    """Save a randomly initialised bundle (no training) for serving tests."""
+    import keras
+
+    from shared.bundle import save_bundle
+    from shared.imaging import PREPROCESSING
+    from shared.zoo import ARCHITECTURES, CLASS_NAMES, build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(arch, input_size=input_size, weights=None)
+    manifest = {
+        "name": f"{arch}-test",
+        "version": "t1",
+        "architecture": arch,
+        "input_size": input_size,
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": PREPROCESSING,
+        "gradcam_layer": ARCHITECTURES[arch].gradcam_layer,
+        "weights": "none",
+    }
+    save_bundle(model, manifest, dest)
+    return dest
+
+
+def encode_scan(image: np.ndarray, fmt: str) -> bytes:
+    """Encode a uint8 grey image as png, png16, jpeg or dicom bytes."""
+    from shared.synthetic import make_dicom
+
+    if fmt == "png":
+        return cv2.imencode(".png", image)[1].tobytes()
+    if fmt == "png16":
+        return cv2.imencode(".png", image.astype(np.uint16) * 257)[1].tobytes()
+    if fmt == "jpeg":
+        return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    if fmt == "dicom":
+        return make_dicom(image.astype(np.uint16) * 16, bits_stored=12)
+    raise ValueError(fmt)
+
+
+def mixed_scans(count: int, seed: int = 0, size: int = 192) -> dict[str, bytes]:
+    """`count` valid scans cycling through PNG (8/16-bit), JPEG and DICOM, keyed by scan id."""
+    from shared.synthetic import synthetic_xray
+
+    rng = np.random.default_rng(seed)
+    formats = ("png", "jpeg", "dicom", "png16")
+    scans = {}
+    for index in range(count):
+        fmt = formats[index % len(formats)]
+        image = synthetic_xray(rng, size, covid=bool(index % 2)).image
+        scans[f"scan-{index:03d}-{fmt}"] = encode_scan(image, fmt)
+    return scans
+
+
+def corrupt_scans(seed: int = 0) -> dict[str, bytes]:
+    """Three undecodable scans: a truncated PNG, plain text, and a DICOM without pixel data."""
+    from shared.synthetic import make_dicom, synthetic_xray
+
+    image = synthetic_xray(np.random.default_rng(seed), 128).image
+    png = encode_scan(image, "png")
+    return {
+        "bad-truncated-png": png[: len(png) // 3],
+        "bad-text": b"this is not an x-ray\n" * 10,
+        "bad-dicom-no-pixels": make_dicom(image, with_pixels=False),
+    }
+
+
+@dataclass
+class WorkerProcess:
+    """A real `lungcam worker` subprocess, its log file and environment."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the worker printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Block until Celery says the worker is ready (models loaded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, unacked messages stay unacked."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_worker(env: dict[str, str], log_path: Path, *extra: str) -> WorkerProcess:
+    """Start `lungcam worker --gpu none` with the given LUNGCAM_* environment."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [LUNGCAM, "worker", "--gpu", "none", "--loglevel", "INFO", *extra],
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    return WorkerProcess(process, log_path)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition") -> None:
+    """Poll predicate() until it is truthy or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

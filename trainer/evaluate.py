@@ -1,0 +1,195 @@
+"""Metrics on a test split, and re-evaluating a published bundle on (the same) data."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.zoo import CLASS_NAMES
+from trainer.datasets import Sample, dataset_hash, load_datasets, split_samples
+from trainer.loading import load_images, to_float
+
+log = logging.getLogger(__name__)
+
+COVID_INDEX = CLASS_NAMES.index("covid")
+THRESHOLD = 0.5
+PREDICT_BATCH_SIZE = 32
+UNKNOWN_SOURCE = "unknown"
+METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+
+
+def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """Accuracy, precision, recall, specificity, F1, ROC AUC and the confusion matrix, covid positive.
+
+    A metric whose denominator is zero (e.g. precision with no covid prediction, or AUC with one
+    class) is None, with the reason under "notes".
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+
+    y_true = np.asarray(y_true_covid, dtype=int).ravel()
+    scores = np.asarray(p_covid, dtype=np.float64).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"{len(y_true)} labels but {len(scores)} scores")
+    if len(y_true) == 0:
+        raise ValueError("no images to compute metrics on")
+    if not set(np.unique(y_true)) <= {0, 1}:
+        raise ValueError("y_true_covid must be 0/1")
+    # Two-class softmax: argmax picks covid exactly when p_covid >= 0.5 (ties go to index 0, covid).
+    y_pred = (scores >= THRESHOLD).astype(int)
+    # sklearn orders labels ascending; [1, 0] puts covid (positive) first: [[TP, FN], [FP, TN]].
+    matrix = confusion_matrix(y_true, y_pred, labels=[1, 0])
+    (tp, fn), (fp, tn) = matrix.tolist()
+    notes: dict[str, str] = {}
+    positives, negatives = tp + fn, fp + tn
+
+    def _defined(name: str, value: float, reason: str | None) -> float | None:
+        if reason is not None:
+            notes[name] = reason
+            return None
+        return float(value)
+
+    nan = float("nan")
+    precision = precision_score(y_true, y_pred, pos_label=1, zero_division=nan)
+    recall = recall_score(y_true, y_pred, pos_label=1, zero_division=nan)
+    specificity = recall_score(y_true, y_pred, pos_label=0, zero_division=nan)
+    f1 = f1_score(y_true, y_pred, pos_label=1, zero_division=nan)
+    one_class = positives == 0 or negatives == 0
+    metrics: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "n_covid": int(positives),
+        "n_normal": int(negatives),
+        "threshold": THRESHOLD,
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": _defined("precision", precision, "no image predicted covid" if tp + fp == 0 else None),
+        "recall": _defined("recall", recall, "no covid image in the set" if positives == 0 else None),
+        "specificity": _defined("specificity", specificity, "no normal image in the set" if negatives == 0 else None),
+        "f1": _defined("f1", f1, "no covid image and none predicted" if math.isnan(f1) else None),
+        "auc": _defined(
+            "auc",
+            roc_auc_score(y_true, scores) if not one_class else nan,
+            f"only one class present ({'covid' if negatives == 0 else 'normal'}); ROC AUC is undefined" if one_class else None,
+        ),
+        "confusion_matrix": {
+            "labels": ["covid", "normal"],
+            "rows": "true label",
+            "columns": "predicted label",
+            "matrix": [[tp, fn], [fp, tn]],
+        },
+    }
+    if notes:
+        metrics["notes"] = notes
+    return metrics
+
+
+def format_metrics_table(metrics: dict[str, Any], title: str = "test split") -> str:
+    """A plain-text table of the metrics and the confusion matrix."""
+    width = 12
+    lines = [f"{title}: {metrics['n']} images ({metrics['n_covid']} covid, {metrics['n_normal']} normal)"]
+    for name in METRIC_NAMES:
+        value = metrics.get(name)
+        lines.append(f"  {name:<{width}} {'n/a' if value is None else f'{value:.4f}'}")
+    (tp, fn), (fp, tn) = metrics["confusion_matrix"]["matrix"]
+    lines += [
+        "  confusion matrix (rows true, columns predicted):",
+        f"  {'':<{width}} {'covid':>8} {'normal':>8}",
+        f"  {'covid':<{width}} {tp:>8} {fn:>8}",
+        f"  {'normal':<{width}} {fp:>8} {tn:>8}",
+    ]
+    for name, reason in metrics.get("notes", {}).items():
+        lines.append(f"  note: {name}: {reason}")
+    return "\n".join(lines)
+
+
+def format_by_source(metrics_by_source: dict[str, dict[str, Any]]) -> str:
+    """One line per source: images per class and the metrics that are defined there."""
+    lines = ["by source:"]
+    for source, metrics in metrics_by_source.items():
+        defined = ", ".join(
+            f"{name} {metrics[name]:.4f}" for name in METRIC_NAMES if metrics.get(name) is not None
+        )
+        lines.append(f"  {source}: {metrics['n_covid']} covid, {metrics['n_normal']} normal; {defined}")
+    return "\n".join(lines)
+
+
+def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
+    """Class probabilities for uint8 images, in fixed batches with the model in inference mode."""
+    if len(images) == 0:
+        return np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
+    # Fixed batches through model(training=False) in both train and evaluate: the same code path
+    # gives the same numbers, so the manifest's metrics can be reproduced exactly.
+    batches = [
+        np.asarray(model(to_float(images[start : start + batch_size]), training=False))
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches, axis=0)
+
+
+def covid_targets(samples: Sequence[Sample]) -> np.ndarray:
+    """1 for covid samples, 0 for normal."""
+    return np.array([1 if sample.label == "covid" else 0 for sample in samples], dtype=int)
+
+
+def metrics_by_source(samples: Sequence[Sample], p_covid: np.ndarray) -> dict[str, dict[str, Any]]:
+    """compute_metrics per source (images without a known source grouped as "unknown")."""
+    indices: dict[str, list[int]] = defaultdict(list)
+    for index, sample in enumerate(samples):
+        indices[sample.source or UNKNOWN_SOURCE].append(index)
+    targets = covid_targets(samples)
+    return {
+        source: compute_metrics(targets[rows], np.asarray(p_covid)[rows]) for source, rows in sorted(indices.items())
+    }
+
+
+def evaluate_bundle(
+    bundle_uri: str | Path, data_paths: Sequence[str | Path], split: str = "test", *, progress: bool = True
+) -> dict[str, Any]:
+    """Reload a bundle, rebuild its dataset and split from the manifest, and compute the metrics again."""
+    from shared.bundle import load_bundle
+
+    if split not in ("test", "all"):
+        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
+    bundle = load_bundle(bundle_uri)
+    manifest = bundle.manifest
+    training = manifest.get("training", {})
+    dataset_info = manifest.get("dataset", {})
+    split_params = dataset_info.get("split", {})
+    samples = load_datasets(
+        data_paths, finding=training.get("finding", "COVID-19"), view=training.get("view", "PA")
+    )
+    current_hash = dataset_hash(samples)
+    expected_hash = dataset_info.get("hash")
+    if expected_hash and current_hash != expected_hash:
+        log.warning(
+            "\n%s\nDATASET HASH DIFFERS from the one this model was trained on (%s… vs %s…): the split "
+            "below is not the training run's test split and the metrics are not comparable.\n%s",
+            "!" * 78, current_hash[:12], expected_hash[:12], "!" * 78,
+        )
+    if split == "test":
+        _, chosen = split_samples(
+            samples,
+            test_fraction=float(split_params.get("test_fraction", 0.2)),
+            seed=int(split_params.get("seed", 42)),
+            group_by_patient=bool(split_params.get("group_by_patient", True)),
+        )
+    else:
+        chosen = list(samples)
+    loaded = load_images(chosen, bundle.input_size, progress=progress, desc=f"{split} images")
+    probabilities = predict_probabilities(bundle.model, loaded.images)
+    p_covid = probabilities[:, COVID_INDEX]
+    targets = covid_targets(loaded.samples)
+    return {
+        "bundle": {"name": bundle.name, "version": bundle.version},
+        "split": split,
+        "n_images": len(loaded.samples),
+        "n_skipped": len(loaded.skipped),
+        "dataset_hash": current_hash,
+        "dataset_hash_matches": expected_hash == current_hash if expected_hash else None,
+        "metrics": compute_metrics(targets, p_covid),
+        "metrics_by_source": metrics_by_source(loaded.samples, p_covid),
+    }
