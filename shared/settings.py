@@ -32,6 +32,12 @@ class Settings(BaseSettings):
         description="Comma-separated model bundles to serve: folders or s3:// prefixes (each holds manifest.json).",
     )
     api_token: SecretStr | None = Field(default=None, description="Bearer token the HTTP API requires.")
+    api_max_image_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1, description="Largest decoded image the HTTP API accepts in image_base64."
+    )
+    api_max_body_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1, description="Largest HTTP request body the API reads; larger ones get 413."
+    )
     batch_size: int = Field(default=16, ge=1, description="Scans a worker classifies in one model pass.")
     batch_flush_ms: int = Field(default=500, ge=1, description="Flush a partial batch after this many milliseconds.")
     visibility_timeout_s: int = Field(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
 from shared.settings import Settings
-from shared.store import ObjectStore, open_store, split_uri
+from shared.store import ObjectStore, cached_store, split_uri
 
 
 class SourceFetcher:
@@ -17,24 +15,11 @@ class SourceFetcher:
     def __init__(self, default_store: ObjectStore, settings: Settings):
         self.default_store = default_store
         self.settings = settings
-        self._stores: dict[str, ObjectStore] = {}
-        self._lock = threading.Lock()
 
     def fetch(self, source_uri: str) -> bytes:
         """The bytes at source_uri; raises ObjectNotFound or StoreError."""
         if "://" not in source_uri and not source_uri.startswith("/"):
             return self.default_store.get(source_uri)
         store_url, key = split_uri(source_uri)
-        return self._store(store_url).get(key)
-
-    def _store(self, store_url: str) -> ObjectStore:
-        with self._lock:
-            if store_url not in self._stores:
-                # One client per bucket, shared by the fetch threads (boto3 clients are thread-safe).
-                self._stores[store_url] = open_store(
-                    store_url,
-                    endpoint_url=self.settings.s3_endpoint_url,
-                    region=self.settings.s3_region,
-                    **({"max_pool_connections": max(32, 2 * self.settings.io_threads)} if store_url.startswith("s3://") else {}),
-                )
-            return self._stores[store_url]
+        # One client per bucket, shared by the fetch threads (boto3 clients are thread-safe).
+        return cached_store(store_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region).get(key)

@@ -1,0 +1,202 @@
+"""Request and response bodies of the HTTP API (pydantic); requests reject unknown fields."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+# One store-key segment: no '/' or '\\', so an id can never reach into another folder of the store.
+SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# s3://bucket/key, bucket per S3 naming rules (lower case, digits, '.', '-'; 3 to 63 characters).
+S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
+MAX_BATCH_SCANS = 10_000
+
+Priority = Literal["stat", "routine"]
+Status = Literal["queued", "running", "done", "failed"]
+
+
+class ScanIn(BaseModel):
+    """One scan to classify: an uploaded image (base64) or a reference to an image already in S3."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scan_id: str = Field(description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit; no '..'.")
+    source_uri: str | None = Field(default=None, description="s3://bucket/key of an image already in a store.")
+    image_base64: str | None = Field(default=None, description="The image file (PNG, JPEG or DICOM), base64-encoded.")
+    priority: Priority = Field(default="routine", description="'stat' scans are classified before 'routine' ones.")
+    force: bool = Field(default=False, description="Classify again even if the scan already exists.")
+
+    # The decoded upload, kept so the image is decoded once (it can be tens of megabytes).
+    _image: bytes | None = PrivateAttr(default=None)
+
+    @field_validator("scan_id")
+    @classmethod
+    def _check_scan_id(cls, value: str) -> str:
+        """Refuse ids that are not one safe store-key segment."""
+        if not SCAN_ID_PATTERN.fullmatch(value):
+            raise ValueError(
+                "scan_id must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if ".." in value:
+            raise ValueError("scan_id may not contain '..'")
+        return value
+
+    @field_validator("source_uri")
+    @classmethod
+    def _check_source_uri(cls, value: str | None) -> str | None:
+        """Accept only s3://bucket/key: a local path would let a client make the server read its own files."""
+        if value is None:
+            return None
+        if not S3_URI_PATTERN.fullmatch(value):
+            raise ValueError(
+                "source_uri must be s3://bucket/key; local paths and file:// URIs are not accepted over HTTP "
+                "(upload the image as image_base64 instead)"
+            )
+        return value
+
+    @field_validator("image_base64")
+    @classmethod
+    def _check_base64(cls, value: str | None) -> str | None:
+        """Refuse text that is not strict base64 (validate=True: no stray characters silently dropped)."""
+        if value is None:
+            return None
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("image_base64 is not valid base64") from None
+        if not decoded:
+            raise ValueError("image_base64 decodes to an empty image")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ScanIn:
+        """Require exactly one of source_uri and image_base64, then keep the decoded image."""
+        if (self.source_uri is None) == (self.image_base64 is None):
+            raise ValueError("give exactly one of source_uri or image_base64")
+        if self.image_base64 is not None:
+            self._image = base64.b64decode(self.image_base64, validate=True)
+        return self
+
+    @property
+    def image(self) -> bytes | None:
+        """The decoded upload, or None for a source_uri reference."""
+        return self._image
+
+
+class BatchIn(BaseModel):
+    """Many scans submitted together; their progress is read back by batch id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=256, description="A label for people; not unique.")
+    scans: list[ScanIn] = Field(min_length=1, max_length=MAX_BATCH_SCANS)
+
+    @model_validator(mode="after")
+    def _unique_scan_ids(self) -> BatchIn:
+        """Refuse a batch that names a scan twice (which of the two would it be?)."""
+        seen: set[str] = set()
+        duplicates: list[str] = []
+        for scan in self.scans:
+            if scan.scan_id in seen:
+                duplicates.append(scan.scan_id)
+            seen.add(scan.scan_id)
+        if duplicates:
+            shown = ", ".join(repr(scan_id) for scan_id in duplicates[:5])
+            more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+            raise ValueError(f"duplicate scan_id in scans: {shown}{more}")
+        return self
+
+
+class ScanSubmitted(BaseModel):
+    """What happened to one submitted scan."""
+
+    scan_id: str
+    status: Status
+    queued: bool = Field(description="False if the scan already existed and was not queued again (no force).")
+
+
+class BatchSubmitted(BaseModel):
+    """What happened to a submitted batch."""
+
+    batch_id: str
+    queued: int = Field(description="Scans queued for classification.")
+    already: int = Field(description="Scans that already existed and were not queued again (no force).")
+
+
+class PredictionOut(BaseModel):
+    """One model's verdict on a scan."""
+
+    model_name: str
+    model_version: str
+    label: str
+    p_covid: float
+    inference_ms: float | None
+    overlay_url: str | None = Field(description="Grad-CAM overlay PNG; a time-limited URL that needs no bearer token.")
+
+
+class ScanOut(BaseModel):
+    """A scan's status and predictions (its internal source location is not shown)."""
+
+    scan_id: str
+    status: Status
+    priority: Priority
+    batch_id: str | None
+    error: str | None
+    submitted_at: dt.datetime
+    finished_at: dt.datetime | None
+    attempts: int
+    predictions: list[PredictionOut]
+
+
+class StatusCounts(BaseModel):
+    """Scans per status."""
+
+    queued: int
+    running: int
+    done: int
+    failed: int
+
+
+class BatchOut(BaseModel):
+    """A batch's progress."""
+
+    batch_id: str
+    name: str | None
+    submitted_at: dt.datetime
+    counts: StatusCounts
+    total: int
+    progress: float = Field(ge=0.0, le=1.0, description="Fraction of scans done or failed.")
+    complete: bool = Field(description="True when no scan is queued or running.")
+
+
+class Health(BaseModel):
+    """Liveness answer."""
+
+    status: Literal["ok"]
+
+
+class CheckResult(BaseModel):
+    """One dependency's readiness."""
+
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    """Readiness of the API's dependencies."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, CheckResult]
+
+
+class ErrorOut(BaseModel):
+    """An error answer; detail says what is wrong."""
+
+    detail: str
+

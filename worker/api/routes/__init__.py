@@ -1,0 +1,1 @@
+"""Route modules; main.py mounts them."""

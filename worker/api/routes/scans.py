@@ -1,0 +1,102 @@
+"""`/v1/scans`: submit one scan, read one scan's status and predictions."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from kombu.exceptions import OperationalError
+
+from shared.store import LocalStore, ObjectStore, StoreError
+from worker import results
+from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
+from worker.api.models import ErrorOut, PredictionOut, ScanIn, ScanOut, ScanSubmitted
+from worker.api.security import quote_key, sign_file_path
+from worker.api.submission import ImageTooLarge, check_image_sizes, current_status, submit
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/scans", tags=["scans"])
+
+# Overlay links live this long; a page that shows them is expected to re-fetch the scan after that.
+OVERLAY_URL_TTL_S = 3600
+
+BROKER_DOWN = "the message broker is unavailable; the scans are recorded as queued and will be re-sent"
+STORE_DOWN = "the object store is unavailable; nothing was recorded, try again"
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ScanSubmitted,
+    responses={200: {"model": ScanSubmitted, "description": "Already known and not forced: not queued again."},
+               413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+)
+def submit_scan(
+    scan: ScanIn,
+    response: Response,
+    settings: SettingsDep,
+    sessions: SessionFactoryDep,
+    celery: CeleryDep,
+    store: StoreDep,
+) -> ScanSubmitted:
+    """Queue one scan for classification (202), or report the existing scan unchanged (200) unless forced."""
+    try:
+        check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
+    except ImageTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=str(exc)) from None
+    result = submit_or_503(sessions, celery, store, [scan])
+    if result.queued:
+        return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
+    response.status_code = status.HTTP_200_OK
+    return ScanSubmitted(scan_id=scan.scan_id, status=current_status(sessions, scan.scan_id), queued=False)
+
+
+def submit_or_503(sessions, celery, store, scans, **kwargs):  # type: ignore[no-untyped-def]
+    """submit(), turning an unreachable store or broker into 503 with a clear message."""
+    try:
+        return submit(sessions, celery, store, scans, **kwargs)
+    except StoreError:
+        log.exception("store unavailable while accepting %d scan(s)", len(scans))
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=STORE_DOWN) from None
+    except OperationalError:
+        log.exception("broker unavailable while publishing %d scan(s)", len(scans))
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=BROKER_DOWN) from None
+
+
+@router.get("/{scan_id}", response_model=ScanOut, responses={404: {"model": ErrorOut}})
+def read_scan(scan_id: str, request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep) -> ScanOut:
+    """A scan's status, attempts, timestamps and one prediction per model with a link to its overlay."""
+    view = results.get_scan(session, scan_id)
+    if view is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan with this scan_id")
+    token = settings.api_token.get_secret_value() if settings.api_token else ""
+    return ScanOut(
+        scan_id=view.scan_id,
+        status=view.status,  # type: ignore[arg-type]
+        priority=view.priority,  # type: ignore[arg-type]
+        batch_id=view.batch_id,
+        error=view.error,
+        submitted_at=view.submitted_at,
+        finished_at=view.finished_at,
+        attempts=view.attempts,
+        predictions=[
+            PredictionOut(
+                model_name=p.model_name,
+                model_version=p.model_version,
+                label=p.label,
+                p_covid=p.p_covid,
+                inference_ms=p.inference_ms,
+                overlay_url=overlay_url(request, store, token, p.overlay_key) if p.overlay_key else None,
+            )
+            for p in view.predictions
+        ],
+    )
+
+
+def overlay_url(request: Request, store: ObjectStore, api_token: str, key: str) -> str:
+    """A browser-usable link: presigned for S3; for a local folder, this API's signed /v1/files URL."""
+    if isinstance(store, LocalStore):
+        path = f"{str(request.base_url).rstrip('/')}/v1/files/{quote_key(key)}"
+        return sign_file_path(api_token, path, key, OVERLAY_URL_TTL_S)
+    return store.url_for(key, expires_s=OVERLAY_URL_TTL_S)

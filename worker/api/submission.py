@@ -1,0 +1,108 @@
+"""Turning validated ScanIn bodies into stored uploads, `scans` rows and classify messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import db
+from shared.store import ObjectStore, scan_key
+from worker.api.models import ScanIn
+from worker.queueing import SubmitResult, submit_scans
+
+_ID_CHUNK = 500  # keeps IN (...) lists under every driver's bound-parameter limit
+
+
+class ImageTooLarge(ValueError):
+    """An uploaded image decodes to more bytes than the API accepts."""
+
+    def __init__(self, field: str, size: int, limit: int) -> None:
+        """Name the field and the limit (not the scan id: messages may reach logs)."""
+        super().__init__(
+            f"{field} decodes to {size} bytes, over the limit of {limit} bytes (LUNGCAM_API_MAX_IMAGE_BYTES)"
+        )
+
+
+def check_image_sizes(scans: Sequence[ScanIn], limit: int, *, in_batch: bool) -> None:
+    """Raise ImageTooLarge for the first upload whose decoded size exceeds limit."""
+    for index, scan in enumerate(scans):
+        if scan.image is not None and len(scan.image) > limit:
+            field = f"scans[{index}].image_base64" if in_batch else "image_base64"
+            raise ImageTooLarge(field, len(scan.image), limit)
+
+
+def existing_scan_ids(session: Session, scan_ids: Sequence[str]) -> set[str]:
+    """The subset of scan_ids that already have a row."""
+    found: set[str] = set()
+    for start in range(0, len(scan_ids), _ID_CHUNK):
+        chunk = scan_ids[start : start + _ID_CHUNK]
+        found.update(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(chunk))))
+    return found
+
+
+def _source_uri(scan: ScanIn) -> str:
+    """Where the worker reads the scan: the upload's key in the configured store, or the given s3:// URI."""
+    return scan_key(scan.scan_id) if scan.image is not None else str(scan.source_uri)
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    celery: Celery,
+    store: ObjectStore,
+    scans: Sequence[ScanIn],
+    *,
+    batch_id: str | None = None,
+    batch_name: str | None = None,
+    upload_threads: int = 8,
+) -> SubmitResult:
+    """Store uploads, record the scans and publish them; an existing scan is queued again only if forced."""
+    with sessions() as session:
+        existing = existing_scan_ids(session, [scan.scan_id for scan in scans])
+    # An existing scan's image is left alone unless forced: overwriting it would silently change
+    # the input behind a finished result.
+    uploads = [scan for scan in scans if scan.image is not None and (scan.scan_id not in existing or scan.force)]
+    # Uploads go first, so no message is ever published for an image that is not in the store yet.
+    if uploads:
+        with ThreadPoolExecutor(max_workers=max(1, min(upload_threads, len(uploads)))) as pool:
+            # list() re-raises the first failed upload here, before anything is recorded.
+            list(pool.map(lambda scan: store.put(scan_key(scan.scan_id), scan.image or b""), uploads))
+    forced_existing = [scan for scan in scans if scan.force and scan.scan_id in existing]
+    if forced_existing:
+        _point_at_new_submission(sessions, forced_existing, batch_id, batch_name)
+
+    result = SubmitResult()
+    for force in (False, True):
+        group = [scan for scan in scans if scan.force is force]
+        if not group:
+            continue
+        rows = [{"scan_id": s.scan_id, "source_uri": _source_uri(s), "priority": s.priority} for s in group]
+        part = submit_scans(sessions, celery, rows, batch_id=batch_id, batch_name=batch_name, force=force)
+        result.queued.extend(part.queued)
+        result.already.extend(part.already)
+    return result
+
+
+def _point_at_new_submission(
+    sessions: sessionmaker[Session], scans: Sequence[ScanIn], batch_id: str | None, batch_name: str | None
+) -> None:
+    """A forced re-submission replaces the scan's source and priority (and moves it into the new batch)."""
+    with sessions.begin() as session:
+        if batch_id is not None:
+            # The batch row must exist before scans can refer to it (foreign key).
+            db.ensure_batch(session, batch_id, batch_name)
+        for scan in scans:
+            values: dict[str, str] = {"source_uri": _source_uri(scan), "priority": scan.priority}
+            if batch_id is not None:
+                values["batch_id"] = batch_id
+            session.execute(update(db.Scan).where(db.Scan.scan_id == scan.scan_id).values(**values))
+
+
+def current_status(sessions: sessionmaker[Session], scan_id: str) -> str:
+    """The scan's status now (queued if the row vanished in between, which only a delete could cause)."""
+    with sessions() as session:
+        status = session.scalar(select(db.Scan.status).where(db.Scan.scan_id == scan_id))
+    return status or db.QUEUED
