@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
+from prometheus_client import CollectorRegistry
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
@@ -26,6 +27,7 @@ class Resources:
     sessions: sessionmaker[Session]
     celery: Celery
     store: ObjectStore
+    metrics_registry: CollectorRegistry
 
 
 def get_resources(request: Request) -> Resources:

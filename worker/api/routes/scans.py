@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from kombu.exceptions import OperationalError
 
-from shared.store import LocalStore, ObjectStore, StoreError
+from shared.store import LocalStore, ObjectStore
 from worker import results
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
 from worker.api.models import ErrorOut, PredictionOut, ScanIn, ScanOut, ScanSubmitted
 from worker.api.security import quote_key, sign_file_path
-from worker.api.submission import ImageTooLarge, check_image_sizes, current_status, submit
-
-log = logging.getLogger(__name__)
+from worker.api.submission import check_image_sizes, current_status, submit
 
 router = APIRouter(prefix="/scans", tags=["scans"])
 
 # Overlay links live this long; a page that shows them is expected to re-fetch the scan after that.
 OVERLAY_URL_TTL_S = 3600
 
-BROKER_DOWN = "the message broker is unavailable; the scans are recorded as queued and will be re-sent"
-STORE_DOWN = "the object store is unavailable; nothing was recorded, try again"
-
 
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ScanSubmitted,
-    responses={200: {"model": ScanSubmitted, "description": "Already known and not forced: not queued again."},
-               413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={
+        200: {"model": ScanSubmitted, "description": "Already known and not forced: not queued again."},
+        413: {"model": ErrorOut},
+        503: {"model": ErrorOut},
+    },
 )
 def submit_scan(
     scan: ScanIn,
@@ -41,27 +36,12 @@ def submit_scan(
     store: StoreDep,
 ) -> ScanSubmitted:
     """Queue one scan for classification (202), or report the existing scan unchanged (200) unless forced."""
-    try:
-        check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
-    except ImageTooLarge as exc:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=str(exc)) from None
-    result = submit_or_503(sessions, celery, store, [scan])
+    check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
+    result = submit(sessions, celery, store, [scan], upload_threads=1)
     if result.queued:
         return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
     response.status_code = status.HTTP_200_OK
     return ScanSubmitted(scan_id=scan.scan_id, status=current_status(sessions, scan.scan_id), queued=False)
-
-
-def submit_or_503(sessions, celery, store, scans, **kwargs):  # type: ignore[no-untyped-def]
-    """submit(), turning an unreachable store or broker into 503 with a clear message."""
-    try:
-        return submit(sessions, celery, store, scans, **kwargs)
-    except StoreError:
-        log.exception("store unavailable while accepting %d scan(s)", len(scans))
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=STORE_DOWN) from None
-    except OperationalError:
-        log.exception("broker unavailable while publishing %d scan(s)", len(scans))
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=BROKER_DOWN) from None
 
 
 @router.get("/{scan_id}", response_model=ScanOut, responses={404: {"model": ErrorOut}})

@@ -1,0 +1,136 @@
+"""The FastAPI application: `create_app(settings)` wires routes, auth, limits, error bodies and shared resources."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import OperationalError as DatabaseError
+
+from shared import db
+from shared.settings import Settings, get_settings
+from shared.store import StoreError, store_from_settings
+from worker.api.deps import Resources, require_token
+from worker.api.limits import BodySizeLimitMiddleware
+from worker.api.logs import install_access_log_redaction
+from worker.api.metrics import make_registry
+from worker.api.routes import batches, files, health, scans
+from worker.api.submission import ImageTooLarge
+from worker.celery_app import make_app
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+DESCRIPTION = """\
+Submit chest X-rays for COVID-19 screening and read back the results with Grad-CAM overlays.
+
+Every `/v1` route except `/v1/files` needs `Authorization: Bearer <LUNGCAM_API_TOKEN>`. A server started
+without `LUNGCAM_API_TOKEN` refuses every `/v1` request with 401. `/v1/files` links come signed and
+expiring inside `overlay_url`, so an `<img src>` works without the header. `/healthz`, `/readyz` and
+`/metrics` are open.
+"""
+
+
+def open_resources(settings: Settings) -> Resources:
+    """Create the engine (and migrate), session factory, Celery app, store and metrics registry."""
+    # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
+    engine = db.make_engine(settings.resolved_database_url(), hide_parameters=True)
+    db.migrate(engine)
+    sessions = db.make_session_factory(engine)
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        celery=make_app(settings),
+        store=store_from_settings(settings),
+        metrics_registry=make_registry(sessions),
+    )
+
+
+def close_resources(resources: Resources) -> None:
+    """Release broker connections and database pools."""
+    resources.celery.close()
+    resources.engine.dispose()
+
+
+def _error_body(detail: object) -> dict[str, object]:
+    return {"detail": detail}
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each field and problem, without echoing the input (it can be a 100 MB base64 image)."""
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in exc.errors()
+    ]
+    return JSONResponse(jsonable_encoder(_error_body(errors)), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _image_too_large(request: Request, exc: Exception) -> JSONResponse:
+    """413 for an upload over LUNGCAM_API_MAX_IMAGE_BYTES."""
+    return JSONResponse(_error_body(str(exc)), status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 when the object store fails (StoreError messages name no keys, so logging them is safe)."""
+    log.warning("store unavailable: %s", exc)
+    return JSONResponse(
+        _error_body("the object store is unavailable; try again later"), status_code=status.HTTP_503_SERVICE_UNAVAILABLE
+    )
+
+
+async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 when publishing fails; the rows are committed as queued, and requeue_stale re-sends them."""
+    log.warning("broker unavailable: %s", type(exc).__name__)
+    return JSONResponse(
+        _error_body("the message broker is unavailable; accepted scans stay queued and are re-sent later"),
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+    )
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 when the database cannot be reached or stays locked (parameters are hidden by the engine)."""
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return JSONResponse(
+        _error_body("the database is unavailable; try again later"), status_code=status.HTTP_503_SERVICE_UNAVAILABLE
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The lungcam HTTP API; resources are opened (and the database migrated) when the server starts."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resources = open_resources(settings)
+        if settings.api_token is None or not settings.api_token.get_secret_value():
+            log.warning("LUNGCAM_API_TOKEN is not set: every /v1 request will be refused with 401")
+        app.state.resources = resources
+        try:
+            yield
+        finally:
+            close_resources(resources)
+
+    app = FastAPI(title="lungcam", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ImageTooLarge, _image_too_large)
+    app.add_exception_handler(StoreError, _store_unavailable)
+    app.add_exception_handler(BrokerError, _broker_unavailable)
+    app.add_exception_handler(DatabaseError, _database_unavailable)
+
+    authenticated = APIRouter(dependencies=[Depends(require_token)])
+    authenticated.include_router(scans.router)
+    authenticated.include_router(batches.router)
+    app.include_router(authenticated, prefix=API_PREFIX)
+    # Files check a URL signature instead of the bearer token, so browsers can load overlays directly.
+    app.include_router(files.router, prefix=API_PREFIX)
+    app.include_router(health.router)
+    install_access_log_redaction()
+    return app
