@@ -27,8 +27,10 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -41,6 +43,8 @@ PRIORITIES: tuple[str, ...] = (STAT, ROUTINE)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # SQLite waits this long for another process's write lock before raising "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# pg_advisory_xact_lock key that serialises concurrent migrations ("lungcam" in ASCII).
+MIGRATION_LOCK_KEY = 0x6C756E6763616D
 # Keeps IN (...) lists and multi-row VALUES well under every driver's bound-parameter limit.
 _CHUNK = 500
 
@@ -210,8 +214,20 @@ def migrate(url_or_engine: str | URL | Engine | Connection, revision: str = "hea
     owns_engine = not isinstance(url_or_engine, Engine)
     engine = make_engine(url_or_engine) if owns_engine else url_or_engine
     try:
-        with engine.begin() as connection:
-            command.upgrade(alembic_config(connection), revision)
+        for attempt in (1, 2):
+            try:
+                with engine.begin() as connection:
+                    if connection.dialect.name == "postgresql":
+                        # The API and several workers may start together on an empty database:
+                        # one migrates, the others wait here and then find the schema at head.
+                        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    command.upgrade(alembic_config(connection), revision)
+                return
+            except DBAPIError:
+                # SQLite has no advisory lock: a process that lost the race re-reads the version
+                # (now head) on its second attempt and has nothing left to do.
+                if attempt == 2:
+                    raise
     finally:
         if owns_engine:
             engine.dispose()

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 GRADCAM_GRID_SIZE = 12
 
 
+class ConfigError(ValueError):
+    """A training configuration that makes no sense (unknown architecture or layer, bad numbers)."""
+
+
 def utc_version() -> str:
     """A version string from the current UTC time, e.g. 20261127T164500Z."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -77,12 +81,16 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the defaults that depend on other fields filled in, checked for sense."""
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+            raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
         for name in ("input_size", "epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.rotation_degrees < 0:
+            raise ConfigError(f"rotation must be at least 0 degrees, got {self.rotation_degrees}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test fraction must be between 0 and 1, got {self.test_fraction}")
         config = TrainConfig(**asdict(self))
         config.gradcam_layer = self.gradcam_layer or ARCHITECTURES[self.arch].gradcam_layer
         config.name = self.name or f"{self.arch}-covid"
@@ -191,7 +199,10 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     model = build_model(
         config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone
     )
-    model.get_layer(config.gradcam_layer)  # an unknown --gradcam-layer fails now, not after training
+    try:
+        model.get_layer(config.gradcam_layer)  # an unknown --gradcam-layer fails now, not after training
+    except ValueError as exc:
+        raise ConfigError(f"the {config.arch} model has no layer {config.gradcam_layer!r} for Grad-CAM") from exc
     compile_model(model, config)
     train_data = make_dataset(
         train_images.images,
@@ -212,7 +223,10 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     )
     epoch_log = EpochLog(config.epochs)
     started = time.perf_counter()
-    history = model.fit(train_data, validation_data=test_data, epochs=config.epochs, verbose=0, callbacks=[epoch_log])
+    # shuffle=False: the tf.data pipeline already shuffles (with the run's seed).
+    history = model.fit(
+        train_data, validation_data=test_data, epochs=config.epochs, shuffle=False, verbose=0, callbacks=[epoch_log]
+    )
     training_seconds = time.perf_counter() - started
 
     probabilities = predict_probabilities(model, test_images.images)

@@ -189,6 +189,16 @@ def _run_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_migrate(args: argparse.Namespace) -> int:
+    from shared import db
+    from shared.settings import get_settings
+
+    url = get_settings().resolved_database_url()
+    db.migrate(url)
+    print("database schema is at the latest migration")
+    return 0
+
+
 def _run_requeue(args: argparse.Namespace) -> int:
     from worker.queueing import requeue_stale
 
@@ -196,6 +206,16 @@ def _run_requeue(args: argparse.Namespace) -> int:
     ids = requeue_stale(sessions, app, older_than_s=args.older_than)
     print(f"re-published {len(ids)} scan(s) still queued after {args.older_than:.0f} s")
     return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from worker.demo import detect_gpu, screen
+
+    gpu = detect_gpu() if args.gpu == "auto" else args.gpu
+    images = Path(args.images) if getattr(args, "images", None) else None
+    return screen(images, demo=args.command == "demo", gpu=gpu, count=args.count, timeout=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,9 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--loglevel", default="INFO")
     api.set_defaults(handler=_run_api)
 
+    migrate = commands.add_parser("migrate", help="create or upgrade the database schema (workers and the API also do this at start)")
+    migrate.set_defaults(handler=_run_migrate)
+
     requeue = commands.add_parser("requeue", help="re-publish scans stuck in 'queued' (e.g. after a broker was wiped)")
     requeue.add_argument("--older-than", type=float, default=3600.0, help="seconds since submission (default 3600)")
     requeue.set_defaults(handler=_run_requeue)
+
+    for name, text in (("demo", "run everything on this machine and screen synthetic images (or --images DIR)"),
+                       ("screen", "run everything on this machine and screen a folder with the configured models")):
+        command = commands.add_parser(name, help=text)
+        if name == "screen":
+            command.add_argument("images", help="folder of PNG, JPEG or DICOM files")
+        else:
+            command.add_argument("--images", help="folder to screen instead of synthetic images")
+        command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (default)")
+        command.add_argument("--count", type=int, default=24, help="synthetic images to screen (demo without --images)")
+        command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+        command.set_defaults(handler=_run_demo)
     return parser
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
-from prometheus_client import CollectorRegistry
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 

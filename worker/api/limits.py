@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from http import HTTPStatus
 
-from fastapi import HTTPException, status
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+# Before answering 413, read and discard what the client is still sending, within these bounds: closing a
+# socket with unread data makes the kernel send a reset, which can destroy the 413 before the client reads it.
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_S = 5.0
 
 
 class BodyTooLarge(HTTPException):
@@ -15,7 +23,7 @@ class BodyTooLarge(HTTPException):
         """Describe the size (when known) and the limit."""
         said = f"request body is {size} bytes" if size is not None else "request body is too large"
         super().__init__(
-            status.HTTP_413_CONTENT_TOO_LARGE,
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             detail=f"{said}; the limit is {limit} bytes (LUNGCAM_API_MAX_BODY_BYTES)",
         )
 
@@ -35,21 +43,52 @@ class BodySizeLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
+            if declared <= DRAIN_MAX_BYTES:  # a body that cannot be drained in budget is not started on
+                await _drain(receive)
             await _send_413(send, BodyTooLarge(self.max_bytes, declared))
             return
         received = 0
+        overflowed = body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, overflowed, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
+                    overflowed = True
                     # Raised inside the route's body read; FastAPI re-raises HTTPExceptions from there.
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def draining_send(message: Message) -> None:
+            # After the last body message another receive() would wait for a disconnect: drain only if needed.
+            if overflowed and not body_done and message["type"] == "http.response.start":
+                await _drain(receive)
+            await send(message)
+
+        await self.app(scope, counting_receive, draining_send)
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Read and drop request body messages until the body ends or DRAIN_MAX_BYTES have gone by."""
+    discarded = 0
+    while discarded <= DRAIN_MAX_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        discarded += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _drain(receive: Receive) -> None:
+    """Discard the rest of an oversized body, giving up after DRAIN_MAX_S (the server then just closes)."""
+    try:
+        await asyncio.wait_for(_discard_body(receive), DRAIN_MAX_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -69,7 +108,7 @@ async def _send_413(send: Send, error: BodyTooLarge) -> None:
         {
             "type": "http.response.start",
             "status": error.status_code,
-            # The unread body stays on the socket, so the connection cannot be reused.
+            # The body may be partly unread, so the connection cannot be reused.
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

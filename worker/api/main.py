@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
-from fastapi import APIRouter, Depends, FastAPI, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -69,20 +70,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
         for error in exc.errors()
     ]
-    return JSONResponse(jsonable_encoder(_error_body(errors)), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return JSONResponse(jsonable_encoder(_error_body(errors)), status_code=HTTPStatus.UNPROCESSABLE_ENTITY)
 
 
 async def _image_too_large(request: Request, exc: Exception) -> JSONResponse:
     """413 for an upload over LUNGCAM_API_MAX_IMAGE_BYTES."""
-    return JSONResponse(_error_body(str(exc)), status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+    return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 when the object store fails (StoreError messages name no keys, so logging them is safe)."""
     log.warning("store unavailable: %s", exc)
-    return JSONResponse(
-        _error_body("the object store is unavailable; try again later"), status_code=status.HTTP_503_SERVICE_UNAVAILABLE
-    )
+    body = _error_body("the object store is unavailable; try again later")
+    return JSONResponse(body, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -90,16 +90,15 @@ async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("broker unavailable: %s", type(exc).__name__)
     return JSONResponse(
         _error_body("the message broker is unavailable; accepted scans stay queued and are re-sent later"),
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        status_code=HTTPStatus.SERVICE_UNAVAILABLE,
     )
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 when the database cannot be reached or stays locked (parameters are hidden by the engine)."""
     log.warning("database unavailable: %s", type(exc).__name__)
-    return JSONResponse(
-        _error_body("the database is unavailable; try again later"), status_code=status.HTTP_503_SERVICE_UNAVAILABLE
-    )
+    body = _error_body("the database is unavailable; try again later")
+    return JSONResponse(body, status_code=HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

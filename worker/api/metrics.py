@@ -56,7 +56,9 @@ class DatabaseCollector(Collector):
             labels=["model_name", "model_version"],
         )
         for model_name, model_version, count, total_ms in timings:
-            inference.add_metric([model_name, model_version], count_value=int(count), sum_value=float(total_ms) / 1000.0)
+            inference.add_metric(
+                [model_name, model_version], count_value=int(count), sum_value=float(total_ms) / 1000.0
+            )
         yield inference
 
 

@@ -26,7 +26,9 @@ class ScanIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scan_id: str = Field(description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit; no '..'.")
+    scan_id: str = Field(
+        description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit; no '..'."
+    )
     source_uri: str | None = Field(default=None, description="s3://bucket/key of an image already in a store.")
     image_base64: str | None = Field(default=None, description="The image file (PNG, JPEG or DICOM), base64-encoded.")
     priority: Priority = Field(default="routine", description="'stat' scans are classified before 'routine' ones.")
@@ -67,6 +69,9 @@ class ScanIn(BaseModel):
         if value is None:
             return None
         try:
+            # validate=True alone still accepts surplus '=' padding; whole 4-character groups are required.
+            if len(value) % 4:
+                raise binascii.Error("length is not a multiple of 4")
             decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("image_base64 is not valid base64") from None

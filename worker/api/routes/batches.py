@@ -32,7 +32,13 @@ def submit_batch(
     # Generated, never client-chosen: two clients cannot collide on (or read each other's) batch by guessing.
     batch_id = uuid.uuid4().hex
     result = submit(
-        sessions, celery, store, batch.scans, batch_id=batch_id, batch_name=batch.name, upload_threads=settings.io_threads
+        sessions,
+        celery,
+        store,
+        batch.scans,
+        batch_id=batch_id,
+        batch_name=batch.name,
+        upload_threads=settings.io_threads,
     )
     return BatchSubmitted(batch_id=batch_id, queued=len(result.queued), already=len(result.already))
 

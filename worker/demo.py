@@ -1,0 +1,213 @@
+"""`lungcam demo` and `lungcam screen`: the whole system on one machine, started, used and stopped.
+
+Embedded Redis (unless LUNGCAM_BROKER_URL is set), SQLite and a local store (unless configured),
+a worker and the API as child processes, one batch screened, a results table and an HTML report.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from shared.settings import Settings
+
+DEMO_MODEL_DIR = "models/demo"
+DEMO_BANNER = (
+    "DEMONSTRATION MODEL: trained for a minute on synthetic images, not on patients. "
+    "Its outputs mean nothing clinically."
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _say(message: str) -> None:
+    print(f"lungcam: {message}", file=sys.stderr, flush=True)
+
+
+def detect_gpu() -> str:
+    """'0' when nvidia-smi lists a GPU, else 'none' (no TensorFlow import in this process)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "none"
+        if "GPU 0" in listed:
+            return "0"
+    return "none"
+
+
+def ensure_demo_model(settings: Settings) -> str:
+    """The demo bundle under the data folder, trained on synthetic images the first time."""
+    bundle = settings.resolved_data_dir() / DEMO_MODEL_DIR
+    if (bundle / "manifest.json").exists():
+        _say(f"using the demonstration model in {bundle}")
+        return str(bundle)
+    _say("no model configured (LUNGCAM_MODELS): training a demonstration model on synthetic images")
+    _say(DEMO_BANNER)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from shared.synthetic import write_synthetic_dataset
+    from trainer.train import TrainConfig, train
+
+    data = settings.resolved_data_dir() / "demo" / "training-set"
+    if not (data / "manifest.csv").exists():
+        write_synthetic_dataset(data, n_per_class=120, size=128, seed=0)
+    config = TrainConfig(
+        arch="resnet50", weights="none", input_size=96, epochs=6, batch_size=16, learning_rate=1e-3,
+        freeze_backbone=False, gradcam_layer="conv4_block6_out", name="demo-resnet50", version="synthetic-1",
+    )
+    train(config, [str(data)], bundle)
+    return str(bundle)
+
+
+def demo_images(settings: Settings, count: int) -> Path:
+    """A folder of synthetic X-rays to screen (PNG and DICOM), made once."""
+    import cv2
+    import numpy as np
+
+    from shared.synthetic import make_dicom, synthetic_xray
+
+    folder = settings.resolved_data_dir() / "demo" / f"screening-set-{count}"
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2026)
+    for index in range(count):
+        xray = synthetic_xray(rng, 256, covid=bool(index % 2))
+        if index % 4 == 3:
+            (folder / f"demo-{index:03d}.dcm").write_bytes(make_dicom(xray.image.astype(np.uint16) * 16, bits_stored=12))
+        else:
+            cv2.imwrite(str(folder / f"demo-{index:03d}.png"), xray.image)
+    return folder
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen, name: str) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            _say(f"{name} did not stop in 60 s; killing it")
+            process.kill()
+            process.wait()
+
+
+def _wait_for_api(base_url: str, worker: subprocess.Popen, api: subprocess.Popen, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process, name in ((worker, "worker"), (api, "API")):
+            if process.poll() is not None:
+                raise RuntimeError(f"the {name} exited with code {process.returncode}; see its log")
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the API at {base_url} was not ready after {timeout:.0f} s")
+
+
+def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float) -> int:
+    """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
+    import httpx
+    from tqdm import tqdm
+
+    from shared import db
+    from shared.settings import get_settings
+    from shared.store import store_from_settings
+    from worker.celery_app import broker_url_for, make_app
+    from worker.cli import format_table, result_rows
+    from worker.embedded import stop_embedded_redis
+    from worker.ingest import discover, ingest
+    from worker.report import write_report
+    from worker.results import get_batch_progress, list_batch_scans
+    from worker.sources import SourceFetcher
+
+    settings = get_settings()
+    data_dir = settings.resolved_data_dir()
+    models = settings.models
+    if not settings.model_uris():
+        if not demo:
+            raise RuntimeError("no models configured: set LUNGCAM_MODELS, or run `lungcam demo` for a demonstration model")
+        models = ensure_demo_model(settings)
+    folder = images if images is not None else demo_images(settings, count)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder}")
+
+    with ExitStack() as cleanup:
+        broker = broker_url_for(settings)
+        if not settings.broker_url:
+            cleanup.callback(stop_embedded_redis)
+            _say(f"embedded Redis running ({broker})")
+        token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
+        env = {**os.environ, "LUNGCAM_BROKER_URL": broker, "LUNGCAM_MODELS": models, "LUNGCAM_API_TOKEN": token,
+               "LUNGCAM_DATA_DIR": str(data_dir)}
+        logs = data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        worker = _start(["worker", "--gpu", gpu], env, logs / "worker.log")
+        cleanup.callback(_stop, worker, "worker")
+        port = _free_port()
+        api = _start(["api", "--port", str(port), "--loglevel", "WARNING"], env, logs / "api.log")
+        cleanup.callback(_stop, api, "API")
+        base_url = f"http://127.0.0.1:{port}"
+        _say(f"worker (--gpu {gpu}) and API ({base_url}/docs) starting; logs in {logs}")
+        _wait_for_api(base_url, worker, api)
+
+        runtime = Settings(**{**settings.model_dump(), "broker_url": broker, "models": models})
+        engine = db.make_engine(runtime.resolved_database_url())
+        db.migrate(engine)
+        sessions = db.make_session_factory(engine)
+        store = store_from_settings(runtime)
+        items = discover(str(folder), runtime)
+        if not items:
+            raise RuntimeError(f"no images (PNG, JPEG, DICOM) in {folder}")
+        with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
+            batch_id, _ = ingest(items, store=store, sessions=sessions, app=make_app(runtime, broker_url=broker),
+                                 batch_name=folder.name, force=True, on_progress=bar.update)
+        headers = {"Authorization": f"Bearer {token}"}
+        deadline = time.monotonic() + timeout
+        with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
+            while True:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with code {worker.returncode}; see {logs / 'worker.log'}")
+                progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
+                finished = progress["counts"]["done"] + progress["counts"]["failed"]
+                bar.update(finished - bar.n)
+                if progress["complete"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"batch {batch_id} not finished after {timeout:.0f} s")
+                time.sleep(0.5)
+
+        with sessions() as session:
+            batch_progress = get_batch_progress(session, batch_id)
+            scans = list_batch_scans(session, batch_id)
+        print(format_table(result_rows(scans)))
+        report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
+                              fetcher=SourceFetcher(store, runtime))
+        counts = batch_progress.counts
+        print(f"\n{counts['done']} done, {counts['failed']} failed of {batch_progress.total} (batch {batch_id})")
+        print(f"HTML report: {report.resolve()}")
+        if models.endswith(DEMO_MODEL_DIR):
+            print(DEMO_BANNER)
+        engine.dispose()
+    _say("worker, API and embedded services stopped")
+    return 0
