@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
@@ -47,9 +47,17 @@ def submit_scans(
     result = SubmitResult()
     with sessions.begin() as session:
         inserted = set(db.add_scans(session, scans, batch_id, batch_name=batch_name))
-        requeue = [s["scan_id"] for s in scans if s["scan_id"] not in inserted]
-        if force and requeue:
-            db.mark_scans(session, requeue, db.QUEUED)
+        if force:
+            # A forced re-submission replaces the scan's source and priority and moves it into
+            # this batch, so the batch's progress and report include it.
+            for scan in scans:
+                if scan["scan_id"] in inserted:
+                    continue
+                values = {"source_uri": scan["source_uri"], "priority": scan.get("priority") or db.ROUTINE}
+                if batch_id is not None:
+                    values["batch_id"] = batch_id
+                session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
+            db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
     # Rows are committed before messages go out, so a worker never sees an id it cannot find.
     # If publishing fails after the commit, the scans stay `queued`: `requeue_stale` re-sends them.
     for scan in scans:

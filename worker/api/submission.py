@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
@@ -70,10 +70,6 @@ def submit(
         with ThreadPoolExecutor(max_workers=max(1, min(upload_threads, len(uploads)))) as pool:
             # list() re-raises the first failed upload here, before anything is recorded.
             list(pool.map(lambda scan: store.put(scan_key(scan.scan_id), scan.image or b""), uploads))
-    forced_existing = [scan for scan in scans if scan.force and scan.scan_id in existing]
-    if forced_existing:
-        _point_at_new_submission(sessions, forced_existing, batch_id, batch_name)
-
     result = SubmitResult()
     for force in (False, True):
         group = [scan for scan in scans if scan.force is force]
@@ -84,21 +80,6 @@ def submit(
         result.queued.extend(part.queued)
         result.already.extend(part.already)
     return result
-
-
-def _point_at_new_submission(
-    sessions: sessionmaker[Session], scans: Sequence[ScanIn], batch_id: str | None, batch_name: str | None
-) -> None:
-    """A forced re-submission replaces the scan's source and priority (and moves it into the new batch)."""
-    with sessions.begin() as session:
-        if batch_id is not None:
-            # The batch row must exist before scans can refer to it (foreign key).
-            db.ensure_batch(session, batch_id, batch_name)
-        for scan in scans:
-            values: dict[str, str] = {"source_uri": _source_uri(scan), "priority": scan.priority}
-            if batch_id is not None:
-                values["batch_id"] = batch_id
-            session.execute(update(db.Scan).where(db.Scan.scan_id == scan.scan_id).values(**values))
 
 
 def current_status(sessions: sessionmaker[Session], scan_id: str) -> str:
