@@ -265,6 +265,9 @@ def _load_ieee8023(root: Path, *, finding: str | None, view: str | None) -> list
     samples: list[Sample] = []
     missing_files: list[str] = []
     for row in rows:
+        # The dataset also holds CT slices; whatever the filters, only radiographs are chest X-rays.
+        if (row.get("modality") or "X-ray").strip().lower() not in ("x-ray", "xray", "cr", "dx"):
+            continue
         # Old versions say "COVID-19", newer ones "Pneumonia/Viral/COVID-19": match a substring.
         if finding is not None and finding.lower() not in (row["finding"] or "").lower():
             continue

@@ -158,8 +158,8 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     """Adam with the legacy per-step decay, binary cross-entropy on one-hot labels, accuracy."""
     # The paper used Adam(lr=1e-3, decay=lr/epochs). Keras 3 dropped `decay`; the legacy optimizer
     # applied lr / (1 + decay * iterations) with iterations counted in *steps*, not epochs, which is
-    # exactly InverseTimeDecay with decay_steps=1. (So the rate barely decays: 1e-3 -> ~0.9e-3 over
-    # 15 epochs of ~60 steps; that is the recipe as published, kept for comparability.)
+    # exactly InverseTimeDecay with decay_steps=1. So the rate barely decays (1e-3 / (1 + 900 * 1e-3/15)
+    # = 0.94e-3 after 15 epochs of 60 steps); that is the recipe as published, kept for comparability.
     schedule = keras.optimizers.schedules.InverseTimeDecay(
         config.learning_rate, decay_steps=1, decay_rate=config.learning_rate / config.epochs
     )
@@ -181,6 +181,15 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     if min(counts.values()) == 0:
         missing = [label for label, count in counts.items() if count == 0]
         raise DatasetError(f"training needs images of both classes; none of class {', '.join(missing)} in the data given")
+    # Build the model before reading any pixels: unavailable ImageNet weights or an unknown
+    # --gradcam-layer should fail in seconds, not after minutes of decoding.
+    model = build_model(
+        config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone
+    )
+    try:
+        model.get_layer(config.gradcam_layer)
+    except ValueError as exc:
+        raise ConfigError(f"the {config.arch} model has no layer {config.gradcam_layer!r} for Grad-CAM") from exc
     train_samples, test_samples = split_samples(
         samples, test_fraction=config.test_fraction, seed=config.seed, group_by_patient=config.group_by_patient
     )
@@ -196,13 +205,6 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         if len(loaded.samples) == 0 or min(count_labels(loaded.samples).values()) == 0:
             raise DatasetError(f"the {part} split has no decodable images of some class: {count_labels(loaded.samples)}")
 
-    model = build_model(
-        config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone
-    )
-    try:
-        model.get_layer(config.gradcam_layer)  # an unknown --gradcam-layer fails now, not after training
-    except ValueError as exc:
-        raise ConfigError(f"the {config.arch} model has no layer {config.gradcam_layer!r} for Grad-CAM") from exc
     compile_model(model, config)
     train_data = make_dataset(
         train_images.images,

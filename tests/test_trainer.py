@@ -1,0 +1,274 @@
+"""The trainer: dataset layouts, splits, hashes, metrics, the CLI end to end, and Grad-CAM localisation.
+
+Everything runs real code on small synthetic images (no mocks). One real training run, shared by
+the CLI and Grad-CAM tests through a module fixture, keeps the file within a few minutes on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.model_selection import train_test_split
+
+from shared.synthetic import synthetic_xray, write_synthetic_dataset
+from trainer.datasets import (
+    DatasetError,
+    Sample,
+    count_labels,
+    dataset_hash,
+    load_dataset,
+    load_datasets,
+    split_samples,
+)
+from trainer.evaluate import compute_metrics, format_metrics_table
+
+TRAIN_CLI = [sys.executable, "-m", "trainer.cli"]
+
+
+def _write_xray(path: Path, seed: int, covid: bool, size: int = 48) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), synthetic_xray(np.random.default_rng(seed), size=size, covid=covid).image)
+
+
+def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `lungcam-train ARGS` in a fresh Python process (what the console script does)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*TRAIN_CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# --- dataset layouts -----------------------------------------------------------------------------
+
+
+def test_class_folders_with_manifest(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "syn", n_per_class=6, size=32, seed=3)
+    samples = load_dataset(root)
+    assert count_labels(samples) == {"covid": 6, "normal": 6}
+    # masks/ sits beside the class folders but is not a class.
+    assert not any("masks" in sample.key for sample in samples)
+    with open(root / "manifest.csv", newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle)}
+    for sample in samples:
+        row = rows[sample.key]
+        assert sample.label == row["label"]
+        assert sample.patient_id == row["patient_id_if_known"]
+        assert sample.source == "synthetic"
+        assert sample.path == root / sample.key
+
+
+def test_class_folders_any_case_without_manifest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for index in range(3):
+        _write_xray(tmp_path / "COVID" / f"c{index}.png", index, covid=True)
+        _write_xray(tmp_path / "Normal" / f"n{index}.jpg", 10 + index, covid=False)
+    (tmp_path / "Normal" / "notes.txt").write_text("not an image")
+    _write_xray(tmp_path / "pneumonia" / "p.png", 99, covid=False)
+    with caplog.at_level(logging.WARNING):
+        samples = load_dataset(tmp_path)
+    assert count_labels(samples) == {"covid": 3, "normal": 3}
+    assert all(sample.patient_id is None and sample.source is None for sample in samples)
+    assert "pneumonia" in caplog.text  # the ignored folder is named
+
+
+def test_ieee8023_metadata_layout(tmp_path: Path) -> None:
+    root = tmp_path / "covid-chestxray-dataset"
+    rows = [
+        # patientid, finding, view, filename: kept only when COVID-19 (old or new naming) and PA
+        ("1", "COVID-19", "PA", "a.png"),
+        ("1", "COVID-19", "PA", "b.jpg"),
+        ("2", "Pneumonia/Viral/COVID-19", "PA", "c.png"),
+        ("3", "Pneumonia/Viral/COVID-19", "AP Supine", "d.png"),
+        ("4", "COVID-19", "AP", "e.png"),
+        ("5", "Pneumonia/Bacterial/Streptococcus", "PA", "f.png"),
+        ("6", "No Finding", "PA", "g.png"),
+        ("7", "COVID-19", "Axial", "h.png"),
+    ]
+    with open(_mkdir(root) / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientid", "offset", "sex", "age", "finding", "view", "modality", "folder", "filename"])
+        for index, (patient, finding, view, filename) in enumerate(rows):
+            modality = "CT" if view == "Axial" else "X-ray"
+            writer.writerow([patient, "", "M", "50", finding, view, modality, "images", filename])
+            _write_xray(root / "images" / filename, index, covid=True)
+
+    samples = load_dataset(root)
+    assert sorted(sample.path.name for sample in samples) == ["a.png", "b.jpg", "c.png"]
+    assert {sample.label for sample in samples} == {"covid"}
+    assert sorted(sample.patient_id for sample in samples) == ["1", "1", "2"]
+    assert all(sample.key.startswith("images/") for sample in samples)
+    # Both filters can be switched off; CT slices are never chest X-rays.
+    assert len(load_dataset(root, view=None)) == 5
+    assert len(load_dataset(root, finding=None, view=None)) == len(rows) - 1
+
+
+def test_kermany_layout_keeps_normal_and_says_pneumonia_is_excluded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "kermany"
+    for split in ("train", "test", "val"):
+        _write_xray(root / "chest_xray" / split / "NORMAL" / "IM-0115-0001.jpeg", 1, covid=False)
+        _write_xray(root / "chest_xray" / split / "NORMAL" / "NORMAL2-IM-1427-0001.jpeg", 2, covid=False)
+        _write_xray(root / "chest_xray" / split / "PNEUMONIA" / "person1_bacteria_1.jpeg", 3, covid=True)
+        _write_xray(root / "chest_xray" / split / "PNEUMONIA" / "person2_virus_2.jpeg", 4, covid=True)
+    with caplog.at_level(logging.INFO):
+        samples = load_dataset(root)
+    assert count_labels(samples) == {"covid": 0, "normal": 6}
+    assert {sample.patient_id for sample in samples} == {"kermany-IM-0115", "kermany-NORMAL2-IM-1427"}
+    assert "6 PNEUMONIA images excluded" in caplog.text
+
+
+def test_data_paths_concatenate_like_the_paper(tmp_path: Path) -> None:
+    covid_root = tmp_path / "ieee"
+    with open(_mkdir(covid_root) / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientid", "finding", "view", "filename"])
+        for index in range(4):
+            writer.writerow([str(index), "COVID-19", "PA", f"{index}.png"])
+            _write_xray(covid_root / "images" / f"{index}.png", index, covid=True)
+    normal_root = tmp_path / "chest_xray"
+    for index in range(5):
+        _write_xray(normal_root / "train" / "NORMAL" / f"IM-{index:04d}-0001.jpeg", 20 + index, covid=False)
+    _mkdir(normal_root / "train" / "PNEUMONIA")
+    samples = load_datasets([covid_root, normal_root])
+    assert count_labels(samples) == {"covid": 4, "normal": 5}
+    assert [sample.label for sample in samples] == ["covid"] * 4 + ["normal"] * 5
+
+
+def test_bad_data_paths_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing")
+    _mkdir(tmp_path / "random" / "cats")
+    with pytest.raises(DatasetError, match="unknown dataset layout"):
+        load_dataset(tmp_path / "random")
+    _write_xray(tmp_path / "empty" / "covid" / "a.png", 0, covid=True)
+    _mkdir(tmp_path / "empty" / "normal")
+    with pytest.raises(DatasetError, match="no images"):
+        load_dataset(tmp_path / "empty")
+
+
+# --- splits and hash -----------------------------------------------------------------------------
+
+
+def _samples_with_patients(n_patients: int = 60, seed: int = 0) -> list[Sample]:
+    """Patients with 1-4 images each, covid or normal (3:2), some images without a patient id."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for patient in range(n_patients):
+        label = "covid" if rng.random() < 0.6 else "normal"
+        for image in range(int(rng.integers(1, 5))):
+            samples.append(Sample(Path(f"/data/{label}/p{patient}_{image}.png"), label, f"P{patient}", "src"))
+    for index in range(20):
+        label = "covid" if index % 2 else "normal"
+        samples.append(Sample(Path(f"/data/{label}/x{index}.png"), label, None, "src"))
+    return samples
+
+
+def test_grouped_split_keeps_patients_together_and_is_stratified() -> None:
+    samples = _samples_with_patients()
+    train, test = split_samples(samples, test_fraction=0.2, seed=42, group_by_patient=True)
+    assert sorted(map(str, (s.path for s in train + test))) == sorted(str(s.path) for s in samples)
+    sides: dict[str, set[str]] = defaultdict(set)
+    for side, part in (("train", train), ("test", test)):
+        for sample in part:
+            if sample.patient_id:
+                sides[sample.patient_id].add(side)
+    assert all(len(found) == 1 for found in sides.values())
+    assert 0.12 <= len(test) / len(samples) <= 0.28
+    overall = Counter(s.label for s in samples)["covid"] / len(samples)
+    assert abs(Counter(s.label for s in test)["covid"] / len(test) - overall) < 0.1
+    # Deterministic for a seed, different for another.
+    assert split_samples(samples, 0.2, 42, True) == (train, test)
+    assert split_samples(samples, 0.2, 7, True)[1] != test
+
+
+def test_ungrouped_split_is_exactly_the_papers_train_test_split() -> None:
+    samples = _samples_with_patients()
+    train, test = split_samples(samples, test_fraction=0.2, seed=42, group_by_patient=False)
+    labels = [s.label for s in samples]
+    expected_train, expected_test = train_test_split(samples, test_size=0.2, stratify=labels, random_state=42)
+    assert train == expected_train
+    assert test == expected_test
+
+
+def test_dataset_hash_tracks_content_not_location(tmp_path: Path) -> None:
+    root = write_synthetic_dataset(tmp_path / "a", n_per_class=3, size=32, seed=1)
+    original = dataset_hash(load_dataset(root))
+    assert dataset_hash(load_dataset(root)) == original
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "b")
+    assert dataset_hash(load_dataset(moved)) == original
+    victim = sorted((moved / "normal").iterdir())[0]
+    _write_xray(victim, 1234, covid=False, size=32)
+    assert dataset_hash(load_dataset(moved)) != original
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def test_compute_metrics_on_a_hand_made_example() -> None:
+    # 4 covid, 6 normal; at the 0.5 threshold: TP 3, FN 1, FP 2, TN 4.
+    y_true = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    p_covid = [0.9, 0.8, 0.7, 0.2, 0.6, 0.55, 0.4, 0.3, 0.1, 0.05]
+    metrics = compute_metrics(y_true, p_covid)
+    assert metrics["confusion_matrix"]["labels"] == ["covid", "normal"]
+    assert metrics["confusion_matrix"]["matrix"] == [[3, 1], [2, 4]]
+    assert metrics["accuracy"] == pytest.approx(7 / 10)
+    assert metrics["precision"] == pytest.approx(3 / 5)
+    assert metrics["recall"] == pytest.approx(3 / 4)
+    assert metrics["specificity"] == pytest.approx(4 / 6)
+    assert metrics["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    # Positive-negative pairs ranked correctly: 3 positives beat all 6 negatives, 0.2 beats 2.
+    assert metrics["auc"] == pytest.approx(20 / 24)
+    assert "notes" not in metrics
+    table = format_metrics_table(metrics)
+    assert "specificity" in table and "0.6667" in table
+
+
+def test_compute_metrics_with_one_class_says_why_auc_is_missing() -> None:
+    metrics = compute_metrics([0, 0, 0], [0.1, 0.7, 0.2])
+    assert metrics["auc"] is None and "one class" in metrics["notes"]["auc"]
+    assert metrics["recall"] is None and metrics["specificity"] == pytest.approx(2 / 3)
+    assert metrics["confusion_matrix"]["matrix"] == [[0, 0], [1, 2]]
+    json.dumps(metrics)  # None, not NaN: the manifest must stay valid JSON
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- CLI end to end, and Grad-CAM localisation of the trained model ------------------------------
+
+# PLACEHOLDER-CONFIG
+
+
+@dataclass
+class TrainedRun:
+    """A bundle trained by `lungcam-train train` in a subprocess, with its data and output."""
+
+    data: Path
+    bundle: Path
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One real training run through the CLI, shared by the CLI and Grad-CAM tests."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_synthetic_dataset(root / "data", n_per_class=N_PER_CLASS, size=IMAGE_SIZE, seed=DATA_SEED)
+    bundle = root / "bundle"
+    started = time.perf_counter()
+    result = _run_cli("train", "--data", str(data), *TRAIN_ARGS, "--version", "test-1", "--out", str(bundle))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    return TrainedRun(data, bundle, result.stdout, result.stderr, seconds)
