@@ -449,21 +449,16 @@ def test_docs_trainer_command_parses_if_the_trainer_cli_exists() -> None:
             pytest.fail(f"`{line}` is rejected by trainer.cli (exit {exc.code})")
 
 
-def test_migration_one_liners_run(tmp_path: Path) -> None:
-    """The compose `migrate` service and the k8s Job run a Python one-liner: it must work."""
-    snippets = set()
+def test_compose_and_kubernetes_migrate_with_lungcam_migrate(tmp_path: Path) -> None:
+    """The compose `migrate` service and the k8s Job both run `lungcam migrate`, which really migrates."""
     migrate = load_compose()["services"]["migrate"]
-    assert migrate["entrypoint"] == ["python", "-c"]
-    snippets.add(migrate["command"][0])
-    for job in k8s_kind("Job"):
-        for container in pod_containers(job):
-            assert container["command"] == ["python", "-c"]
-            snippets.add(container["args"][0])
-    assert len(snippets) == 1, "compose and Kubernetes migrate the same way"
+    assert migrate["command"] == ["migrate"] and "entrypoint" not in migrate  # the image's entrypoint is lungcam
+    jobs = [container for job in k8s_kind("Job") for container in pod_containers(job)]
+    assert jobs and all(container["args"] == ["migrate"] and "command" not in container for container in jobs)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")}
     env["LUNGCAM_DATABASE_URL"] = f"sqlite:///{tmp_path / 'migrated.sqlite'}"
     env["LUNGCAM_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run([sys.executable, "-c", snippets.pop()], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "migrate"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     import sqlalchemy as sa
 
