@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -33,7 +35,9 @@ from trainer.datasets import (
 )
 from trainer.evaluate import compute_metrics, format_metrics_table
 
-TRAIN_CLI = [sys.executable, "-m", "trainer.cli"]
+# The installed console script when there is one (what users run), else the module.
+_SCRIPT = Path(sys.executable).with_name("lungcam-train")
+TRAIN_CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "trainer.cli"]
 
 
 def _write_xray(path: Path, seed: int, covid: bool, size: int = 48) -> None:
@@ -272,3 +276,113 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-4000:]
     return TrainedRun(data, bundle, result.stdout, result.stderr, seconds)
+
+
+def _last_json_line(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no output on stdout"
+    return json.loads(lines[-1])
+
+
+def test_cli_train_publishes_a_complete_bundle(trained_run: TrainedRun) -> None:
+    manifest = json.loads((trained_run.bundle / "manifest.json").read_text())
+    for name in ("model.keras", "history.json", "plots/training_curves.png", "plots/roc.png",
+                 "plots/confusion_matrix.png", "plots/gradcam_grid.png"):
+        assert (trained_run.bundle / name).is_file(), name
+    assert manifest["name"] == f"{ARCH}-covid" and manifest["version"] == "test-1"
+    assert manifest["architecture"] == ARCH and manifest["input_size"] == INPUT_SIZE
+    assert manifest["class_names"] == ["covid", "normal"]
+    assert manifest["gradcam_layer"] == GRADCAM_LAYER and manifest["weights"] == "none"
+    assert manifest["training"]["freeze_backbone"] is False and manifest["training"]["batch_size"] == 8
+    metrics = manifest["metrics"]
+    for name in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+        assert isinstance(metrics[name], float), name
+    assert metrics["confusion_matrix"]["labels"] == ["covid", "normal"]
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == manifest["dataset"]["split"]["n_test"]
+    assert set(manifest["metrics_by_source"]) == {"synthetic"}
+    assert manifest["dataset"]["n_images"] == 2 * N_PER_CLASS
+    assert manifest["dataset"]["split"]["group_by_patient"] is True
+    assert manifest["dataset"]["hash"] == dataset_hash(load_dataset(trained_run.data))
+    history = json.loads((trained_run.bundle / "history.json").read_text())
+    assert len(history["loss"]) == len(history["val_accuracy"]) == EPOCHS
+    # The metrics table is on stdout, one progress line per epoch on stderr.
+    assert "specificity" in trained_run.stdout and "confusion matrix" in trained_run.stdout
+    assert sum(line.startswith("epoch ") for line in trained_run.stderr.splitlines()) == EPOCHS
+
+
+def test_cli_evaluate_in_a_new_process_reproduces_the_manifest(trained_run: TrainedRun) -> None:
+    manifest = json.loads((trained_run.bundle / "manifest.json").read_text())
+    result = _run_cli("evaluate", "--bundle", str(trained_run.bundle), "--data", str(trained_run.data), "--json")
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluated = _last_json_line(result.stdout)
+    assert evaluated["dataset_hash_matches"] is True
+    assert evaluated["n_images"] == manifest["dataset"]["split"]["n_test"]
+    assert evaluated["metrics"] == manifest["metrics"]
+    assert evaluated["metrics_by_source"] == manifest["metrics_by_source"]
+
+
+def test_cli_evaluate_all_and_changed_data(trained_run: TrainedRun, tmp_path: Path) -> None:
+    result = _run_cli("evaluate", "--bundle", str(trained_run.bundle), "--data", str(trained_run.data),
+                      "--split", "all", "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluated = _last_json_line(result.stdout)
+    assert evaluated["n_images"] == 2 * N_PER_CLASS
+    assert sum(map(sum, evaluated["metrics"]["confusion_matrix"]["matrix"])) == 2 * N_PER_CLASS
+    # Other data: evaluation still runs, but says loudly that the hash differs.
+    other = write_synthetic_dataset(tmp_path / "other", n_per_class=10, size=IMAGE_SIZE, seed=DATA_SEED + 1)
+    result = _run_cli("evaluate", "--bundle", str(trained_run.bundle), "--data", str(other), "--split", "all",
+                      "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _last_json_line(result.stdout)["dataset_hash_matches"] is False
+    assert "DATASET HASH DIFFERS" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/out"], "does not exist"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/out"], "unknown dataset layout"),
+        (["evaluate", "--bundle", "{tmp}/no-bundle", "--data", "{tmp}"], "manifest.json"),
+        (["train", "--data", "{data}", "--arch", "vgg16", "--input-size", "32", "--out", "{tmp}/out"], "ImageNet"),
+    ],
+    ids=["missing-data", "unknown-layout", "missing-bundle", "imagenet-offline"],
+)
+def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    data = write_synthetic_dataset(tmp_path / "data", n_per_class=10, size=32, seed=0)
+    (tmp_path / "cats").mkdir()
+    formatted = [arg.format(tmp=tmp_path, data=data) for arg in args]
+    if message == "ImageNet" and _imagenet_weights_cached():
+        pytest.skip("ImageNet weights are cached on this machine, so loading them cannot fail")
+    result = _run_cli(*formatted)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def _imagenet_weights_cached() -> bool:
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return any(cache.glob("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"))
+
+
+def test_gradcam_peaks_fall_inside_lesions(trained_run: TrainedRun, tmp_path: Path) -> None:
+    from shared.bundle import load_bundle
+    from shared.gradcam import peak_location
+    from trainer.loading import load_images
+
+    # Held-out images the model never saw (another seed), with their lesion masks.
+    held_out = write_synthetic_dataset(tmp_path / "held-out", n_per_class=HELD_OUT_POSITIVES, size=IMAGE_SIZE,
+                                       seed=DATA_SEED + 100)
+    positives = [sample for sample in load_dataset(held_out) if sample.label == "covid"]
+    bundle = load_bundle(trained_run.bundle)
+    loaded = load_images(positives, bundle.input_size, progress=False)
+    probabilities, cams = bundle.gradcam()(loaded.images.astype(np.float32) / 255.0)
+    correct = probabilities[:, 0] >= 0.5
+    hits = 0
+    for sample, cam in zip(np.array(loaded.samples, dtype=object)[correct], cams[correct]):
+        mask = cv2.imread(str(held_out / "masks" / f"{sample.path.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        # The map is input_size-relative; the peak's cell centre is mapped back onto the mask's pixels.
+        hits += bool(mask[peak_location(cam, mask.shape)])
+    n_correct = int(correct.sum())
+    assert n_correct >= 10, f"only {n_correct} of {len(positives)} held-out positives classified correctly"
+    assert hits / n_correct >= 0.8, f"Grad-CAM peak inside the lesion for {hits} of {n_correct} correct positives"

