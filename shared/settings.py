@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default=None, description="Object store: a folder path or file:// URL, or s3://bucket[/prefix]; unset means data_dir/store."
     )
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint for MinIO, moto or another S3 server.")
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint that browsers reach, for presigned overlay links (default: s3_endpoint_url).",
+    )
     s3_region: str = Field(default="us-east-1", description="S3 region name.")
     models: str = Field(
         default="",

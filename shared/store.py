@@ -203,6 +203,7 @@ class S3Store:
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
         list_page_size: int = 1000,
+        public_endpoint_url: str | None = None,
     ) -> None:
         """Connect to bucket; credentials come from the standard AWS environment/config chain."""
         import boto3
@@ -229,8 +230,14 @@ class S3Store:
             # Custom endpoints (MinIO, moto, on-prem gateways) rarely have wildcard DNS for bucket hosts.
             s3={"addressing_style": "path" if endpoint_url else "auto"},
         )
-        self._client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        session = boto3.session.Session()
+        self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # The host is part of a presigned URL's signature, so links handed to browsers are signed for
+        # the endpoint they can reach (e.g. a public MinIO name rather than the in-cluster one).
+        self._presign_client: Any = (
+            session.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+            if public_endpoint_url
+            else self._client
         )
 
     def __repr__(self) -> str:
@@ -317,7 +324,7 @@ class S3Store:
 
         try:
             return str(
-                self._client.generate_presigned_url(
+                self._presign_client.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)}, ExpiresIn=expires_s
                 )
             )
@@ -369,7 +376,13 @@ def store_from_settings(settings: Settings) -> ObjectStore:
     url = settings.resolved_store_url()
     if url.startswith("s3://"):
         pool = max(32, 2 * settings.io_threads, settings.batch_size)
-        return open_store(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, max_pool_connections=pool)
+        return open_store(
+            url,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            max_pool_connections=pool,
+            public_endpoint_url=settings.s3_public_endpoint_url,
+        )
     return open_store(url)
 
 

@@ -251,3 +251,19 @@ def test_key_helpers() -> None:
             overlay_key("vgg16", "1", bad)
         with pytest.raises(ValueError):
             scan_key(bad)
+
+
+def test_presigned_links_use_the_public_endpoint_when_set(s3_store: S3Store, moto_server: str) -> None:
+    """Browsers get links for the endpoint they can reach; the store itself keeps the internal one."""
+    from shared.settings import Settings
+    from shared.store import store_from_settings
+
+    public = moto_server.replace("127.0.0.1", "localhost")
+    settings = Settings(store_url=s3_store.url, s3_endpoint_url=moto_server, s3_public_endpoint_url=public)
+    store = store_from_settings(settings)
+    store.put("overlays/m/v/s.png", b"png-bytes", "image/png")
+    url = store.url_for("overlays/m/v/s.png")
+    assert url.startswith(public + "/")
+    with urllib.request.urlopen(url, timeout=10) as response:  # localhost reaches the same moto server
+        assert response.read() == b"png-bytes"
+    assert s3_store.url_for("overlays/m/v/s.png").startswith(moto_server + "/")

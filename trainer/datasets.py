@@ -306,10 +306,12 @@ def _is_kermany_split(folder: Path) -> bool:
 def _find_kermany_root(root: Path) -> Path | None:
     """The folder holding train/test/val (the data path, or chest_xray/ below it), or a split folder."""
     candidates = [root]
-    nested = _child_dir(root, "chest_xray")
-    if nested is not None:
-        # The Kaggle download nests chest_xray/ inside chest_xray/.
-        candidates += [nested, *([_child_dir(nested, "chest_xray")] if _child_dir(nested, "chest_xray") else [])]
+    # The Kaggle download nests chest_xray/ inside chest_xray/: look two levels down.
+    for _ in range(2):
+        nested = _child_dir(candidates[-1], "chest_xray")
+        if nested is None:
+            break
+        candidates.append(nested)
     for candidate in candidates:
         splits = [_child_dir(candidate, name) for name in _KERMANY_SPLITS]
         if any(split is not None and _is_kermany_split(split) for split in splits):
