@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from shared.zoo import CLASS_NAMES
 
@@ -31,6 +32,8 @@ IEEE8023_SOURCE = "ieee8023/covid-chestxray-dataset"
 KERMANY_SOURCE = "kermany/chest_xray"
 DEFAULT_FINDING = "COVID-19"
 DEFAULT_VIEW = "PA"
+GROUPED_SPLIT = "StratifiedGroupKFold, first fold"
+PAPER_SPLIT = "train_test_split, stratified"
 # Folders that may sit beside the class folders without being a class (the synthetic set's masks).
 _KNOWN_NON_CLASS_FOLDERS = frozenset({"masks"})
 _KERMANY_SPLITS = ("train", "test", "val")
@@ -123,8 +126,6 @@ def split_samples(
     With grouping it is the first fold of `StratifiedGroupKFold(round(1/test_fraction))`,
     each image without a patient id being its own group.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"test fraction must be between 0 and 1, got {test_fraction}")
     counts = count_labels(samples)
@@ -132,7 +133,7 @@ def split_samples(
         raise DatasetError(f"a stratified split needs at least 2 images of each class, got {counts}")
     labels = [sample.label for sample in samples]
     indices = np.arange(len(samples))
-    if group_by_patient and any(sample.patient_id for sample in samples):
+    if split_method(samples, group_by_patient) == GROUPED_SPLIT:
         n_splits = round(1.0 / test_fraction)
         if n_splits < 2:
             raise DatasetError(f"test fraction {test_fraction} is too large for a grouped split (use at most 0.5)")
@@ -154,6 +155,13 @@ def split_samples(
             raise DatasetError(f"cannot split: {exc}") from exc
         log.info("split by image (stratified, as the paper)")
     return [samples[i] for i in train_index], [samples[i] for i in test_index]
+
+
+def split_method(samples: Sequence[Sample], group_by_patient: bool) -> str:
+    """Which split `split_samples` uses: grouped by patient only when asked and some patient is known."""
+    if group_by_patient and any(sample.patient_id for sample in samples):
+        return GROUPED_SPLIT
+    return PAPER_SPLIT
 
 
 def _file_sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
 from shared.zoo import CLASS_NAMES
 from trainer.datasets import Sample, dataset_hash, load_datasets, split_samples
@@ -30,8 +31,6 @@ def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[
     A metric whose denominator is zero (e.g. precision with no covid prediction, or AUC with one
     class) is None, with the reason under "notes".
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
-
     y_true = np.asarray(y_true_covid, dtype=int).ravel()
     scores = np.asarray(p_covid, dtype=np.float64).ravel()
     if y_true.shape != scores.shape:
@@ -121,10 +120,11 @@ def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = PRED
     """Class probabilities for uint8 images, in fixed batches with the model in inference mode."""
     if len(images) == 0:
         return np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
-    # Fixed batches through model(training=False) in both train and evaluate: the same code path
-    # gives the same numbers, so the manifest's metrics can be reproduced exactly.
+    # Fixed batches through the compiled inference function in both train and evaluate: the same
+    # code path gives the same numbers, so the manifest's metrics can be reproduced exactly. (An
+    # eager model(x) call keeps every intermediate activation alive: gigabytes at 224 px.)
     batches = [
-        np.asarray(model(to_float(images[start : start + batch_size]), training=False))
+        np.asarray(model.predict_on_batch(to_float(images[start : start + batch_size])))
         for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(batches, axis=0)
@@ -154,7 +154,10 @@ def evaluate_bundle(
 
     if split not in ("test", "all"):
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    bundle = load_bundle(bundle_uri)
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     manifest = bundle.manifest
     training = manifest.get("training", {})
     dataset_info = manifest.get("dataset", {})

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot's imp
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
 
 from shared.overlay import render_overlay  # noqa: E402
 
@@ -43,8 +44,6 @@ def training_curves_png(history: dict[str, Sequence[float]]) -> bytes:
 
 def roc_png(y_true_covid: np.ndarray, p_covid: np.ndarray, auc: float | None) -> bytes:
     """ROC curve of covid vs normal with its AUC (a note instead when only one class is present)."""
-    from sklearn.metrics import roc_curve
-
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
     if auc is not None:

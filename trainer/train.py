@@ -28,6 +28,7 @@ from trainer.datasets import (
     count_labels,
     dataset_hash,
     load_datasets,
+    split_method,
     split_samples,
 )
 from trainer.evaluate import (
@@ -271,13 +272,20 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
                 "test_fraction": config.test_fraction,
                 "seed": config.seed,
                 "group_by_patient": config.group_by_patient,
+                "method": split_method(samples, config.group_by_patient),
+                "n_patients_known": len({s.patient_id for s in samples if s.patient_id}),
                 "n_train": len(train_images.samples),
                 "n_test": len(test_images.samples),
             },
         },
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    published = save_bundle(model, manifest, out, extra_files=extra_files)
+    from shared.settings import get_settings
+
+    settings = get_settings()  # an s3:// --out goes to LUNGCAM_S3_ENDPOINT_URL (MinIO, moto) when set
+    published = save_bundle(
+        model, manifest, out, extra_files=extra_files, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
     print(f"published {config.name} {config.version} to {out}", file=sys.stderr)
     return published
 
