@@ -137,6 +137,16 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(resized, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink an image (area interpolation) so its longer side is at most max_side; smaller ones pass unchanged."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Convert a [0, 1] float image to uint8 of the same shape, for display and overlays."""
     # np.clip maps NaN to NaN, so NaNs are zeroed first; convertScaleAbs then rounds and saturates in

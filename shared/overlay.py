@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from shared.imaging import fit_within
+
 DEFAULT_MAX_SIDE = 1024
 
 
@@ -12,12 +14,8 @@ def render_overlay(
     image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE
 ) -> np.ndarray:
     """Blend a [0,1] map over an image (float [0,1] or uint8, grey or RGB); returns RGB uint8."""
-    display = _to_rgb_uint8(image)
-    height, width = display.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    if scale < 1.0:
-        # Overlays are for reading, not diagnosis: cap the size so encoding and upload stay cheap.
-        display = cv2.resize(display, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    # Overlays are for reading, not diagnosis: cap the size so encoding and upload stay cheap.
+    display = fit_within(_to_rgb_uint8(image), max_side)
     heat = cv2.resize(np.clip(cam, 0.0, 1.0).astype(np.float32), (display.shape[1], display.shape[0]))
     heat_rgb = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(display, 1.0 - alpha, heat_rgb, alpha, 0.0)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
-from shared.imaging import ImageDecodeError, decode_image, preprocess, to_uint8
+from shared.imaging import ImageDecodeError, decode_image, fit_within, preprocess, to_uint8
 from shared.overlay import overlay_png
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
@@ -171,9 +171,7 @@ class ScanClassifier:
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
         image = decode_image(self.fetcher.fetch(source_uri))
         inputs = {size: preprocess(image, size) for size in self._input_sizes}
-        height, width = image.shape[:2]
-        scale = min(1.0, DISPLAY_MAX_SIDE / max(height, width))
-        display = to_uint8(preprocess_display(image, scale))
+        display = to_uint8(fit_within(image, DISPLAY_MAX_SIDE))
         return _Decoded(inputs, display)
 
     def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
@@ -218,16 +216,6 @@ class ScanClassifier:
             db.mark_scans(session, outcome.done, db.DONE, finished=True)
             for scan_id, reason in outcome.failed.items():
                 db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
-
-
-def preprocess_display(image: np.ndarray, scale: float) -> np.ndarray:
-    """Downscale an image for display (overlays); unchanged when scale >= 1."""
-    if scale >= 1.0:
-        return image
-    import cv2
-
-    height, width = image.shape[:2]
-    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
 def classifier_from_settings(settings: Settings) -> ScanClassifier:

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.imaging import ImageDecodeError, decode_image, to_uint8
+from shared.imaging import ImageDecodeError, decode_image, fit_within, to_uint8
 from shared.store import ObjectStore
 from worker.results import BatchProgress, ScanView
 from worker.sources import SourceFetcher
@@ -29,11 +29,7 @@ figure{margin:0;display:inline-block;margin-right:.5rem}figcaption{font-size:.8r
 
 def _thumbnail_jpeg(data: bytes) -> bytes:
     """A small JPEG of an image (original scans may be DICOM, which browsers cannot show)."""
-    image = to_uint8(decode_image(data))
-    height, width = image.shape[:2]
-    scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
-    if scale < 1.0:
-        image = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    image = fit_within(to_uint8(decode_image(data)), THUMBNAIL_SIDE)
     return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
@@ -110,8 +106,5 @@ def _shrink_png(data: bytes) -> bytes:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise RuntimeError("overlay is not a PNG")
-    height, width = image.shape[:2]
-    scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
-    if scale < 1.0:
-        image = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    image = fit_within(image, THUMBNAIL_SIDE)
     return cv2.imencode(".png", image)[1].tobytes()
