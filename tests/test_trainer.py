@@ -244,6 +244,43 @@ def test_compute_metrics_with_one_class_says_why_auc_is_missing() -> None:
     json.dumps(metrics)  # None, not NaN: the manifest must stay valid JSON
 
 
+# --- localisation measures --------------------------------------------------------------------
+
+
+def test_peaks_in_masks_maps_cell_centres_onto_the_mask() -> None:
+    from trainer.localisation import peaks_in_masks
+
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[0:16, 48:64] = True  # top-right 16x16 corner
+    on_lesion = np.zeros((4, 4))
+    on_lesion[0, 3] = 1.0  # cell centre (8, 56): inside
+    elsewhere = np.zeros((4, 4))
+    elsewhere[3, 0] = 1.0
+    assert peaks_in_masks(np.stack([on_lesion, elsewhere]), [mask, mask]).tolist() == [True, False]
+
+
+def test_occlusion_maps_find_the_region_a_model_reads() -> None:
+    import keras
+    from trainer.localisation import occlusion_maps
+
+    # A real Keras model whose covid score is the brightness of the top-left quadrant only.
+    inputs = keras.Input((16, 16, 3))
+    quadrant = keras.layers.Cropping2D(((0, 8), (0, 8)))(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(quadrant)
+    logits = keras.layers.Dense(
+        2,
+        kernel_initializer=keras.initializers.Constant([[4.0, -4.0]] * 3),
+        bias_initializer=keras.initializers.Constant([-6.0, 6.0]),
+    )(pooled)
+    model = keras.Model(inputs, keras.layers.Softmax()(logits))
+    images = np.full((2, 16, 16, 3), 0.9, dtype=np.float32)
+    images[:, 8:, :, :] = 0.1  # dark lower half, so the 20th-percentile fill is dark
+    maps = occlusion_maps(model, images, grid=2)
+    assert maps.shape == (2, 2, 2)
+    assert maps[:, 0, 0].min() > 0.5  # blanking the quadrant the model reads drops P(covid)
+    assert np.abs(maps[:, [0, 1, 1], [1, 0, 1]]).max() < 1e-6  # the other cells do nothing
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -381,24 +418,15 @@ def _imagenet_weights_cached() -> bool:
 def _gradcam_hits(trained_run: TrainedRun, tmp_path: Path) -> tuple[int, int, float]:
     """(peaks inside the lesion mask, correctly classified held-out positives, mean mask area fraction)."""
     from shared.bundle import load_bundle
-    from shared.gradcam import peak_location
-    from trainer.loading import load_images
+    from trainer.localisation import peaks_in_masks, synthetic_positives
 
     # Held-out images the model never saw (another seed), with their lesion masks.
-    held_out = write_synthetic_dataset(tmp_path / "held-out", n_per_class=HELD_OUT_POSITIVES, size=IMAGE_SIZE,
-                                       seed=DATA_SEED + 100)
-    positives = [sample for sample in load_dataset(held_out) if sample.label == "covid"]
-    bundle = load_bundle(trained_run.bundle)
-    loaded = load_images(positives, bundle.input_size, progress=False)
-    probabilities, cams = bundle.gradcam()(loaded.images.astype(np.float32) / 255.0)
+    images, masks = synthetic_positives(tmp_path / "held-out", HELD_OUT_POSITIVES, IMAGE_SIZE, DATA_SEED + 100)
+    probabilities, cams = load_bundle(trained_run.bundle).gradcam()(images)
     correct = probabilities[:, 0] >= 0.5
-    hits, areas = 0, []
-    for sample, cam in zip(np.array(loaded.samples, dtype=object)[correct], cams[correct]):
-        mask = cv2.imread(str(held_out / "masks" / f"{sample.path.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
-        # The map is input_size-relative; the peak's cell centre is mapped back onto the mask's pixels.
-        hits += bool(mask[peak_location(cam, mask.shape)])
-        areas.append(float(mask.mean()))
-    return hits, int(correct.sum()), float(np.mean(areas)) if areas else 0.0
+    kept = [mask for mask, ok in zip(masks, correct) if ok]
+    hits = int(peaks_in_masks(cams[correct], kept).sum())
+    return hits, int(correct.sum()), float(np.mean([mask.mean() for mask in kept])) if kept else 0.0
 
 
 def test_gradcam_peaks_land_on_lesions_far_more_often_than_chance(trained_run: TrainedRun, tmp_path: Path) -> None:
@@ -410,8 +438,9 @@ def test_gradcam_peaks_land_on_lesions_far_more_often_than_chance(trained_run: T
 
 @pytest.mark.xfail(
     strict=False,
-    reason="open (issue 2): random-init backbones trained for minutes on synthetic films put the peak "
-    "inside the lesion for roughly 25-55% of correct positives, short of the 80% target",
+    reason="open (issue 2): random-init backbones trained for minutes on synthetic films put the Grad-CAM peak "
+    "inside the lesion for 20-60% of correct positives (occlusion sensitivity of the same models: 44-88%); "
+    "measure with benchmarks/gradcam_localisation.py",
 )
 def test_gradcam_peaks_fall_inside_lesions_for_80_percent(trained_run: TrainedRun, tmp_path: Path) -> None:
     hits, n_correct, _chance = _gradcam_hits(trained_run, tmp_path)
