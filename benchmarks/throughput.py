@@ -100,8 +100,7 @@ def pipeline(bundle_dir: Path, files: list[Path], batch_size: int, store_kind: s
     from shared import db
     from shared.settings import Settings
     from shared.store import scan_key, store_from_settings
-    from worker.celery_app import make_app
-    from worker.queueing import submit_scans
+    from shared.queueing import make_app, submit_scans
 
     env = {
         "LUNGCAM_BROKER_URL": broker,

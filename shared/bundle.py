@@ -12,6 +12,7 @@ from typing import Any
 import keras
 
 import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
+from shared.errors import LungcamError
 from shared.gradcam import GradCam
 from shared.store import ObjectStore, open_store
 
@@ -20,7 +21,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class BundleError(RuntimeError):
+class BundleError(LungcamError, RuntimeError):
     """A bundle that is missing, malformed or fails verification."""
 
 

@@ -35,6 +35,8 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from shared.errors import SchemaOutOfDate
+
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATUSES: tuple[str, ...] = (QUEUED, RUNNING, DONE, FAILED)
 STAT, ROUTINE = "stat", "routine"
@@ -231,6 +233,36 @@ def migrate(url_or_engine: str | URL | Engine | Connection, revision: str = "hea
     finally:
         if owns_engine:
             engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest migration this version of lungcam ships."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("no migrations packaged with lungcam")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Raise SchemaOutOfDate unless the database is at this version's head revision."""
+    # Migrations run in one place (`lungcam migrate`, the deploy job, the embedded demo); a worker or
+    # API that migrated on start would race other versions' processes during a rolling upgrade.
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        where = "empty" if current is None else f"at revision {current}"
+        raise SchemaOutOfDate(
+            f"the database schema is {where}, this lungcam needs revision {head}: run `lungcam migrate` first"
+        )
 
 
 def _dialect_insert(session: Session) -> Any:

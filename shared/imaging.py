@@ -19,8 +19,10 @@ import pydicom
 import pydicom.pixels
 from pydicom.uid import UID
 
+from shared.errors import LungcamError
 
-class ImageDecodeError(ValueError):
+
+class ImageDecodeError(LungcamError, ValueError):
     """An image that cannot be decoded; str(err) is a short, human-readable reason (no patient data)."""
 
 

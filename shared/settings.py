@@ -5,14 +5,18 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import SettingsError
+
+ENV_PREFIX = "LUNGCAM_"
 
 
 class Settings(BaseSettings):
     """Runtime configuration; every field is `LUNGCAM_<FIELD>` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="LUNGCAM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Field(
         default=Path("lungcam-data"),
@@ -66,6 +70,17 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data folder."""
         if self.database_url:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(self.database_url)
+            except ArgumentError:
+                # Not echoed: a database URL can carry a password.
+                raise SettingsError(
+                    f"{ENV_PREFIX}DATABASE_URL is not a database URL "
+                    "(expected e.g. postgresql+psycopg://user@host:5432/db or sqlite:///path)"
+                ) from None
             return self.database_url
         return f"sqlite:///{self.resolved_data_dir() / 'lungcam.sqlite'}"
 
@@ -78,7 +93,19 @@ class Settings(BaseSettings):
         return [part.strip() for part in self.models.split(",") if part.strip()]
 
 
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (and overrides); a bad value raises SettingsError naming its variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{str(error['loc'][0]).upper() if error.get('loc') else '?'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SettingsError(f"invalid setting: {problems}") from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment when a program starts."""
+    return load_settings()

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
+from shared.errors import LungcamError
+
 if TYPE_CHECKING:
     from shared.settings import Settings
 
@@ -27,7 +29,7 @@ _TMP_PREFIX = ".lungcam-tmp-"
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
-class ObjectNotFound(KeyError):
+class ObjectNotFound(LungcamError, KeyError):
     """The key has no object in the store; the key is in `.key`, not in the message."""
 
     def __init__(self, key: str, store_url: str = "") -> None:
@@ -36,7 +38,7 @@ class ObjectNotFound(KeyError):
         self.key = key
 
 
-class StoreError(RuntimeError):
+class StoreError(LungcamError, RuntimeError):
     """A store operation failed for another reason (network, throttling, permissions); callers retry these."""
 
 

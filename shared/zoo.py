@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from shared.errors import LungcamError
+
 CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
 LOGITS_LAYER = "logits"
 INPUT_SCALING_LAYER = "backbone_input_scaling"
@@ -35,7 +37,7 @@ _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(LungcamError, RuntimeError):
     """ImageNet weights could not be downloaded or found in the local Keras cache."""
 
 

@@ -1,132 +1,47 @@
-"""The HTTP API as a real uvicorn server over HTTP: real Redis, SQLite, a local folder or S3 (moto), a real worker."""
+"""The HTTP API as a real uvicorn server over HTTP: real Redis, SQLite and PostgreSQL, a local folder or S3 (moto).
+
+Runs without TensorFlow (an install of `lungcam[api]`); the end-to-end tests with a real worker are in
+test_api_worker.py.
+"""
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import cv2
 import httpx
-import numpy as np
 import pytest
 import redis
-import uvicorn
-from sqlalchemy.orm import Session, sessionmaker
 
-from helpers import make_bundle, mixed_scans, start_worker, wait_until
+from apiserver import (
+    API_REDIS_URL,
+    AUTH,
+    MAX_BODY_BYTES,
+    MAX_IMAGE_BYTES,
+    TOKEN,
+    Api,
+    api_settings,
+    b64,
+    png_bytes,
+    redis_client,
+    running_api,
+    serve,
+    _closed_port,
+)
 from shared import db
-from shared.settings import Settings
-from shared.store import LocalStore, S3Store, overlay_key, scan_key
-from shared.synthetic import synthetic_xray
+from shared.store import overlay_key, scan_key
 from worker.api.logs import redact_path
-from worker.api.main import create_app
 from worker.api.security import file_signature
-
-# Two Redis databases of their own: the fast tests count messages on one while a worker drains the other.
-API_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_REDIS_URL", "redis://127.0.0.1:6379/12")
-WORKER_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_WORKER_REDIS_URL", "redis://127.0.0.1:6379/10")
-TOKEN = "test-token-" + uuid.uuid4().hex
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MAX_IMAGE_BYTES = 20_000
-MAX_BODY_BYTES = 2_000_000
-
-
-def _closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """Run create_app(settings) in uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), lifespan="on", log_config=None, access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if not thread.is_alive():
-                raise AssertionError("the API server failed to start (see the log above)")
-            if time.monotonic() > deadline:
-                raise AssertionError("the API server did not start within 60 s")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
-def _settings(root: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "data_dir": root,
-        "broker_url": API_REDIS_URL,
-        "database_url": f"sqlite:///{root / 'api.sqlite'}",
-        "store_url": str(root / "store"),
-        "api_token": TOKEN,
-        "api_max_image_bytes": MAX_IMAGE_BYTES,
-        "api_max_body_bytes": MAX_BODY_BYTES,
-        **overrides,
-    }
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-@dataclass
-class Api:
-    """A running API: its URL, an authenticated client, its settings and direct database access."""
-
-    url: str
-    client: httpx.Client
-    settings: Settings
-    sessions: sessionmaker[Session]
-
-    def store(self) -> LocalStore:
-        """The local store the API writes uploads to."""
-        return LocalStore(self.settings.resolved_store_url())
-
-
-@contextmanager
-def running_api(root: Path, **overrides: object) -> Iterator[Api]:
-    """A served API plus an authenticated client on it."""
-    settings = _settings(root, **overrides)
-    with serve(settings) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
-        engine = db.make_engine(settings.resolved_database_url())
-        try:
-            yield Api(url, client, settings, db.make_session_factory(engine))
-        finally:
-            engine.dispose()
-
-
-def _redis(url: str) -> redis.Redis:
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis not reachable at {url} (.ci/run starts one): {exc}")
-    return client
 
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[redis.Redis]:
     """The fast tests' Redis database, emptied before and after."""
-    client = _redis(API_REDIS_URL)
+    client = redis_client(API_REDIS_URL)
     client.flushdb()
     yield client
     client.flushdb()
@@ -146,19 +61,10 @@ def fresh_api(broker: redis.Redis, db_url: str, tmp_path: Path) -> Iterator[Api]
         yield running
 
 
-def _png(seed: int = 0, size: int = 32) -> bytes:
-    image = synthetic_xray(np.random.default_rng(seed), size).image
-    return cv2.imencode(".png", image)[1].tobytes()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
 def _scan(scan_id: str, **fields: object) -> dict[str, object]:
     body: dict[str, object] = {"scan_id": scan_id, **fields}
     if "source_uri" not in fields and "image_base64" not in fields:
-        body["image_base64"] = _b64(_png())
+        body["image_base64"] = b64(png_bytes())
     return body
 
 
@@ -281,6 +187,20 @@ def test_without_a_configured_token_every_v1_request_is_refused(broker: redis.Re
         assert httpx.get(f"{open_api.url}/healthz").status_code == 200
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's SystemExit(3)
+def test_api_refuses_to_start_on_a_database_behind_its_schema(broker: redis.Redis, tmp_path: Path):
+    """Migrations run in one place (`lungcam migrate`); an API on an empty database says so and does not serve."""
+    settings = api_settings(tmp_path)
+    with pytest.raises(AssertionError, match="failed to start"):
+        with serve(settings, migrate=False):
+            pass
+    from shared.errors import SchemaOutOfDate
+    from worker.api.main import open_resources
+
+    with pytest.raises(SchemaOutOfDate, match="lungcam migrate"):
+        open_resources(settings)
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 
@@ -317,7 +237,7 @@ def test_unknown_fields_are_refused(api: Api):
 
 def test_both_or_neither_source_is_refused(api: Api):
     """Exactly one of source_uri and image_base64."""
-    both = {"scan_id": _new_id(), "source_uri": "s3://bucket/a.png", "image_base64": _b64(_png())}
+    both = {"scan_id": _new_id(), "source_uri": "s3://bucket/a.png", "image_base64": b64(png_bytes())}
     neither = {"scan_id": _new_id()}
     for body in (both, neither):
         response = api.client.post("/v1/scans", json=body)
@@ -339,7 +259,7 @@ def test_bad_base64_is_refused(api: Api):
 def test_too_large_image_is_refused_with_413(api: Api):
     """An upload decoding to more than LUNGCAM_API_MAX_IMAGE_BYTES: 413 naming the field and the limit."""
     scan_id = _new_id()
-    big = _b64(os.urandom(MAX_IMAGE_BYTES + 1))
+    big = b64(os.urandom(MAX_IMAGE_BYTES + 1))
     response = api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": big})
     assert response.status_code == 413, response.text
     detail = response.json()["detail"]
@@ -416,7 +336,7 @@ def test_bad_priority_is_refused(api: Api):
 
 def test_validation_errors_do_not_echo_the_input(api: Api):
     """A 422 names fields and problems but does not send a (possibly huge) image back."""
-    image = _b64(_png())
+    image = b64(png_bytes())
     response = api.client.post("/v1/scans", json={"scan_id": "../x", "image_base64": image, "extra": 1})
     assert response.status_code == 422
     assert image not in response.text
@@ -441,8 +361,8 @@ def _queue_length(broker: redis.Redis, queue: str) -> int:
 
 def test_upload_is_stored_and_the_source_stays_internal(api: Api):
     """An uploaded image lands at scans/{scan_id}; the scan reads back queued, without its source_uri."""
-    scan_id, image = _new_id(), _png(3)
-    response = api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": _b64(image), "priority": "stat"})
+    scan_id, image = _new_id(), png_bytes(3)
+    response = api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": b64(image), "priority": "stat"})
     assert response.status_code == 202
     assert response.json() == {"scan_id": scan_id, "status": "queued", "queued": True}
     assert api.store().get(scan_key(scan_id)) == image
@@ -465,22 +385,22 @@ def test_s3_source_is_referenced_not_copied(api: Api):
 def test_resubmitting_does_not_queue_twice_unless_forced(broker: redis.Redis, fresh_api: Api):
     """Same scan again: 200, queued false, current status, no new message; force: 202, a new message, new image."""
     scan_id = _new_id()
-    first, second = _png(1), _png(2)
+    first, second = png_bytes(1), png_bytes(2)
     before = _queue_length(broker, "routine")
-    response = fresh_api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": _b64(first)})
+    response = fresh_api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": b64(first)})
     assert response.status_code == 202 and response.json()["queued"] is True
     assert _queue_length(broker, "routine") == before + 1
 
     with fresh_api.sessions.begin() as session:
         db.mark_scans(session, [scan_id], db.DONE, finished=True)
-    response = fresh_api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": _b64(second)})
+    response = fresh_api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": b64(second)})
     assert response.status_code == 200
     assert response.json() == {"scan_id": scan_id, "status": "done", "queued": False}
     assert _queue_length(broker, "routine") == before + 1
     assert fresh_api.store().get(scan_key(scan_id)) == first  # a finished scan's input is not replaced
 
     response = fresh_api.client.post(
-        "/v1/scans", json={"scan_id": scan_id, "image_base64": _b64(second), "force": True, "priority": "stat"}
+        "/v1/scans", json={"scan_id": scan_id, "image_base64": b64(second), "force": True, "priority": "stat"}
     )
     assert response.status_code == 202
     assert response.json() == {"scan_id": scan_id, "status": "queued", "queued": True}
@@ -521,7 +441,7 @@ def test_batch_counts_existing_scans_as_already(broker: redis.Redis, fresh_api: 
 def _done_with_overlay(api: Api, scan_id: str) -> bytes:
     """Record what a worker would: a prediction whose overlay PNG is in the local store."""
     key = overlay_key("m", "1", scan_id)
-    png = _png(5, 48)
+    png = png_bytes(5, 48)
     api.store().put(key, png, "image/png")
     with api.sessions.begin() as session:
         db.upsert_predictions(
@@ -587,134 +507,3 @@ def test_access_log_paths_are_redacted():
     assert redact_path("/v1/files/overlays/m/1/patient-123.png?expires=1&sig=ab") == "/v1/files/{key}"
     assert redact_path("/v1/batches?x=1") == "/v1/batches"
     assert redact_path("/healthz") == "/healthz"
-
-
-# ---------------------------------------------------------------- end to end with a real worker (S3)
-
-
-@dataclass
-class Deployment:
-    """An API on S3 (moto) with a real worker draining its own Redis database."""
-
-    api: Api
-    s3: S3Store
-    backlog_batch: str
-    stat_id: str
-    routine_ids: list[str]
-
-
-@pytest.fixture(scope="class")
-def deployment(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """200 routine scans and then 1 stat scan queued through the API BEFORE a worker starts, then the worker."""
-    root = tmp_path_factory.mktemp("e2e")
-    bundle = make_bundle(root / "bundle", "resnet50", 64)
-    broker = _redis(WORKER_REDIS_URL)
-    broker.flushdb()
-    s3 = S3Store(f"lungcam-api-{uuid.uuid4().hex[:12]}", endpoint_url=moto_server)
-    s3.client.create_bucket(Bucket=s3.bucket)
-    overrides = {"broker_url": WORKER_REDIS_URL, "store_url": s3.url, "s3_endpoint_url": moto_server}
-    with running_api(root, **overrides) as api:
-        routine = mixed_scans(200, seed=11, size=64)
-        backlog = [{"scan_id": f"r-{scan_id}", "image_base64": _b64(data)} for scan_id, data in routine.items()]
-        response = api.client.post("/v1/batches", json={"name": "backlog", "scans": backlog})
-        assert response.status_code == 202 and response.json()["queued"] == 200, response.text
-        backlog_batch = response.json()["batch_id"]
-        stat = _png(42, 64)
-        stat_scan = {"scan_id": "stat-1", "image_base64": _b64(stat), "priority": "stat"}
-        response = api.client.post("/v1/scans", json=stat_scan)
-        assert response.status_code == 202, response.text
-        assert broker.llen("routine") == 200 and broker.llen("stat") == 1
-
-        env = {
-            "LUNGCAM_BROKER_URL": WORKER_REDIS_URL,
-            "LUNGCAM_DATABASE_URL": api.settings.resolved_database_url(),
-            "LUNGCAM_STORE_URL": s3.url,
-            "LUNGCAM_S3_ENDPOINT_URL": moto_server,
-            "LUNGCAM_MODELS": str(bundle),
-            "LUNGCAM_BATCH_SIZE": "8",
-            "LUNGCAM_BATCH_FLUSH_MS": "200",
-            "LUNGCAM_DATA_DIR": str(root / "worker-data"),
-        }
-        worker = start_worker(env, root / "worker.log")
-        try:
-            worker.wait_ready()
-            yield Deployment(api, s3, backlog_batch, "stat-1", [f"r-{i}" for i in routine])
-            assert "Traceback" not in worker.log()
-        finally:
-            worker.stop()
-            broker.flushdb()
-
-
-def _wait_batch_complete(api: Api, batch_id: str, timeout: float) -> dict:
-    state: dict = {}
-
-    def complete() -> bool:
-        state.update(api.client.get(f"/v1/batches/{batch_id}").json())
-        return bool(state["complete"])
-
-    wait_until(complete, timeout, 0.5, f"batch {batch_id} to complete")
-    return state
-
-
-def _assert_png(data: bytes) -> None:
-    assert data.startswith(PNG_MAGIC)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None and image.shape[2] == 3
-
-
-class TestWithWorker:
-    """A real `lungcam worker` consuming what the API queued."""
-
-    def test_stat_scan_overtakes_the_routine_backlog(self, deployment: Deployment):
-        """The stat scan, queued behind 200 routine ones, finishes before most of them."""
-        api = deployment.api
-        _wait_batch_complete(api, deployment.backlog_batch, 240)
-        wait_until(lambda: api.client.get(f"/v1/scans/{deployment.stat_id}").json()["status"] == "done", 60)
-        stat = api.client.get(f"/v1/scans/{deployment.stat_id}").json()
-        stat_finished = dt.datetime.fromisoformat(stat["finished_at"])
-        with api.sessions() as session:
-            routine = [session.get(db.Scan, scan_id) for scan_id in deployment.routine_ids]
-        assert {scan.status for scan in routine} == {db.DONE}
-        later = sum(scan.finished_at > stat_finished for scan in routine)
-        # In practice the stat scan is in the worker's first batch, ahead of ~95% of the backlog.
-        earlier = len(routine) - later
-        assert later >= len(routine) * 0.5, f"stat finished after {earlier} of {len(routine)} routine scans"
-
-    def test_batch_of_twenty_end_to_end_with_presigned_overlays(self, deployment: Deployment):
-        """POST a batch of 20 uploads, poll it to completion, read every scan, fetch every overlay without auth."""
-        api = deployment.api
-        scans = mixed_scans(20, seed=5, size=64)
-        response = api.client.post(
-            "/v1/batches",
-            json={"name": "e2e", "scans": [{"scan_id": f"e-{i}", "image_base64": _b64(d)} for i, d in scans.items()]},
-        )
-        assert response.status_code == 202, response.text
-        submitted = response.json()
-        assert submitted["queued"] == 20 and submitted["already"] == 0
-        for scan_id, data in scans.items():
-            assert deployment.s3.get(scan_key(f"e-{scan_id}")) == data
-
-        batch = _wait_batch_complete(api, submitted["batch_id"], 240)
-        assert batch["counts"] == {"queued": 0, "running": 0, "done": 20, "failed": 0}
-        assert batch["total"] == 20 and batch["progress"] == 1.0 and batch["name"] == "e2e"
-
-        with httpx.Client(timeout=30) as anonymous:
-            for scan_id in scans:
-                scan = api.client.get(f"/v1/scans/e-{scan_id}").json()
-                assert scan["status"] == "done" and scan["error"] is None and scan["attempts"] == 1
-                assert scan["batch_id"] == submitted["batch_id"] and "source_uri" not in scan
-                assert dt.datetime.fromisoformat(scan["finished_at"]) >= dt.datetime.fromisoformat(scan["submitted_at"])
-                (prediction,) = scan["predictions"]
-                assert prediction["model_name"] == "resnet50-test" and prediction["model_version"] == "t1"
-                assert prediction["label"] in ("covid", "normal") and 0.0 <= prediction["p_covid"] <= 1.0
-                assert prediction["inference_ms"] > 0
-                url = prediction["overlay_url"]
-                # A real presigned URL of the S3 server, not of this API.
-                assert url.startswith(f"{deployment.s3.endpoint_url}/{deployment.s3.bucket}/overlays/")
-                assert "X-Amz-Signature=" in url
-                response = anonymous.get(url)
-                assert response.status_code == 200, response.text[:300]
-                _assert_png(response.content)
-
-        metrics = httpx.get(f"{api.url}/metrics").text
-        assert 'lungcam_inference_seconds_count{model_name="resnet50-test",model_version="t1"}' in metrics

@@ -16,6 +16,9 @@ import redis
 from helpers import LUNGCAM, make_bundle, start_worker
 from shared.synthetic import synthetic_xray
 
+# Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
+
 REDIS_URL = os.environ.get("LUNGCAM_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/11")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -44,6 +47,8 @@ def screened(tmp_path_factory: pytest.TempPathFactory):
         "LUNGCAM_BATCH_SIZE": "32",
         "LUNGCAM_BATCH_FLUSH_MS": "200",
     }
+    migrate = _run(env, "migrate")
+    assert migrate.returncode == 0, migrate.stderr
     worker = start_worker(env, root / "worker.log")
     try:
         worker.wait_ready()

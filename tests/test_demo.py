@@ -22,6 +22,9 @@ from helpers import LUNGCAM, corrupt_scans, make_bundle
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
 
+# Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
+
 REDIS_URL = os.environ.get("LUNGCAM_TEST_DEMO_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 

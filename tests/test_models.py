@@ -39,6 +39,7 @@ def test_zoo_builds_the_papers_head_with_a_frozen_backbone(arch):
     assert backbone_layers and not any(layer.trainable for layer in backbone_layers)
 
 
+@pytest.mark.slow  # builds all three backbones (densenet121 alone takes ~15 s)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_batched_gradcam_equals_per_image_gradcam(arch, batch):
     model = build_model(arch, input_size=64, weights=None)
@@ -71,6 +72,7 @@ def test_gradcam_matches_an_independent_gradient_tape_reference(batch):
         assert np.abs(cam - cams[index]).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_positive_gradients_only_is_a_distinct_option(batch):
     model = build_model("resnet50", input_size=64, weights=None)
     layer = ARCHITECTURES["resnet50"].gradcam_layer
@@ -125,6 +127,7 @@ def test_overlay_is_a_png_of_the_image_size_with_the_heat_where_the_map_is_hot()
     assert decoded.shape == (200, 300, 3)
 
 
+@pytest.mark.slow  # starts a second Python with TensorFlow
 def test_bundle_round_trip_in_a_fresh_process_gives_the_same_probabilities(tmp_path, batch):
     bundle_dir = make_bundle(tmp_path / "bundle", "resnet50", 64)
     bundle = load_bundle(bundle_dir)

@@ -18,8 +18,10 @@ from helpers import corrupt_scans, make_bundle, mixed_scans, start_worker, wait_
 from shared import db
 from shared.settings import Settings
 from shared.store import LocalStore, overlay_key, scan_key
-from worker.celery_app import make_app
-from worker.queueing import publish, submit_scans
+from shared.queueing import make_app, publish, submit_scans
+
+# Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
+pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 MODEL_NAMES = ("resnet50-test", "vgg16-test")
@@ -226,7 +228,7 @@ def test_pin_gpu_refuses_once_tensorflow_is_loaded():
     """Pinning after TensorFlow started would silently do nothing, so it raises instead."""
     import tensorflow  # noqa: F401
 
-    from worker.gpu import TensorFlowAlreadyImported, pin_gpu
+    from worker.consumer.gpu import TensorFlowAlreadyImported, pin_gpu
 
     with pytest.raises(TensorFlowAlreadyImported):
         pin_gpu(0)

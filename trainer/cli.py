@@ -109,13 +109,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback."""
-    from shared.bundle import BundleError
-    from shared.store import StoreError
-    from shared.zoo import WeightsUnavailableError
-    from trainer.datasets import DatasetError
-    from trainer.train import ConfigError
+    from shared.errors import LungcamError
 
-    return (DatasetError, ConfigError, BundleError, StoreError, WeightsUnavailableError, FileNotFoundError)
+    return (LungcamError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from shared.errors import LungcamError
 from shared.zoo import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _KERMANY_SPLITS = ("train", "test", "val")
 _KERMANY_PATIENT = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
 
 
-class DatasetError(ValueError):
+class DatasetError(LungcamError, ValueError):
     """A data path that is missing, empty, malformed or in no known layout."""
 
 

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from shared.errors import LungcamError
 from shared.bundle import save_bundle
 from shared.gradcam import GradCam
 from shared.imaging import PREPROCESSING
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 GRADCAM_GRID_SIZE = 12
 
 
-class ConfigError(ValueError):
+class ConfigError(LungcamError, ValueError):
     """A training configuration that makes no sense (unknown architecture or layer, bad numbers)."""
 
 

@@ -23,7 +23,7 @@ from worker.api.logs import install_access_log_redaction
 from worker.api.metrics import make_registry
 from worker.api.routes import batches, files, health, scans
 from worker.api.submission import ImageTooLarge
-from worker.celery_app import make_app
+from shared.queueing import make_app
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,14 @@ expiring inside `overlay_url`, so an `<img src>` works without the header. `/hea
 
 
 def open_resources(settings: Settings) -> Resources:
-    """Create the engine (and migrate), session factory, Celery app, store and metrics registry."""
+    """Create the engine (schema checked), session factory, Celery app, store and metrics registry."""
     # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
     engine = db.make_engine(settings.resolved_database_url(), hide_parameters=True)
-    db.migrate(engine)
+    try:
+        db.require_current_schema(engine)
+    except Exception:
+        engine.dispose()
+        raise
     sessions = db.make_session_factory(engine)
     return Resources(
         settings=settings,
@@ -102,7 +106,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The lungcam HTTP API; resources are opened (and the database migrated) when the server starts."""
+    """The lungcam HTTP API; resources are opened (and the schema checked) when the server starts."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -133,3 +137,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     install_access_log_redaction()
     return app
+
+
+def serve(host: str, port: int, loglevel: str = "INFO") -> int:
+    """Serve the API with uvicorn until stopped (`lungcam api`); returns the exit code."""
+    import uvicorn
+
+    settings = get_settings()
+    # Checked here too, so a schema that is behind is one line on the terminal, not a lifespan traceback.
+    engine = db.make_engine(settings.resolved_database_url())
+    try:
+        db.require_current_schema(engine)
+    finally:
+        engine.dispose()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=loglevel.lower())
+    return 0

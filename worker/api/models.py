@@ -8,7 +8,7 @@ import datetime as dt
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 
 # One store-key segment: no '/' or '\\', so an id can never reach into another folder of the store.
@@ -135,18 +135,34 @@ class BatchSubmitted(BaseModel):
 
 
 class PredictionOut(BaseModel):
-    """One model's verdict on a scan."""
+    """One model's verdict on a scan (built from a `predictions` row)."""
+
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
     model_name: str
     model_version: str
     label: str
     p_covid: float
     inference_ms: float | None
-    overlay_url: str | None = Field(description="Grad-CAM overlay PNG; a time-limited URL that needs no bearer token.")
+    # The store key stays internal; the context's `overlay_link` turns it into overlay_url.
+    overlay_key: str | None = Field(default=None, exclude=True)
+    overlay_url: str | None = Field(
+        default=None, description="Grad-CAM overlay PNG; a time-limited URL that needs no bearer token."
+    )
+
+    @model_validator(mode="after")
+    def _link_overlay(self, info: ValidationInfo) -> PredictionOut:
+        """Fill overlay_url from the overlay key with the link maker passed in the validation context."""
+        link = (info.context or {}).get("overlay_link")
+        if self.overlay_key and link is not None and self.overlay_url is None:
+            self.overlay_url = link(self.overlay_key)
+        return self
 
 
 class ScanOut(BaseModel):
-    """A scan's status and predictions (its internal source location is not shown)."""
+    """A scan's status and predictions (its internal source location is not shown), built from a `scans` row."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     scan_id: str
     status: Status

@@ -9,15 +9,16 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.errors import SubmissionError
 from shared import db
 from shared.store import ObjectStore, scan_key
 from worker.api.models import ScanIn
-from worker.queueing import SubmitResult, submit_scans
+from shared.queueing import SubmitResult, submit_scans
 
 _ID_CHUNK = 500  # keeps IN (...) lists under every driver's bound-parameter limit
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(SubmissionError):
     """An uploaded image decodes to more bytes than the API accepts."""
 
     def __init__(self, field: str, size: int, limit: int) -> None:

@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter, HTTPException, status
 
-from worker import results
+from shared import results
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
 from worker.api.models import BatchIn, BatchOut, BatchSubmitted, ErrorOut, StatusCounts
 from worker.api.submission import check_image_sizes, submit

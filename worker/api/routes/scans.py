@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from shared.store import LocalStore, ObjectStore
-from worker import results
+from shared import results
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
-from worker.api.models import ErrorOut, PredictionOut, ScanIn, ScanOut, ScanSubmitted
+from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted
 from worker.api.security import quote_key, sign_file_path
 from worker.api.submission import check_image_sizes, current_status, submit
 
@@ -47,30 +47,12 @@ def submit_scan(
 @router.get("/{scan_id}", response_model=ScanOut, responses={404: {"model": ErrorOut}})
 def read_scan(scan_id: str, request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep) -> ScanOut:
     """A scan's status, attempts, timestamps and one prediction per model with a link to its overlay."""
-    view = results.get_scan(session, scan_id)
-    if view is None:
+    scan = results.get_scan(session, scan_id)
+    if scan is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan with this scan_id")
     token = settings.api_token.get_secret_value() if settings.api_token else ""
-    return ScanOut(
-        scan_id=view.scan_id,
-        status=view.status,  # type: ignore[arg-type]
-        priority=view.priority,  # type: ignore[arg-type]
-        batch_id=view.batch_id,
-        error=view.error,
-        submitted_at=view.submitted_at,
-        finished_at=view.finished_at,
-        attempts=view.attempts,
-        predictions=[
-            PredictionOut(
-                model_name=p.model_name,
-                model_version=p.model_version,
-                label=p.label,
-                p_covid=p.p_covid,
-                inference_ms=p.inference_ms,
-                overlay_url=overlay_url(request, store, token, p.overlay_key) if p.overlay_key else None,
-            )
-            for p in view.predictions
-        ],
+    return ScanOut.model_validate(
+        scan, from_attributes=True, context={"overlay_link": lambda key: overlay_url(request, store, token, key)}
     )
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from shared import db
 from shared.imaging import ImageDecodeError, decode_image, fit_within, to_uint8
+from shared.results import BatchProgress
+from shared.sources import SourceFetcher
 from shared.store import ObjectStore
-from worker.results import BatchProgress, ScanView
-from worker.sources import SourceFetcher
 
 THUMBNAIL_SIDE = 384
 
@@ -36,7 +37,7 @@ def _thumbnail_jpeg(data: bytes) -> bytes:
 def write_report(
     out_html: Path,
     progress: BatchProgress,
-    scans: list[ScanView],
+    scans: list[db.Scan],
     *,
     store: ObjectStore,
     fetcher: SourceFetcher,
@@ -47,7 +48,7 @@ def write_report(
     assets = out_html.with_name(out_html.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
 
-    def prepare(scan: ScanView) -> str:
+    def prepare(scan: db.Scan) -> str:
         cells = [f"<td>{html.escape(scan.scan_id)}</td>"]
         figures = []
         try:

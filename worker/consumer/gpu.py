@@ -6,11 +6,17 @@ import logging
 import os
 import sys
 
+from shared.errors import LungcamError
+
 log = logging.getLogger(__name__)
 
 
-class TensorFlowAlreadyImported(RuntimeError):
+class TensorFlowAlreadyImported(LungcamError, RuntimeError):
     """CUDA_VISIBLE_DEVICES was set after TensorFlow started; it would have no effect."""
+
+
+class BadGpuIndex(LungcamError, ValueError):
+    """--gpu names something other than device indices or 'none'."""
 
 
 def pin_gpu(gpu: str | int | None) -> str:
@@ -21,7 +27,7 @@ def pin_gpu(gpu: str | int | None) -> str:
         raise TensorFlowAlreadyImported("pin the GPU before anything imports tensorflow")
     value = "" if gpu is None or str(gpu).lower() in ("none", "cpu", "-1", "") else str(gpu)
     if value and not all(part.strip().isdigit() for part in value.split(",")):
-        raise ValueError(f"--gpu takes a device index such as 0, or 'none', not {gpu!r}")
+        raise BadGpuIndex(f"--gpu takes a device index such as 0, or 'none', not {gpu!r}")
     os.environ["CUDA_VISIBLE_DEVICES"] = value if value else "-1"
     return os.environ["CUDA_VISIBLE_DEVICES"]
 

@@ -1,49 +1,18 @@
-"""Reading results back: one scan with its predictions, a batch's progress, a batch's rows."""
+"""Reading results back: one scan with its predictions, a batch's progress, a batch's scans.
+
+Scans come back as ORM rows with their predictions loaded, readable after the session closes
+(sessions do not expire on commit); the API turns them into response models in one step.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from shared import db
-
-
-@dataclass
-class PredictionView:
-    """One model's verdict, as shown to users."""
-
-    model_name: str
-    model_version: str
-    label: str
-    p_covid: float
-    overlay_key: str | None
-    inference_ms: float | None
-
-
-@dataclass
-class ScanView:
-    """A scan's status and predictions."""
-
-    scan_id: str
-    status: str
-    priority: str
-    batch_id: str | None
-    error: str | None
-    submitted_at: dt.datetime
-    finished_at: dt.datetime | None
-    attempts: int
-    source_uri: str
-    predictions: list[PredictionView] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        data = asdict(self)
-        data["submitted_at"] = self.submitted_at.isoformat()
-        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
-        return data
 
 
 @dataclass
@@ -76,30 +45,11 @@ class BatchProgress:
         return self.finished / self.total if self.total else 1.0
 
 
-def _view(scan: db.Scan) -> ScanView:
-    return ScanView(
-        scan_id=scan.scan_id,
-        status=scan.status,
-        priority=scan.priority,
-        batch_id=scan.batch_id,
-        error=scan.error,
-        submitted_at=scan.submitted_at,
-        finished_at=scan.finished_at,
-        attempts=scan.attempts,
-        source_uri=scan.source_uri,
-        predictions=[
-            PredictionView(p.model_name, p.model_version, p.label, p.p_covid, p.overlay_key, p.inference_ms)
-            for p in scan.predictions
-        ],
-    )
-
-
-def get_scan(session: Session, scan_id: str) -> ScanView | None:
+def get_scan(session: Session, scan_id: str) -> db.Scan | None:
     """One scan with its predictions, or None."""
-    scan = session.scalars(
+    return session.scalars(
         select(db.Scan).where(db.Scan.scan_id == scan_id).options(selectinload(db.Scan.predictions))
     ).first()
-    return _view(scan) if scan else None
 
 
 def get_batch_progress(session: Session, batch_id: str) -> BatchProgress | None:
@@ -110,7 +60,7 @@ def get_batch_progress(session: Session, batch_id: str) -> BatchProgress | None:
     return BatchProgress(batch.batch_id, batch.name, batch.submitted_at, db.batch_counts(session, batch_id))
 
 
-def list_batch_scans(session: Session, batch_id: str) -> list[ScanView]:
+def list_batch_scans(session: Session, batch_id: str) -> list[db.Scan]:
     """Every scan of a batch with its predictions, ordered by scan id."""
     scans = session.scalars(
         select(db.Scan)
@@ -118,4 +68,4 @@ def list_batch_scans(session: Session, batch_id: str) -> list[ScanView]:
         .order_by(db.Scan.scan_id)
         .options(selectinload(db.Scan.predictions))
     )
-    return [_view(scan) for scan in scans]
+    return list(scans)

@@ -17,9 +17,16 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from shared.errors import LungcamError
 from shared.settings import Settings
 
 DEMO_MODEL_DIR = "models/demo"
+
+
+class DemoError(LungcamError):
+    """The embedded run could not start, or a part of it stopped."""
+
+
 DEMO_BANNER = (
     "DEMONSTRATION MODEL: trained for a minute on synthetic images, not on patients. "
     "Its outputs mean nothing clinically."
@@ -117,14 +124,14 @@ def _wait_for_api(base_url: str, worker: subprocess.Popen, api: subprocess.Popen
     while time.monotonic() < deadline:
         for process, name in ((worker, "worker"), (api, "API")):
             if process.poll() is not None:
-                raise RuntimeError(f"the {name} exited with code {process.returncode}; see its log")
+                raise DemoError(f"the {name} exited with code {process.returncode}; see its log")
         try:
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the API at {base_url} was not ready after {timeout:.0f} s")
+    raise DemoError(f"the API at {base_url} was not ready after {timeout:.0f} s")
 
 
 def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float) -> int:
@@ -133,27 +140,30 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
     from tqdm import tqdm
 
     from shared import db
+    from shared.embedded_redis import stop_embedded_redis
+    from shared.queueing import broker_url_for, make_app
+    from shared.results import get_batch_progress, list_batch_scans
     from shared.settings import get_settings
+    from shared.sources import SourceFetcher
     from shared.store import store_from_settings
-    from worker.celery_app import broker_url_for, make_app
-    from worker.cli import format_table, result_rows
-    from worker.embedded import stop_embedded_redis
-    from worker.ingest import discover, ingest
-    from worker.report import write_report
-    from worker.results import get_batch_progress, list_batch_scans
-    from worker.sources import SourceFetcher
+    from worker.ops.ingest import discover, ingest
+    from worker.ops.report import write_report
+    from worker.ops.tables import format_table, result_rows
 
     settings = get_settings()
     data_dir = settings.resolved_data_dir()
     models = settings.models
     if not settings.model_uris():
         if not demo:
-            raise RuntimeError("no models configured: set LUNGCAM_MODELS, or run `lungcam demo` for a demonstration model")
+            raise DemoError("no models configured: set LUNGCAM_MODELS, or run `lungcam demo` for a demonstration model")
         models = ensure_demo_model(settings)
     folder = images if images is not None else demo_images(settings, count)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no folder {folder}")
+        raise DemoError(f"no folder {folder}")
 
+    # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
+    # the worker and the API only check the schema.
+    db.migrate(settings.resolved_database_url())
     with ExitStack() as cleanup:
         broker = broker_url_for(settings)
         if not settings.broker_url:
@@ -175,12 +185,11 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
 
         runtime = Settings(**{**settings.model_dump(), "broker_url": broker, "models": models})
         engine = db.make_engine(runtime.resolved_database_url())
-        db.migrate(engine)
         sessions = db.make_session_factory(engine)
         store = store_from_settings(runtime)
         items = discover(str(folder), runtime)
         if not items:
-            raise RuntimeError(f"no images (PNG, JPEG, DICOM) in {folder}")
+            raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
         with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
             batch_id, _ = ingest(items, store=store, sessions=sessions, app=make_app(runtime, broker_url=broker),
                                  batch_name=folder.name, force=True, on_progress=bar.update)
@@ -189,14 +198,14 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
             while True:
                 if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited with code {worker.returncode}; see {logs / 'worker.log'}")
+                    raise DemoError(f"the worker exited with code {worker.returncode}; see {logs / 'worker.log'}")
                 progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
                 finished = progress["counts"]["done"] + progress["counts"]["failed"]
                 bar.update(finished - bar.n)
                 if progress["complete"]:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"batch {batch_id} not finished after {timeout:.0f} s")
+                    raise DemoError(f"batch {batch_id} not finished after {timeout:.0f} s")
                 time.sleep(0.5)
 
         with sessions() as session:

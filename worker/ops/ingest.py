@@ -13,9 +13,10 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.errors import SubmissionError
 from shared.settings import Settings
 from shared.store import ObjectStore, cached_store, scan_key
-from worker.queueing import SubmitResult, submit_scans
+from shared.queueing import SubmitResult, submit_scans
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""})  # DICOM files often have no suffix
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -56,7 +57,7 @@ def discover(source: str, settings: Settings) -> list[IngestItem]:
         return _from_csv(path)
     if path.is_dir():
         return _from_folder(path)
-    raise FileNotFoundError(f"no folder, .csv list or s3:// prefix at {source}")
+    raise SubmissionError(f"no folder, .csv list or s3:// prefix at {source}")
 
 
 def _from_folder(root: Path) -> list[IngestItem]:
@@ -81,20 +82,20 @@ def _from_csv(path: Path) -> list[IngestItem]:
         columns = set(reader.fieldnames or [])
         location_column = "path" if "path" in columns else "uri" if "uri" in columns else None
         if location_column is None:
-            raise ValueError(f"{path.name}: needs a 'path' or 'uri' column (has {sorted(columns)})")
+            raise SubmissionError(f"{path.name}: needs a 'path' or 'uri' column (has {sorted(columns)})")
         items = []
         for line, row in enumerate(reader, start=2):
             location = (row.get(location_column) or "").strip()
             if not location:
-                raise ValueError(f"{path.name}:{line}: empty {location_column}")
+                raise SubmissionError(f"{path.name}:{line}: empty {location_column}")
             if "://" not in location:
                 location = str((path.parent / location).resolve())
             scan_id = (row.get("scan_id") or "").strip() or scan_id_for(Path(location).name)
             if not SCAN_ID_PATTERN.match(scan_id) or ".." in scan_id:
-                raise ValueError(f"{path.name}:{line}: scan_id must match {SCAN_ID_PATTERN.pattern}")
+                raise SubmissionError(f"{path.name}:{line}: scan_id must match {SCAN_ID_PATTERN.pattern}")
             priority = (row.get("priority") or "routine").strip()
             if priority not in ("stat", "routine"):
-                raise ValueError(f"{path.name}:{line}: priority must be stat or routine")
+                raise SubmissionError(f"{path.name}:{line}: priority must be stat or routine")
             items.append(IngestItem(scan_id, location, priority))
     return _unique(items)
 

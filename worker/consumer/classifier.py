@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.errors import LungcamError
 from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
@@ -20,7 +21,7 @@ from shared.imaging import ImageDecodeError, decode_image, fit_within, preproces
 from shared.overlay import overlay_png
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
-from worker.sources import SourceFetcher
+from shared.sources import SourceFetcher
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DISPLAY_MAX_SIDE = 1024
 TRANSIENT_ERRORS = (StoreError, OperationalError, DBAPIError, ConnectionError, TimeoutError)
 
 
-class NoModelsConfigured(RuntimeError):
+class NoModelsConfigured(LungcamError, RuntimeError):
     """The worker was started without any model bundle to serve."""
 
 
@@ -61,11 +62,17 @@ class _Decoded:
     display: np.ndarray  # uint8 image, longest side <= DISPLAY_MAX_SIDE, for the overlay
 
 
-def load_served_models(settings: Settings) -> list[ServedModel]:
-    """Load and verify every bundle in LUNGCAM_MODELS and warm up its compiled pass."""
+def require_models_configured(settings: Settings) -> list[str]:
+    """The bundle URIs of LUNGCAM_MODELS; raises NoModelsConfigured when there are none."""
     uris = settings.model_uris()
     if not uris:
         raise NoModelsConfigured("no model bundles configured: set LUNGCAM_MODELS to one or more bundle folders or s3:// prefixes")
+    return uris
+
+
+def load_served_models(settings: Settings) -> list[ServedModel]:
+    """Load and verify every bundle in LUNGCAM_MODELS and warm up its compiled pass."""
+    uris = require_models_configured(settings)
     served = []
     for uri in uris:
         bundle = load_bundle(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
@@ -219,10 +226,10 @@ class ScanClassifier:
 
 
 def classifier_from_settings(settings: Settings) -> ScanClassifier:
-    """Load the served models, open the store and database, and migrate the schema."""
+    """Check the configuration and the database schema (cheap, so first), then load the served models."""
     from shared.store import store_from_settings
 
-    url = settings.resolved_database_url()
-    engine = db.make_engine(url)
-    db.migrate(engine)
+    require_models_configured(settings)
+    engine = db.make_engine(settings.resolved_database_url())
+    db.require_current_schema(engine)
     return ScanClassifier(load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings)

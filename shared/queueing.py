@@ -1,0 +1,144 @@
+"""Queueing scans: the Celery app configuration, a `scans` row first, then one small message per scan id.
+
+The API, the operator tools and the consumer all publish through here; nothing here consumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from celery import Celery
+from kombu import Exchange, Queue
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import db
+from shared.settings import Settings
+
+CLASSIFY_TASK = "lungcam.classify"
+STAT_QUEUE = "stat"
+ROUTINE_QUEUE = "routine"
+# Listed in the order a worker drains them: every stat message before any routine one.
+QUEUES = (STAT_QUEUE, ROUTINE_QUEUE)
+
+
+def broker_url_for(settings: Settings) -> str:
+    """The configured broker URL, or the embedded Redis under the data folder."""
+    if settings.broker_url:
+        return settings.broker_url
+    from shared.embedded_redis import start_embedded_redis
+
+    return start_embedded_redis(settings.resolved_data_dir())
+
+
+def make_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
+    """A Celery app configured for lungcam; publishing and consuming share this configuration."""
+    app = Celery("lungcam", broker=broker_url or broker_url_for(settings))
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in SQL, not in a result backend
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        task_default_queue=ROUTINE_QUEUE,
+        task_default_exchange=ROUTINE_QUEUE,
+        task_default_routing_key=ROUTINE_QUEUE,
+        # Ack after the batch is written, so a worker that dies mid-batch loses nothing: its
+        # unacked messages go back to the queue. celery-batches acks late requests when the
+        # batch *returns*, even if it raised, so failures are retried explicitly in the task.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # celery-batches buffers messages inside the consumer until it has `batch_size` of them;
+        # prefetch must cover one batch being processed plus the next one filling, or the buffer
+        # never reaches the flush size and every batch waits for the flush timer instead.
+        # (prefetch = multiplier x concurrency = one batch per pipeline slot.)
+        worker_prefetch_multiplier=settings.batch_size,
+        worker_concurrency=settings.pipeline_depth,
+        worker_pool="threads",  # never fork once TensorFlow has started; threads share the loaded models
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Redis redelivers an unacked message after this long *even while its batch is still
+            # running*: it must exceed the slowest batch, or work is done twice (harmless because
+            # the task is idempotent, but wasteful). It is also how long a crashed worker's scans
+            # wait before another worker picks them up.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu scans for expired unacked messages every interval x throttle seconds (100 s by
+            # default); scanning every 10 s bounds how long a crashed worker's scans sit idle.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            # "priority": BRPOP lists the queues in QUEUES order every time, so stat goes first.
+            "queue_order_strategy": "priority",
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+@dataclass
+class SubmitResult:
+    """Which scans were queued by a submission and which already existed."""
+
+    queued: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+
+
+def publish(app: Celery, scan_id: str, priority: str, *, attempt: int = 0, force: bool = False, countdown: float | None = None) -> None:
+    """Send one classify message for a scan to the queue of its priority."""
+    if priority not in QUEUES:
+        raise ValueError(f"priority must be one of {QUEUES}, not {priority!r}")
+    app.send_task(
+        CLASSIFY_TASK,
+        args=[scan_id],
+        kwargs={"attempt": attempt, "force": force},
+        queue=priority,
+        countdown=countdown,
+    )
+
+
+def submit_scans(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    scans: list[dict],
+    *,
+    batch_id: str | None = None,
+    batch_name: str | None = None,
+    force: bool = False,
+) -> SubmitResult:
+    """Record scans as queued and publish them; existing scans are re-queued only with force."""
+    result = SubmitResult()
+    with sessions.begin() as session:
+        inserted = set(db.add_scans(session, scans, batch_id, batch_name=batch_name))
+        if force:
+            # A forced re-submission replaces the scan's source and priority and moves it into
+            # this batch, so the batch's progress and report include it.
+            for scan in scans:
+                if scan["scan_id"] in inserted:
+                    continue
+                values = {"source_uri": scan["source_uri"], "priority": scan.get("priority") or db.ROUTINE}
+                if batch_id is not None:
+                    values["batch_id"] = batch_id
+                session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
+            db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
+    # Rows are committed before messages go out, so a worker never sees an id it cannot find.
+    # If publishing fails after the commit, the scans stay `queued`: `requeue_stale` re-sends them.
+    for scan in scans:
+        scan_id = scan["scan_id"]
+        if scan_id in inserted or force:
+            publish(app, scan_id, scan.get("priority") or db.ROUTINE, force=force and scan_id not in inserted)
+            result.queued.append(scan_id)
+        else:
+            result.already.append(scan_id)
+    return result
+
+
+def requeue_stale(sessions: sessionmaker[Session], app: Celery, *, older_than_s: float) -> list[str]:
+    """Re-publish scans still `queued` after older_than_s seconds (lost messages); the task is idempotent."""
+    cutoff = db.utcnow() - dt.timedelta(seconds=older_than_s)
+    with sessions() as session:
+        stale = session.execute(
+            select(db.Scan.scan_id, db.Scan.priority).where(db.Scan.status == db.QUEUED, db.Scan.submitted_at < cutoff)
+        ).all()
+    for scan_id, priority in stale:
+        publish(app, scan_id, priority)
+    return [scan_id for scan_id, _ in stale]

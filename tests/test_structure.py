@@ -1,0 +1,256 @@
+"""The code's shape: one package per program, allowed import directions, no circles, no import side effects."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("shared", "worker", "trainer")
+# Programs in worker/: each imports shared/ and itself, never another program.
+PROGRAMS = ("worker.api", "worker.consumer", "worker.ops")
+# The only module allowed to reach the trainer, and only inside a function (the demo trains a model).
+TRAINER_USER = "worker.ops.demo"
+# The dispatcher behind `lungcam` starts the programs, so it may import them, but only lazily.
+DISPATCHER = "worker.cli"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the three top-level packages, by dotted name."""
+    return {
+        _module_name(path): path
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if "migrations" not in path.parts
+    }
+
+
+def import_edges(modules: dict[str, Path]) -> list[tuple[str, str, bool]]:
+    """(importer, imported, lazy) for every import of a project module; lazy = inside a function."""
+    edges = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        lazy_nodes = {
+            id(node)
+            for function in ast.walk(tree)
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(function)
+        }
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.append((name, target, id(node) in lazy_nodes))
+    return edges
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_imports_follow_the_allowed_directions():
+    """shared imports neither worker nor trainer; programs do not import each other; only the demo reaches the trainer."""
+    problems = []
+    for importer, imported, lazy in import_edges(project_modules()):
+        if _in(importer, "shared") and not _in(imported, "shared"):
+            problems.append(f"{importer} -> {imported}: shared/ imports nothing of worker/ or trainer/")
+        if _in(importer, "trainer") and _in(imported, "worker"):
+            problems.append(f"{importer} -> {imported}: the trainer does not import the serving side")
+        if _in(importer, "worker") and _in(imported, "trainer") and not (importer == TRAINER_USER and lazy):
+            problems.append(f"{importer} -> {imported}: only {TRAINER_USER} may import the trainer, inside a function")
+        for program in PROGRAMS:
+            for other in PROGRAMS:
+                if other != program and _in(importer, program) and _in(imported, other):
+                    problems.append(f"{importer} -> {imported}: {program} does not import {other}")
+        if importer == DISPATCHER and any(_in(imported, program) for program in PROGRAMS) and not lazy:
+            problems.append(f"{importer} -> {imported}: the dispatcher imports programs only when a subcommand runs")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_circles():
+    """No module reaches itself through imports, counting imports inside functions too."""
+    graph: dict[str, set[str]] = {}
+    for importer, imported, _lazy in import_edges(project_modules()):
+        graph.setdefault(importer, set()).add(imported)
+    # Iterative depth-first search with colours; a grey node met again closes a circle.
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = dict.fromkeys(project_modules(), WHITE)
+    circles = []
+    for start in colour:
+        if colour[start] != WHITE:
+            continue
+        stack = [(start, iter(sorted(graph.get(start, ()))))]
+        path = [start]
+        colour[start] = GREY
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                colour[node] = BLACK
+                stack.pop()
+                path.pop()
+            elif colour[child] == GREY:
+                circles.append(" -> ".join(path[path.index(child):] + [child]))
+            elif colour[child] == WHITE:
+                colour[child] = GREY
+                stack.append((child, iter(sorted(graph.get(child, ())))))
+                path.append(child)
+    assert not circles, "\n".join(circles)
+
+
+def test_the_graph_check_sees_real_imports():
+    """Guard against a checker that passes because it finds nothing."""
+    edges = {(a, b) for a, b, _lazy in import_edges(project_modules())}
+    assert ("worker.api.routes.scans", "shared.results") in edges
+    assert ("worker.consumer.tasks", "worker.consumer.classifier") in edges
+    assert ("worker.ops.demo", "trainer.train") in edges
+
+
+_PROBE = textwrap.dedent(
+    """
+    import importlib, json, os, socket, subprocess, sys, threading
+
+    # TensorFlow itself runs `uname -p` (platform.uname) when imported: that is the library's start-up,
+    # not ours, so it is loaded before the guards go up. Every project module is then imported guarded.
+    for library in ("tensorflow", "keras"):
+        try:
+            importlib.import_module(library)
+        except ImportError:
+            pass
+
+    calls = []
+    current = [None]
+
+    def record(what):
+        def guard(*args, **kwargs):
+            calls.append([current[0], what])
+            raise RuntimeError(f"{what} during import of {current[0]}")
+        return guard
+
+    socket.socket.connect = record("socket.connect")
+    socket.socket.connect_ex = record("socket.connect_ex")
+    socket.create_connection = record("socket.create_connection")
+    subprocess.Popen.__init__ = record("subprocess.Popen")
+    os.fork = record("os.fork")
+    os.posix_spawn = record("os.posix_spawn")
+    os.system = record("os.system")
+    threads_before = set(threading.enumerate())
+    errors = []
+    for name in json.loads(sys.argv[1]):
+        current[0] = name
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            errors.append([name, f"{type(exc).__name__}: {exc}"])
+    threads = sorted(t.name for t in set(threading.enumerate()) - threads_before)
+    print(json.dumps({"calls": calls, "errors": errors, "threads": threads}))
+    """
+)
+
+
+def _run_probe(script: str, modules: list[str], tmp_path: Path) -> dict:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")
+    } | {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(modules)], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_any_module_starts_no_process_and_opens_no_connection(tmp_path: Path):
+    """Every module imports with sockets, subprocesses and forks forbidden, and creates no data folder."""
+    report = _run_probe(_PROBE, sorted(project_modules()), tmp_path)
+    assert report["errors"] == [] and report["calls"] == [], report
+    # Python threads started at import would be work done before a program chose to start.
+    assert not [name for name in report["threads"] if not name.startswith(("ThreadPoolExecutor", "Thread-"))], report
+    assert not (tmp_path / "data").exists(), "an import created the data folder (settings read at import?)"
+
+
+_WITHOUT_TENSORFLOW = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class NoModelStack(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "keras", "tf_keras"):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked: an API install has no model stack)")
+            return None
+
+    sys.meta_path.insert(0, NoModelStack())
+    """
+) + _PROBE
+
+
+# What the API image runs: the API itself and every operator command except the demo (which trains).
+API_IMAGE_MODULES = [
+    "worker.cli", "worker.api.main", "worker.ops.commands", "worker.ops.ingest", "worker.ops.report",
+    "worker.ops.tables", "shared.queueing", "shared.results", "shared.sources", "shared.db", "shared.store",
+]
+
+
+def test_the_api_and_operator_commands_import_without_tensorflow(tmp_path: Path):
+    """`lungcam[api]` has no TensorFlow or Keras: the API and the operator commands must not need them."""
+    report = _run_probe(_WITHOUT_TENSORFLOW, API_IMAGE_MODULES, tmp_path)
+    assert report["errors"] == [] and report["calls"] == [], report
+
+
+def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(tmp_path: Path, monkeypatch):
+    """make_app + bind_classify_task take their settings as arguments; the task runs in-process on a real database."""
+    from celery_batches import SimpleRequest
+
+    from shared import db
+    from shared.queueing import CLASSIFY_TASK, make_app
+    from shared.settings import Settings
+    from shared.store import LocalStore
+    from worker.consumer.classifier import ScanClassifier
+    from worker.consumer.tasks import bind_classify_task
+
+    for name in [key for key in os.environ if key.startswith("LUNGCAM_")]:
+        monkeypatch.delenv(name)
+    url = f"sqlite:///{tmp_path / 'app.sqlite'}"
+    db.migrate(url)
+    settings = Settings(broker_url="redis://127.0.0.1:6379/9", database_url=url, batch_size=5, batch_flush_ms=300)
+    app = make_app(settings)
+    engine = db.make_engine(url)
+    classifier = ScanClassifier([], LocalStore(tmp_path / "store"), db.make_session_factory(engine), settings)
+    try:
+        bind_classify_task(app, classifier, settings)
+        task = app.tasks[CLASSIFY_TASK]
+        assert task.flush_every == 5 and task.flush_interval == pytest.approx(0.3)
+        assert app.conf.broker_url == "redis://127.0.0.1:6379/9"
+        # A message for a scan nobody submitted is skipped, not failed, and nothing is re-published.
+        request = SimpleRequest(
+            "id-1", CLASSIFY_TASK, ("no-such-scan",), {}, {"routing_key": "routine"}, "test", True, None, None, None
+        )
+        assert task.run([request]) == {"done": 0, "failed": 0, "retry": 0}
+    finally:
+        classifier.close()
+        engine.dispose()
+        app.close()

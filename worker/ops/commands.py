@@ -1,0 +1,176 @@
+"""The operator commands of `lungcam`: ingest, status, results, report, migrate, requeue, demo and screen."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import Settings
+from shared.store import ObjectStore
+
+EXIT_NOT_FOUND = 1
+EXIT_TIMEOUT = 3
+
+
+@dataclass
+class Services:
+    """What operator commands talk to: settings, database sessions, the store and the Celery app."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    app: Celery
+
+
+def open_services() -> Services:
+    """Settings, a session factory on a schema at head, the store and the Celery app."""
+    from shared import db
+    from shared.queueing import make_app
+    from shared.settings import get_settings
+    from shared.store import store_from_settings
+
+    settings = get_settings()
+    engine = db.make_engine(settings.resolved_database_url())
+    db.require_current_schema(engine)
+    return Services(settings, db.make_session_factory(engine), store_from_settings(settings), make_app(settings))
+
+
+def _progress_bar(total: int, description: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="scan", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    """`lungcam ingest SOURCE`: queue every image of a folder, s3:// prefix or CSV list as one batch."""
+    from worker.ops.ingest import discover, ingest
+
+    services = open_services()
+    items = discover(args.source, services.settings)
+    if not items:
+        print(f"lungcam: no images found in {args.source}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
+    with _progress_bar(len(items), "queueing") as bar:
+        batch_id, result = ingest(
+            items, store=services.store, sessions=services.sessions, app=services.app, batch_name=name,
+            reference_local=args.reference, force=args.force, on_progress=bar.update,
+        )
+    print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
+    print(batch_id)
+    if args.wait:
+        return follow(services.sessions, batch_id, args.timeout)
+    return 0
+
+
+def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None) -> int:
+    """Show a progress bar until the batch has no queued or running scans."""
+    from shared.results import get_batch_progress
+
+    with sessions() as session:
+        progress = get_batch_progress(session, batch_id)
+    if progress is None:
+        print(f"lungcam: no batch {batch_id}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    deadline = time.monotonic() + timeout if timeout else None
+    with _progress_bar(progress.total, "screening") as bar:
+        while True:
+            with sessions() as session:
+                progress = get_batch_progress(session, batch_id)
+            assert progress is not None  # batches are never deleted while followed
+            bar.n = progress.finished
+            bar.set_postfix(done=progress.counts["done"], failed=progress.counts["failed"], refresh=False)
+            bar.refresh()
+            if progress.complete:
+                break
+            if deadline and time.monotonic() > deadline:
+                print(f"lungcam: batch {batch_id} not finished after {timeout:.0f} s", file=sys.stderr)
+                return EXIT_TIMEOUT
+            time.sleep(1.0)
+    print(f"batch {batch_id}: {progress.counts['done']} done, {progress.counts['failed']} failed of {progress.total}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """`lungcam status BATCH`: follow a batch until it ends."""
+    return follow(open_services().sessions, args.batch, args.timeout)
+
+
+def run_results(args: argparse.Namespace) -> int:
+    """`lungcam results BATCH [--csv FILE]`: one row per scan and model."""
+    import csv
+
+    from shared.results import list_batch_scans
+    from worker.ops.tables import RESULT_COLUMNS, format_table, result_rows
+
+    services = open_services()
+    with services.sessions() as session:
+        rows = result_rows(list_batch_scans(session, args.batch))
+    if not rows:
+        print(f"lungcam: no scans in batch {args.batch}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, RESULT_COLUMNS, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"{len(rows)} rows written to {args.csv}")
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`lungcam report BATCH --html FILE`: a page with each scan's results and overlays."""
+    from shared.results import get_batch_progress, list_batch_scans
+    from shared.sources import SourceFetcher
+    from worker.ops.report import write_report
+
+    services = open_services()
+    with services.sessions() as session:
+        progress = get_batch_progress(session, args.batch)
+        scans = list_batch_scans(session, args.batch) if progress else []
+    if progress is None:
+        print(f"lungcam: no batch {args.batch}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    fetcher = SourceFetcher(services.store, services.settings)
+    with _progress_bar(len(scans), "report") as bar:
+        path = write_report(Path(args.html), progress, scans, store=services.store, fetcher=fetcher, on_progress=bar.update)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """`lungcam migrate`: create or upgrade the database schema."""
+    from shared import db
+    from shared.settings import get_settings
+
+    db.migrate(get_settings().resolved_database_url())
+    print("database schema is at the latest migration")
+    return 0
+
+
+def run_requeue(args: argparse.Namespace) -> int:
+    """`lungcam requeue --older-than S`: re-publish scans still queued after S seconds."""
+    from shared.queueing import requeue_stale
+
+    services = open_services()
+    ids = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
+    print(f"re-published {len(ids)} scan(s) still queued after {args.older_than:.0f} s")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """`lungcam demo` / `lungcam screen DIR`: everything on this machine, one folder screened."""
+    from worker.ops.demo import detect_gpu, screen
+
+    gpu = detect_gpu() if args.gpu == "auto" else args.gpu
+    images = Path(args.images) if getattr(args, "images", None) else None
+    return screen(images, demo=args.command == "demo", gpu=gpu, count=args.count, timeout=args.timeout)

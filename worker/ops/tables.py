@@ -1,0 +1,30 @@
+"""Results as rows: one per scan and model, as a plain-text table or CSV columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from shared import db
+
+RESULT_COLUMNS = ("scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at")
+TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "error")
+
+
+def result_rows(scans: Iterable[db.Scan]) -> list[dict[str, str]]:
+    """One row per scan and model (one row with empty model fields for scans without predictions)."""
+    rows = []
+    for scan in scans:
+        base = {"scan_id": scan.scan_id, "status": scan.status, "error": scan.error or "",
+                "finished_at": scan.finished_at.isoformat() if scan.finished_at else ""}
+        for p in scan.predictions or [None]:
+            rows.append({**base, **({"model_name": p.model_name, "model_version": p.model_version, "label": p.label,
+                                     "p_covid": f"{p.p_covid:.4f}", "overlay_key": p.overlay_key or ""} if p else {})})
+    return rows
+
+
+def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """A plain-text table of result rows."""
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
