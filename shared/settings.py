@@ -35,6 +35,14 @@ class Settings(BaseSettings):
         description="S3 endpoint that browsers reach, for presigned overlay links (default: s3_endpoint_url).",
     )
     s3_region: str = Field(default="us-east-1", description="S3 region name.")
+    allowed_sources: str = Field(
+        default="",
+        description=(
+            "Comma-separated locations a scan's source_uri may name besides the configured store: "
+            "s3://bucket or s3://bucket/prefix, and (for `lungcam ingest --reference`) local folders. "
+            "Anything else is refused by the API (403) and by the worker."
+        ),
+    )
     models: str = Field(
         default="",
         description="Comma-separated model bundles to serve: folders or s3:// prefixes (each holds manifest.json).",
@@ -87,6 +95,10 @@ class Settings(BaseSettings):
     def resolved_store_url(self) -> str:
         """The store URL, defaulting to a folder in the data folder."""
         return self.store_url or str(self.resolved_data_dir() / "store")
+
+    def allowed_source_list(self) -> list[str]:
+        """The entries of allowed_sources, in order."""
+        return [part.strip() for part in self.allowed_sources.split(",") if part.strip()]
 
     def model_uris(self) -> list[str]:
         """The model bundle locations to serve, in order."""

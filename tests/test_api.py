@@ -50,7 +50,8 @@ def broker() -> Iterator[redis.Redis]:
 @pytest.fixture(scope="module")
 def api(broker: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One API shared by the tests that only need it to answer (local store, SQLite, small size limits)."""
-    with running_api(tmp_path_factory.mktemp("api")) as running:
+    # An archive bucket the deployment lets callers reference (LUNGCAM_ALLOWED_SOURCES).
+    with running_api(tmp_path_factory.mktemp("api"), allowed_sources="s3://archive-bucket") as running:
         yield running
 
 
@@ -380,6 +381,33 @@ def test_s3_source_is_referenced_not_copied(api: Api):
     assert not api.store().exists(scan_key(scan_id))
     with api.sessions() as session:
         assert session.get(db.Scan, scan_id).source_uri == "s3://archive-bucket/2020/a b.png"
+
+
+@pytest.mark.parametrize(
+    "source_uri",
+    ["s3://other-bucket/a.png", "s3://no-such-bucket-at-all/a.png", "s3://archive-bucket-2/a.png",
+     "s3://archive-bucket/2020/../../other-bucket/a.png"],
+    ids=["existing-unlisted-bucket", "missing-bucket", "prefix-lookalike", "dotdot"],
+)
+def test_a_source_outside_the_allowed_buckets_is_403_and_queues_nothing(
+    broker: redis.Redis, api: Api, source_uri: str
+):
+    """The worker reads sources with its own credentials: a caller may only name allowed locations."""
+    scan_id = _new_id()
+    before = _queue_length(broker, "routine")
+    response = api.client.post("/v1/scans", json={"scan_id": scan_id, "source_uri": source_uri})
+    assert response.status_code == 403, response.text
+    # The same words whether or not the bucket exists: a refusal reveals nothing about the store.
+    from shared.sources import NOT_READABLE
+
+    assert response.json()["detail"] == NOT_READABLE
+    batch = {"scans": [_scan(_new_id()), {"scan_id": _new_id(), "source_uri": source_uri}]}
+    response = api.client.post("/v1/batches", json=batch)
+    assert response.status_code == 403 and response.json()["detail"] == NOT_READABLE
+    assert _queue_length(broker, "routine") == before
+    assert api.client.get(f"/v1/scans/{scan_id}").status_code == 404
+    with api.sessions() as session:
+        assert session.get(db.Scan, batch["scans"][0]["scan_id"]) is None  # nothing of the batch recorded
 
 
 def test_resubmitting_does_not_queue_twice_unless_forced(broker: redis.Redis, fresh_api: Api):

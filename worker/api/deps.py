@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import Settings
+from shared.sources import SourcePolicy
 from shared.store import ObjectStore
 from worker.api.security import token_matches
 
@@ -27,6 +28,7 @@ class Resources:
     sessions: sessionmaker[Session]
     celery: Celery
     store: ObjectStore
+    sources: SourcePolicy
     metrics_registry: CollectorRegistry
 
 
@@ -59,6 +61,11 @@ def get_store(resources: ResourcesDep) -> ObjectStore:
     return resources.store
 
 
+def get_source_policy(resources: ResourcesDep) -> SourcePolicy:
+    """Where a submitted source_uri may point."""
+    return resources.sources
+
+
 def get_celery(resources: ResourcesDep) -> Celery:
     """The Celery app used to publish classify messages."""
     return resources.celery
@@ -69,6 +76,7 @@ SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory
 SessionDep = Annotated[Session, Depends(get_db)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+SourcePolicyDep = Annotated[SourcePolicy, Depends(get_source_policy)]
 
 # auto_error=False: we answer a missing header ourselves with 401 (FastAPI's default is 403).
 _bearer = HTTPBearer(auto_error=False, description="The value of LUNGCAM_API_TOKEN.")

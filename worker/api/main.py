@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError as DatabaseError
 
 from shared import db
 from shared.settings import Settings, get_settings
+from shared.sources import SourceNotAllowed, SourcePolicy
 from shared.store import StoreError, store_from_settings
 from worker.api.deps import Resources, require_token
 from worker.api.limits import BodySizeLimitMiddleware
@@ -54,6 +55,7 @@ def open_resources(settings: Settings) -> Resources:
         sessions=sessions,
         celery=make_app(settings),
         store=store_from_settings(settings),
+        sources=SourcePolicy.from_settings(settings),
         metrics_registry=make_registry(sessions),
     )
 
@@ -80,6 +82,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _image_too_large(request: Request, exc: Exception) -> JSONResponse:
     """413 for an upload over LUNGCAM_API_MAX_IMAGE_BYTES."""
     return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+async def _source_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    """403 for a source_uri outside the allowed locations; the body says the same for every refusal."""
+    return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.FORBIDDEN)
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -124,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ImageTooLarge, _image_too_large)
+    app.add_exception_handler(SourceNotAllowed, _source_not_allowed)
     app.add_exception_handler(StoreError, _store_unavailable)
     app.add_exception_handler(BrokerError, _broker_unavailable)
     app.add_exception_handler(DatabaseError, _database_unavailable)

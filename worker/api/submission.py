@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import SubmissionError
 from shared import db
+from shared.sources import SourcePolicy
 from shared.store import ObjectStore, scan_key
 from worker.api.models import ScanIn
 from shared.queueing import SubmitResult, submit_scans
@@ -59,8 +60,17 @@ def submit(
     batch_id: str | None = None,
     batch_name: str | None = None,
     upload_threads: int = 8,
+    sources: SourcePolicy | None = None,
 ) -> SubmitResult:
-    """Store uploads, record the scans and publish them; an existing scan is queued again only if forced."""
+    """Store uploads, record the scans and publish them; an existing scan is queued again only if forced.
+
+    With a source policy, every source_uri is checked first: one refused source refuses the whole
+    submission (SourceNotAllowed) before anything is stored, recorded or published.
+    """
+    if sources is not None:
+        for scan in scans:
+            if scan.source_uri is not None:
+                sources.check(scan.source_uri)
     with sessions() as session:
         existing = existing_scan_ids(session, [scan.scan_id for scan in scans])
     # An existing scan's image is left alone unless forced: overwriting it would silently change

@@ -21,7 +21,7 @@ from shared.imaging import ImageDecodeError, decode_image, fit_within, preproces
 from shared.overlay import overlay_png
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
-from shared.sources import SourceFetcher
+from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class ScanClassifier:
                 decoded[scan_id] = future.result()
             except ImageDecodeError as exc:
                 outcome.failed[scan_id] = f"undecodable image: {exc}"
-            except ObjectNotFound:
-                outcome.failed[scan_id] = "image not found at its source"
+            except (ObjectNotFound, SourceNotAllowed):
+                outcome.failed[scan_id] = NOT_READABLE
             except TRANSIENT_ERRORS as exc:
                 outcome.retry[scan_id] = f"store unavailable: {type(exc).__name__}: {exc}"
             except Exception as exc:  # noqa: BLE001 - one bad scan must not sink its batch

@@ -57,6 +57,7 @@ def run_ingest(args: argparse.Namespace) -> int:
     if not items:
         print(f"lungcam: no images found in {args.source}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    _check_referenced_sources(items, services.settings, reference_local=args.reference)
     name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
     with _progress_bar(len(items), "queueing") as bar:
         batch_id, result = ingest(
@@ -68,6 +69,22 @@ def run_ingest(args: argparse.Namespace) -> int:
     if args.wait:
         return follow(services.sessions, batch_id, args.timeout)
     return 0
+
+
+def _check_referenced_sources(items: list[Any], settings: Settings, *, reference_local: bool) -> None:
+    """Refuse, before anything is queued, images that workers would refuse to read (LUNGCAM_ALLOWED_SOURCES)."""
+    from shared.errors import SubmissionError
+    from shared.sources import SourcePolicy
+
+    policy = SourcePolicy.from_settings(settings)
+    referenced = [item for item in items if not item.is_local or reference_local]
+    refused = [item for item in referenced if not policy.allows(item.location)]
+    if refused:
+        raise SubmissionError(
+            f"{len(refused)} of {len(items)} images are referenced in place outside the configured store and "
+            "LUNGCAM_ALLOWED_SOURCES, so workers would refuse to read them: add their bucket, prefix or folder "
+            "to LUNGCAM_ALLOWED_SOURCES (or ingest without --reference to upload copies)"
+        )
 
 
 def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None) -> int:

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, status
 
 from shared import results
-from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
+from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from worker.api.models import BatchIn, BatchOut, BatchSubmitted, ErrorOut, StatusCounts
 from worker.api.submission import check_image_sizes, submit
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/batches", tags=["batches"])
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchSubmitted,
-    responses={413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={403: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
 )
 def submit_batch(
     batch: BatchIn,
@@ -26,6 +26,7 @@ def submit_batch(
     sessions: SessionFactoryDep,
     celery: CeleryDep,
     store: StoreDep,
+    sources: SourcePolicyDep,
 ) -> BatchSubmitted:
     """Queue up to 10000 scans under a new batch id; scans that already exist are not queued again unless forced."""
     check_image_sizes(batch.scans, settings.api_max_image_bytes, in_batch=True)
@@ -39,6 +40,7 @@ def submit_batch(
         batch_id=batch_id,
         batch_name=batch.name,
         upload_threads=settings.io_threads,
+        sources=sources,
     )
     return BatchSubmitted(batch_id=batch_id, queued=len(result.queued), already=len(result.already))
 

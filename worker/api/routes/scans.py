@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from shared.store import LocalStore, ObjectStore
 from shared import results
-from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, StoreDep
+from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted
 from worker.api.security import quote_key, sign_file_path
 from worker.api.submission import check_image_sizes, current_status, submit
@@ -23,6 +23,7 @@ OVERLAY_URL_TTL_S = 3600
     response_model=ScanSubmitted,
     responses={
         200: {"model": ScanSubmitted, "description": "Already known and not forced: not queued again."},
+        403: {"model": ErrorOut, "description": "source_uri is not in an allowed location."},
         413: {"model": ErrorOut},
         503: {"model": ErrorOut},
     },
@@ -34,10 +35,11 @@ def submit_scan(
     sessions: SessionFactoryDep,
     celery: CeleryDep,
     store: StoreDep,
+    sources: SourcePolicyDep,
 ) -> ScanSubmitted:
     """Queue one scan for classification (202), or report the existing scan unchanged (200) unless forced."""
     check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
-    result = submit(sessions, celery, store, [scan], upload_threads=1)
+    result = submit(sessions, celery, store, [scan], upload_threads=1, sources=sources)
     if result.queued:
         return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
     response.status_code = status.HTTP_200_OK
