@@ -7,14 +7,15 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
-
-import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
 from shared.errors import LungcamError
-from shared.gradcam import GradCam
 from shared.store import ObjectStore, open_store
+
+if TYPE_CHECKING:
+    import keras
+
+    from shared.gradcam import GradCam
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
@@ -55,6 +56,8 @@ class Bundle:
 
     def gradcam(self, *, positive_gradients_only: bool = False) -> GradCam:
         """A compiled Grad-CAM pass on the manifest's layer."""
+        from shared.gradcam import GradCam
+
         return GradCam(
             self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only
         )
@@ -124,5 +127,10 @@ def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / MODEL_FILE
         model_path.write_bytes(model_bytes)
+        # Keras only here: reading a manifest (start-up checks, `lungcam screen`) needs no TensorFlow.
+        import keras
+
+        import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
+
         model = keras.saving.load_model(model_path, compile=False)
     return Bundle(model=model, manifest=manifest, uri=str(uri))

@@ -3,18 +3,52 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 LUNGCAM = str(Path(sys.executable).with_name("lungcam"))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# Screenshots and pages tests keep for a person to look at (git-ignored).
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@contextmanager
+def headless_chromium(width: int = 1200, height: int = 900) -> Iterator[Any]:
+    """A selenium driver on Debian's chromium + chromium-driver (fails under CI when they are missing)."""
+    import pytest
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = "Debian packages chromium and chromium-driver are not installed (.ci/run installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--allow-file-access-from-files", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def make_bundle(dest: Path, arch: str = "resnet50", input_size: int = 64, seed: int = 0) -> Path:

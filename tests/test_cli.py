@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import redis
 
-from helpers import LUNGCAM, make_bundle, start_worker
+from helpers import LUNGCAM, headless_chromium, make_bundle, start_worker
 from shared.synthetic import synthetic_xray
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/11")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -87,26 +83,12 @@ def test_status_and_results_csv(screened, tmp_path):
 
 
 def test_html_report_shows_every_overlay_in_headless_chromium(screened, tmp_path):
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "Debian packages chromium and chromium-driver are not installed (.ci/run installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     env, _root, ingest = screened
     page = tmp_path / "report.html"
     report = _run(env, "report", _batch_id(ingest), "--html", str(page))
     assert report.returncode == 0, report.stderr[-2000:]
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with headless_chromium() as driver:
         driver.get(page.as_uri())
         total, broken, overlays = driver.execute_script(
             "const imgs = [...document.images];"
@@ -115,8 +97,6 @@ def test_html_report_shows_every_overlay_in_headless_chromium(screened, tmp_path
         )
         screenshot = tmp_path / "report.png"
         driver.save_screenshot(str(screenshot))
-    finally:
-        driver.quit()
     assert overlays == 500 and total == 1000, (total, overlays)
     assert broken == 0
     shot = cv2.imread(str(screenshot))

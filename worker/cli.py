@@ -15,8 +15,6 @@ from collections.abc import Callable
 
 log = logging.getLogger("lungcam")
 
-EXIT_ERROR = 2  # a LungcamError: bad input or an unreachable service, reported in one line
-EXIT_INTERRUPTED = 130
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -44,13 +42,20 @@ def _ops(name: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `lungcam` command."""
-    parser = argparse.ArgumentParser(prog="lungcam", description="Chest X-ray screening: workers, ingestion and results.")
+    parser = argparse.ArgumentParser(
+        prog="lungcam",
+        description="Chest X-ray screening: workers, ingestion and results.",
+        epilog="exit codes: 0 done; 1 no such batch or nothing to do; 2 error (one line on stderr); "
+        "3 --timeout passed; 4 finished, but some scans failed (see `lungcam results`)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything, including TensorFlow's CUDA start-up messages on machines without a GPU")
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a Celery worker that owns one GPU (or the CPU)")
     worker.add_argument("--gpu", default="none", help="GPU index this process owns, or 'none' for CPU (default)")
     worker.add_argument("--queues", default="stat,routine", help="queues to consume, in priority order")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default="INFO", help="DEBUG, INFO (default), WARNING or ERROR")
     worker.add_argument("--hostname", default=None, help="Celery node name (default lungcam-gpuN@host)")
     worker.set_defaults(handler=_run_worker)
 
@@ -64,24 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(handler=_ops("run_ingest"))
 
     status = commands.add_parser("status", help="follow a batch with a progress bar until it ends")
-    status.add_argument("batch")
+    status.add_argument("batch", help="batch id (printed by ingest)")
     status.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
     status.set_defaults(handler=_ops("run_status"))
 
     results = commands.add_parser("results", help="print a batch's results, or write them as CSV")
-    results.add_argument("batch")
+    results.add_argument("batch", help="batch id (printed by ingest)")
     results.add_argument("--csv", help="write to this CSV file")
     results.set_defaults(handler=_ops("run_results"))
 
     report = commands.add_parser("report", help="write an HTML page with each scan's results and overlays")
-    report.add_argument("batch")
+    report.add_argument("batch", help="batch id (printed by ingest)")
     report.add_argument("--html", required=True, help="output file; thumbnails go into a sibling _files folder")
     report.set_defaults(handler=_ops("run_report"))
 
     api = commands.add_parser("api", help="run the HTTP ingestion API")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--loglevel", default="INFO")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    api.add_argument("--loglevel", default="INFO", help="DEBUG, INFO (default), WARNING or ERROR")
     api.set_defaults(handler=_run_api)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the database schema (workers and the API only check it, and exit if it is behind)")
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--images", help="folder to screen instead of synthetic images")
         command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (default)")
-        command.add_argument("--count", type=int, default=24, help="synthetic images to screen (demo without --images)")
+        if name == "demo":
+            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (without --images)")
         command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
         command.set_defaults(handler=_ops("run_demo"))
     return parser
@@ -119,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lungcam` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["LUNGCAM_VERBOSE"] = "1"  # inherited by the worker and API that demo/screen start
     logging.basicConfig(level=getattr(args, "loglevel", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.ops import exit_codes
+
     expected = _expected_errors()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return exit_codes.INTERRUPTED
     except expected as exc:
         # An operator gets one line; anything else is a bug and keeps its traceback.
         if os.environ.get("LUNGCAM_DEBUG"):
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         elif type(exc).__module__.startswith("kombu"):
             detail = f"the broker is unreachable (LUNGCAM_BROKER_URL): {type(exc).__name__}"
         print(f"lungcam: error: {detail}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_codes.ERROR
 
 
 if __name__ == "__main__":

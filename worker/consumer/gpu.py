@@ -34,9 +34,9 @@ def pin_gpu(gpu: str | int | None) -> str:
 
 def configure_tensorflow() -> list[str]:
     """Import TensorFlow with memory growth on every visible GPU; returns their names."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from shared.tensorflow_quiet import import_tensorflow
 
+    tf = import_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     for device in gpus:
         # Without growth TensorFlow maps nearly all GPU memory at start, starving anything else on the card.

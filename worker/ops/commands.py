@@ -14,9 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import Settings
 from shared.store import ObjectStore
-
-EXIT_NOT_FOUND = 1
-EXIT_TIMEOUT = 3
+from worker.ops import exit_codes
 
 
 @dataclass
@@ -56,7 +54,7 @@ def run_ingest(args: argparse.Namespace) -> int:
     items = discover(args.source, services.settings)
     if not items:
         print(f"lungcam: no images found in {args.source}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return exit_codes.NOT_FOUND
     _check_referenced_sources(items, services.settings, reference_local=args.reference)
     name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
     with _progress_bar(len(items), "queueing") as bar:
@@ -95,7 +93,7 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
         progress = get_batch_progress(session, batch_id)
     if progress is None:
         print(f"lungcam: no batch {batch_id}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return exit_codes.NOT_FOUND
     deadline = time.monotonic() + timeout if timeout else None
     with _progress_bar(progress.total, "screening") as bar:
         while True:
@@ -109,10 +107,14 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
                 break
             if deadline and time.monotonic() > deadline:
                 print(f"lungcam: batch {batch_id} not finished after {timeout:.0f} s", file=sys.stderr)
-                return EXIT_TIMEOUT
+                return exit_codes.TIMEOUT
             time.sleep(1.0)
     print(f"batch {batch_id}: {progress.counts['done']} done, {progress.counts['failed']} failed of {progress.total}")
-    return 0
+    if progress.counts["failed"]:
+        print(f"lungcam: {progress.counts['failed']} scan(s) failed; `lungcam results {batch_id}` gives each reason",
+              file=sys.stderr)
+        return exit_codes.SOME_FAILED
+    return exit_codes.OK
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -132,7 +134,7 @@ def run_results(args: argparse.Namespace) -> int:
         rows = result_rows(list_batch_scans(session, args.batch))
     if not rows:
         print(f"lungcam: no scans in batch {args.batch}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return exit_codes.NOT_FOUND
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, RESULT_COLUMNS, extrasaction="ignore", restval="")
@@ -156,7 +158,7 @@ def run_report(args: argparse.Namespace) -> int:
         scans = list_batch_scans(session, args.batch) if progress else []
     if progress is None:
         print(f"lungcam: no batch {args.batch}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return exit_codes.NOT_FOUND
     fetcher = SourceFetcher(services.store, services.settings)
     with _progress_bar(len(scans), "report") as bar:
         path = write_report(Path(args.html), progress, scans, store=services.store, fetcher=fetcher, on_progress=bar.update)
@@ -190,4 +192,4 @@ def run_demo(args: argparse.Namespace) -> int:
 
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
     images = Path(args.images) if getattr(args, "images", None) else None
-    return screen(images, demo=args.command == "demo", gpu=gpu, count=args.count, timeout=args.timeout)
+    return screen(images, demo=args.command == "demo", gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import LungcamError
@@ -63,7 +64,9 @@ def ensure_demo_model(settings: Settings) -> str:
         return str(bundle)
     _say("no model configured (LUNGCAM_MODELS): training a demonstration model on synthetic images")
     _say(DEMO_BANNER)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from shared.tensorflow_quiet import import_tensorflow
+
+    import_tensorflow()
     from shared.synthetic import write_synthetic_dataset
     from trainer.train import TrainConfig, train
 
@@ -117,21 +120,92 @@ def _stop(process: subprocess.Popen, name: str) -> None:
             process.wait()
 
 
-def _wait_for_api(base_url: str, worker: subprocess.Popen, api: subprocess.Popen, timeout: float = 120.0) -> None:
+def last_error_line(log_path: Path) -> str:
+    """The line of a child's log that says why it stopped: its `lungcam: error:` line, else the last line."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    for line in reversed(lines):
+        if line.startswith("lungcam: error:") or line.startswith(("lungcam.", "ERROR")) and "rror" in line:
+            return line
+    # A traceback ends with the exception line.
+    return lines[-1] if lines else "(empty log)"
+
+
+@dataclass
+class _Child:
+    """A started worker or API process and its log."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def check_alive(self) -> None:
+        """Raise DemoError with the child's own last error line if it has exited."""
+        if self.process.poll() is not None:
+            raise DemoError(
+                f"the {self.name} exited with code {self.process.returncode}: {last_error_line(self.log)} "
+                f"(full log: {self.log})"
+            )
+
+
+def _wait_until_ready(base_url: str, worker: _Child, api: _Child, n_models: int, timeout: float = 300.0) -> None:
+    """Wait for the API's /readyz and the worker's Celery "ready", saying what is awaited every few seconds."""
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process, name in ((worker, "worker"), (api, "API")):
-            if process.poll() is not None:
-                raise DemoError(f"the {name} exited with code {process.returncode}; see its log")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    started = time.monotonic()
+    said = 0.0
+    api_ready = worker_ready = False
+    while True:
+        elapsed = time.monotonic() - started
+        worker.check_alive()
+        api.check_alive()
+        if not api_ready:
+            try:
+                api_ready = httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+        if not worker_ready:
+            log = worker.log.read_text(errors="replace")
+            worker_ready = " ready." in log
+            loaded = log.count("ready (warm-up")
+        if api_ready and worker_ready:
+            _say(f"worker and API ready after {elapsed:.0f} s")
+            return
+        if elapsed > timeout:
+            raise DemoError(f"not ready after {timeout:.0f} s (logs: {worker.log.parent})")
+        if elapsed - said >= 5.0:
+            waiting = []
+            if not worker_ready:
+                stage = "starting TensorFlow" if loaded == 0 and "model" not in log else "loading and warming up models"
+                waiting.append(f"the worker ({stage}: {loaded}/{n_models} models ready)")
+            if not api_ready:
+                waiting.append("the API (broker, database and store checks)")
+            _say(f"waiting for {' and '.join(waiting)}: {elapsed:.0f} s")
+            said = elapsed
         time.sleep(0.5)
-    raise DemoError(f"the API at {base_url} was not ready after {timeout:.0f} s")
+
+
+def _precheck(settings: Settings, models: str, folder: Path) -> list:
+    """Everything that can be checked before a process starts or a scan is queued: images, models, database, store."""
+    from shared import db
+    from shared.bundle import read_manifest
+    from shared.store import store_from_settings
+    from worker.ops.ingest import discover
+
+    if not folder.is_dir():
+        raise DemoError(f"no folder {folder}")
+    items = discover(str(folder), settings)
+    if not items:
+        raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
+    for uri in [part.strip() for part in models.split(",") if part.strip()]:
+        read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
+    # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
+    # the worker and the API only check the schema. This also proves the database is reachable.
+    db.migrate(settings.resolved_database_url())
+    next(iter(store_from_settings(settings).list("readyz-probe/")), None)
+    return items
 
 
 def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float) -> int:
@@ -146,7 +220,8 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
     from shared.settings import get_settings
     from shared.sources import SourceFetcher
     from shared.store import store_from_settings
-    from worker.ops.ingest import discover, ingest
+    from worker.ops import exit_codes
+    from worker.ops.ingest import ingest
     from worker.ops.report import write_report
     from worker.ops.tables import format_table, result_rows
 
@@ -158,12 +233,9 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
             raise DemoError("no models configured: set LUNGCAM_MODELS, or run `lungcam demo` for a demonstration model")
         models = ensure_demo_model(settings)
     folder = images if images is not None else demo_images(settings, count)
-    if not folder.is_dir():
-        raise DemoError(f"no folder {folder}")
+    items = _precheck(settings, models, folder)
+    n_models = len([part for part in models.split(",") if part.strip()])
 
-    # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
-    # the worker and the API only check the schema.
-    db.migrate(settings.resolved_database_url())
     with ExitStack() as cleanup:
         broker = broker_url_for(settings)
         if not settings.broker_url:
@@ -174,22 +246,21 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
                "LUNGCAM_DATA_DIR": str(data_dir)}
         logs = data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        worker = _start(["worker", "--gpu", gpu], env, logs / "worker.log")
-        cleanup.callback(_stop, worker, "worker")
+        worker = _Child("worker", _start(["worker", "--gpu", gpu], env, logs / "worker.log"), logs / "worker.log")
+        cleanup.callback(_stop, worker.process, "worker")
         port = _free_port()
-        api = _start(["api", "--port", str(port), "--loglevel", "WARNING"], env, logs / "api.log")
-        cleanup.callback(_stop, api, "API")
+        api_args = ["api", "--port", str(port), "--loglevel", "WARNING"]
+        api = _Child("API", _start(api_args, env, logs / "api.log"), logs / "api.log")
+        cleanup.callback(_stop, api.process, "API")
         base_url = f"http://127.0.0.1:{port}"
-        _say(f"worker (--gpu {gpu}) and API ({base_url}/docs) starting; logs in {logs}")
-        _wait_for_api(base_url, worker, api)
+        _say(f"starting a worker (--gpu {gpu}, {n_models} model(s)) and the API ({base_url}/docs); logs in {logs}")
+        _wait_until_ready(base_url, worker, api, n_models)
 
         runtime = Settings(**{**settings.model_dump(), "broker_url": broker, "models": models})
         engine = db.make_engine(runtime.resolved_database_url())
+        cleanup.callback(engine.dispose)
         sessions = db.make_session_factory(engine)
         store = store_from_settings(runtime)
-        items = discover(str(folder), runtime)
-        if not items:
-            raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
         with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
             batch_id, _ = ingest(items, store=store, sessions=sessions, app=make_app(runtime, broker_url=broker),
                                  batch_name=folder.name, force=True, on_progress=bar.update)
@@ -197,8 +268,7 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         deadline = time.monotonic() + timeout
         with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
             while True:
-                if worker.poll() is not None:
-                    raise DemoError(f"the worker exited with code {worker.returncode}; see {logs / 'worker.log'}")
+                worker.check_alive()
                 progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
                 finished = progress["counts"]["done"] + progress["counts"]["failed"]
                 bar.update(finished - bar.n)
@@ -211,14 +281,30 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         with sessions() as session:
             batch_progress = get_batch_progress(session, batch_id)
             scans = list_batch_scans(session, batch_id)
+        assert batch_progress is not None  # just created
         print(format_table(result_rows(scans)))
+        demonstration = _demonstration_models(models, runtime)
         report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
-                              fetcher=SourceFetcher(store, runtime))
+                              fetcher=SourceFetcher(store, runtime), demonstration_models=demonstration)
         counts = batch_progress.counts
         print(f"\n{counts['done']} done, {counts['failed']} failed of {batch_progress.total} (batch {batch_id})")
         print(f"HTML report: {report.resolve()}")
-        if models.endswith(DEMO_MODEL_DIR):
+        if demonstration:
             print(DEMO_BANNER)
-        engine.dispose()
     _say("worker, API and embedded services stopped")
-    return 0
+    if counts["failed"]:
+        _say(f"{counts['failed']} scan(s) failed (reasons in the table); exit code {exit_codes.SOME_FAILED}")
+        return exit_codes.SOME_FAILED
+    return exit_codes.OK
+
+
+def _demonstration_models(models: str, settings: Settings) -> set[tuple[str, str]]:
+    """(name, version) of the served bundles whose manifest says they are demonstration models."""
+    from shared.bundle import read_manifest
+
+    found = set()
+    for uri in [part.strip() for part in models.split(",") if part.strip()]:
+        manifest = read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        if manifest.get("demonstration") or uri.rstrip("/").endswith(DEMO_MODEL_DIR):
+            found.add((str(manifest.get("name")), str(manifest.get("version"))))
+    return found

@@ -1,37 +1,86 @@
-"""The HTML report of a batch: each scan's label and probability per model, overlay beside the original."""
+"""The HTML report of a batch: a summary, then each scan's label and probability per model, overlays beside the original.
+
+One page rendered with Jinja2 (autoescaped) plus a sibling `<name>_files/` folder of thumbnails and
+full-size images; no external scripts, styles or fonts, so it reads offline.
+"""
 
 from __future__ import annotations
 
-import html
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
 
 from shared import db
 from shared.imaging import ImageDecodeError, decode_image, fit_within, to_uint8
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
-from shared.store import ObjectStore
+from shared.store import ObjectStore, StoreError
 
 THUMBNAIL_SIDE = 384
+LABELS = ("covid", "normal")
+DEMONSTRATION_TEXT = (
+    "trained on synthetic images, not on patients. Its outputs mean nothing clinically."
+)
+_READ_ERRORS = (ImageDecodeError, KeyError, OSError, StoreError, RuntimeError)
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
-table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.4rem .6rem;vertical-align:top;text-align:left}
-img{width:192px;height:auto;display:block;background:#000}
-.covid{color:#b00020;font-weight:600}.normal{color:#1b5e20}.failed{color:#b00020}
-figure{margin:0;display:inline-block;margin-right:.5rem}figcaption{font-size:.8rem;color:#555}
-.note{color:#555;font-size:.9rem}
-"""
+ModelKey = tuple[str, str]
 
 
-def _thumbnail_jpeg(data: bytes) -> bytes:
-    """A small JPEG of an image (original scans may be DICOM, which browsers cannot show)."""
-    image = fit_within(to_uint8(decode_image(data)), THUMBNAIL_SIDE)
-    return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+@dataclass
+class _Image:
+    thumb: str
+    full: str
+
+
+@dataclass
+class _Overlay:
+    model_name: str
+    model_version: str
+    thumb: str | None = None
+    full: str | None = None
+
+
+@dataclass
+class _Row:
+    scan_id: str
+    status: str
+    error: str | None
+    predictions: list[dict[str, Any]]
+    original: _Image | None = None
+    overlays: list[_Overlay] = field(default_factory=list)
+
+    @property
+    def p_max(self) -> float | None:
+        """The highest p_covid of the shown predictions (the sort key)."""
+        return max((p["p_covid"] for p in self.predictions), default=None)
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels this row matches in the filter: its predictions' labels, or its status."""
+        return [p["label"] for p in self.predictions] + [self.status]
+
+
+def _environment() -> Environment:
+    return Environment(loader=PackageLoader("worker.ops", "templates"), autoescape=select_autoescape(["html", "j2"]))
+
+
+def _jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def _shrink(data: bytes) -> bytes:
+    """A thumbnail JPEG of an overlay PNG (or JPEG/WebP)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise RuntimeError("overlay is not an image")
+    return cv2.imencode(".jpg", fit_within(image, THUMBNAIL_SIDE), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
 def write_report(
@@ -41,71 +90,71 @@ def write_report(
     *,
     store: ObjectStore,
     fetcher: SourceFetcher,
+    current_models: Collection[ModelKey] | None = None,
+    demonstration_models: Collection[ModelKey] = (),
     threads: int = 8,
     on_progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write out_html plus a sibling `<name>_files/` folder of thumbnails; returns the HTML path."""
+    """Write out_html plus a sibling `<name>_files/` folder of images; returns the HTML path.
+
+    With current_models, predictions of other models are shown marked "older model"; pass the
+    scans' predictions already filtered to hide them.
+    """
     assets = out_html.with_name(out_html.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
+    current = set(current_models) if current_models is not None else None
 
-    def prepare(scan: db.Scan) -> str:
-        cells = [f"<td>{html.escape(scan.scan_id)}</td>"]
-        figures = []
+    def prepare(scan: db.Scan) -> _Row:
+        predictions = [
+            {"model_name": p.model_name, "model_version": p.model_version, "label": p.label, "p_covid": p.p_covid,
+             "older": current is not None and (p.model_name, p.model_version) not in current}
+            for p in scan.predictions
+        ]
+        row = _Row(scan.scan_id, scan.status, scan.error, predictions)
+        stem = f"{assets.name}/{scan.scan_id}"
         try:
-            original = assets / f"{scan.scan_id}.jpg"
-            original.write_bytes(_thumbnail_jpeg(fetcher.fetch(scan.source_uri)))
-            figures.append(_figure(f"{assets.name}/{original.name}", "original"))
-        except (ImageDecodeError, KeyError, OSError, RuntimeError):
-            figures.append("<span class='note'>original unavailable</span>")
-        rows = []
-        for prediction in scan.predictions:
-            rows.append(
-                f"<div class='{html.escape(prediction.label)}'>{html.escape(prediction.model_name)} "
-                f"{html.escape(prediction.model_version)}: {html.escape(prediction.label)} "
-                f"(p_covid {prediction.p_covid:.3f})</div>"
-            )
-            if prediction.overlay_key:
-                name = f"{scan.scan_id}.{prediction.model_name}.png"
+            image = to_uint8(decode_image(fetcher.fetch(scan.source_uri)))
+            # Browsers cannot show DICOM or 16-bit PNG: both sizes are written as 8-bit JPEG.
+            (assets / f"{scan.scan_id}.jpg").write_bytes(_jpeg(fit_within(image, THUMBNAIL_SIDE)))
+            (assets / f"{scan.scan_id}.full.jpg").write_bytes(_jpeg(image, 92))
+            row.original = _Image(f"{stem}.jpg", f"{stem}.full.jpg")
+        except _READ_ERRORS:
+            pass
+        for p in scan.predictions:
+            overlay = _Overlay(p.model_name, p.model_version)
+            if p.overlay_key:
+                name = f"{scan.scan_id}.{p.model_name}.{p.model_version}"
+                suffix = Path(p.overlay_key).suffix or ".png"
                 try:
-                    overlay = store.get(prediction.overlay_key)
-                    (assets / name).write_bytes(_shrink_png(overlay))
-                    figures.append(_figure(f"{assets.name}/{name}", f"Grad-CAM {prediction.model_name}"))
-                except (KeyError, RuntimeError):
-                    figures.append("<span class='note'>overlay unavailable</span>")
-        if scan.status == "failed":
-            rows.append(f"<div class='failed'>failed: {html.escape(scan.error or '')}</div>")
-        elif not scan.predictions:
-            rows.append(f"<div class='note'>{html.escape(scan.status)}</div>")
-        cells.append(f"<td>{''.join(rows)}</td>")
-        cells.append(f"<td>{''.join(figures)}</td>")
+                    data = store.get(p.overlay_key)
+                    (assets / f"{name}{suffix}").write_bytes(data)
+                    (assets / f"{name}.thumb.jpg").write_bytes(_shrink(data))
+                    overlay.thumb, overlay.full = f"{assets.name}/{name}.thumb.jpg", f"{assets.name}/{name}{suffix}"
+                except _READ_ERRORS:
+                    pass
+            row.overlays.append(overlay)
         if on_progress:
             on_progress(1)
-        return f"<tr>{''.join(cells)}</tr>"
+        return row
 
     with ThreadPoolExecutor(threads) as pool:
-        body_rows = list(pool.map(prepare, scans))
-    counts = ", ".join(f"{name} {count}" for name, count in progress.counts.items() if name != "total")
-    title = f"lungcam batch {progress.name or progress.batch_id}"
-    out_html.write_text(
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>"
-        f"<p>batch {html.escape(progress.batch_id)}: {progress.total} scans ({html.escape(counts)}). "
-        "Grad-CAM shows where the model looked, not a diagnosis; screening aid only.</p>"
-        "<table><thead><tr><th>scan</th><th>result</th><th>images</th></tr></thead><tbody>"
-        + "".join(body_rows)
-        + "</tbody></table></body></html>"
+        rows = list(pool.map(prepare, scans))
+    label_counts: dict[str, Counter[str]] = {}
+    for row in rows:
+        for p in row.predictions:
+            label_counts.setdefault(f"{p['model_name']} {p['model_version']}", Counter())[p["label"]] += 1
+    labels = sorted({*LABELS, *(label for counts in label_counts.values() for label in counts)})
+    shown = {(p["model_name"], p["model_version"]) for row in rows for p in row.predictions}
+    html = _environment().get_template("report.html.j2").render(
+        title=f"lungcam batch {progress.name or progress.batch_id}",
+        batch_id=progress.batch_id,
+        total=progress.total,
+        demonstration=bool(shown & set(demonstration_models)),
+        demonstration_text=DEMONSTRATION_TEXT,
+        status_counts=[(name, count) for name, count in progress.counts.items() if name != "total"],
+        label_counts=sorted(label_counts.items()),
+        labels=labels,
+        rows=rows,
     )
+    out_html.write_text(html)
     return out_html
-
-
-def _figure(src: str, caption: str) -> str:
-    return f"<figure><img src='{html.escape(src)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-
-
-def _shrink_png(data: bytes) -> bytes:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise RuntimeError("overlay is not a PNG")
-    image = fit_within(image, THUMBNAIL_SIDE)
-    return cv2.imencode(".png", image)[1].tobytes()
