@@ -126,9 +126,12 @@ def sniff_format(data: bytes) -> str:
         return "png"
     if data[:3] == _JPEG_SIGNATURE:
         return "jpeg"
+    # "DICM" before TIFF: some DICOM files carry a TIFF header in their preamble (dual-format files).
+    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
     if data[:4] in _TIFF_SIGNATURES:
         return "tiff"
-    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM" or _looks_like_bare_dicom(data):
+    if _looks_like_bare_dicom(data):
         return "dicom"
     # An HTML/XML error page from a store is the usual culprit; say so without echoing content.
     if _looks_like_text(data[:512]):
@@ -532,8 +535,9 @@ def _dicom_colour(pixels: np.ndarray, dataset: pydicom.Dataset, photometric: str
             rgb = pydicom.pixels.apply_color_lut(pixels, dataset)
         except Exception as exc:
             raise ImageDecodeError(f"corrupt DICOM palette ({type(exc).__name__})") from exc
-        # Palette entries are 8 or 16 bit; pydicom returns uint8 or uint16 to match.
-        return rgb, 255.0 if rgb.dtype == np.uint8 else 65535.0
+        # Entries are 8 or 16 bit, as the descriptor's third value says (pydicom returns uint16 for both).
+        bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+        return rgb, float(2 ** (8 if bits == 8 else 16) - 1)
     # Colour DICOMs are secondary captures (screenshots); their values are already display values.
     return pixels, float(2 ** int(dataset.get("BitsStored") or 8) - 1)
 
@@ -558,7 +562,20 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
     except Exception as exc:
         if not transfer_syntax.is_compressed:
             raise ImageDecodeError("truncated or corrupt DICOM pixel data") from exc
-        raise ImageDecodeError(f"corrupt DICOM pixel data ({_safe_uid_name(transfer_syntax)})") from exc
+        name = _safe_uid_name(transfer_syntax)
+        if _all_plugins_decline(exc):
+            # e.g. 12-bit JPEG Extended, which only the GPL libjpeg plugin decodes (not installed).
+            raise ImageDecodeError(f"unsupported DICOM pixel data ({name}: no installed decoder handles it)", kind="unsupported") from exc
+        raise ImageDecodeError(f"corrupt DICOM pixel data ({name})") from exc
+
+
+def _all_plugins_decline(exc: Exception) -> bool:
+    """Whether pydicom's combined error says every plugin declined the format rather than failed on the data."""
+    # pydicom raises one RuntimeError listing each plugin's reason on its own line; a plugin that
+    # cannot handle a precision or sample layout says "does not support". Only this text is
+    # inspected; it never reaches a message.
+    reasons = [line for line in str(exc).splitlines()[1:] if line.strip()]
+    return bool(reasons) and all("does not support" in line for line in reasons)
 
 
 def _dicom_grey_to_unit(pixels: np.ndarray, dataset: pydicom.Dataset, *, invert: bool) -> np.ndarray:
