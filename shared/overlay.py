@@ -1,4 +1,4 @@
-"""Overlay rendering: a JET-coloured Grad-CAM map blended on the X-ray, encoded as PNG."""
+"""Overlay rendering: a JET-coloured Grad-CAM map blended on the X-ray, encoded as PNG, JPEG or WebP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,18 @@ import numpy as np
 from shared.imaging import fit_within
 
 DEFAULT_MAX_SIDE = 1024
+
+# fmt -> (OpenCV extension, content type, file extension). PNG is lossless and the default; JPEG
+# and WebP are lossy but several times smaller (see docs/decoding.md for measured sizes and costs).
+OVERLAY_FORMATS: dict[str, tuple[str, str, str]] = {
+    "png": (".png", "image/png", ".png"),
+    "jpeg": (".jpg", "image/jpeg", ".jpg"),
+    "webp": (".webp", "image/webp", ".webp"),
+}
+# Overlays are looked at, not measured: quality high enough that the heat map's edges stay clean.
+JPEG_QUALITY = 90
+WEBP_QUALITY = 80
+PNG_COMPRESSION = 1  # zlib level: overlays are written once per scan, speed beats a few KB
 
 
 def render_overlay(
@@ -21,12 +33,46 @@ def render_overlay(
     return cv2.addWeighted(display, 1.0 - alpha, heat_rgb, alpha, 0.0)
 
 
-def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
+def encode_png(rgb: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
     """Encode an RGB uint8 image as PNG (low compression: overlays are written once per scan)."""
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    return encode_rgb(rgb, "png", png_compression=compression)
+
+
+def encode_rgb(
+    rgb: np.ndarray,
+    fmt: str = "png",
+    *,
+    png_compression: int = PNG_COMPRESSION,
+    jpeg_quality: int = JPEG_QUALITY,
+    webp_quality: int = WEBP_QUALITY,
+) -> bytes:
+    """Encode an RGB uint8 image as "png", "jpeg" or "webp" bytes."""
+    if fmt not in OVERLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(OVERLAY_FORMATS)}, got {fmt!r}")
+    params = {
+        "png": [cv2.IMWRITE_PNG_COMPRESSION, png_compression],
+        "jpeg": [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality],
+        "webp": [cv2.IMWRITE_WEBP_QUALITY, webp_quality],
+    }[fmt]
+    ok, buffer = cv2.imencode(OVERLAY_FORMATS[fmt][0], cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise RuntimeError("PNG encoding failed")
+        raise RuntimeError(f"{fmt.upper()} encoding failed")
     return buffer.tobytes()
+
+
+def encode_overlay(
+    image: np.ndarray,
+    cam: np.ndarray,
+    fmt: str = "png",
+    *,
+    alpha: float = 0.4,
+    max_side: int = DEFAULT_MAX_SIDE,
+) -> tuple[bytes, str, str]:
+    """Render an overlay and encode it; returns (bytes, content type, file extension such as ".png")."""
+    if fmt not in OVERLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(OVERLAY_FORMATS)}, got {fmt!r}")
+    _, content_type, extension = OVERLAY_FORMATS[fmt]
+    return encode_rgb(render_overlay(image, cam, alpha=alpha, max_side=max_side), fmt), content_type, extension
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
