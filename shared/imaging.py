@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pydicom
 import pydicom.pixels
+import pydicom.uid
 from pydicom.uid import UID
 
 
@@ -112,6 +113,15 @@ _DICOM_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # pydicom converts the YBR family to RGB while decoding (pixel_array's default as_rgb=True).
 _DICOM_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 _DICOM_PALETTE = "PALETTE COLOR"
+# The fastest installed plugin per syntax, measured by benchmarks/cpu_cost.py (docs/decoding.md);
+# pydicom's own order is kept for the rest. GDCM for JPEG Lossless rather than the GPL-3.0 libjpeg.
+_PREFERRED_PLUGINS: dict[str, str] = {
+    pydicom.uid.JPEGLosslessSV1: "gdcm",
+    pydicom.uid.JPEGLossless: "gdcm",
+    pydicom.uid.JPEGLSLossless: "pyjpegls",
+    pydicom.uid.JPEGLSNearLossless: "pyjpegls",
+    pydicom.uid.RLELossless: "pylibjpeg",
+}
 # Value representations that may follow a tag in an explicit-VR file (PS3.5 table 6.2-1).
 _DICOM_VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
@@ -556,6 +566,12 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
             f"unsupported DICOM transfer syntax: {_safe_uid_name(transfer_syntax)} (no decoder installed)",
             kind="unsupported",
         )
+    preferred = _PREFERRED_PLUGINS.get(transfer_syntax)
+    if preferred in decoder.available_plugins:
+        try:
+            return pydicom.pixels.pixel_array(dataset, index=0, decoding_plugin=preferred)
+        except Exception:
+            pass  # the other plugins may still manage (a layout this one declines); their error is reported
     try:
         # as_rgb (the default) converts the YBR family to RGB, leaving PALETTE COLOR as indices.
         return pydicom.pixels.pixel_array(dataset, index=0)
