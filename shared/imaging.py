@@ -259,19 +259,23 @@ def pixel_count(data: bytes) -> int:
     return width * height  # one frame: multi-frame files are decoded to their first frame only
 
 
-def _reduce_integer(pixels: np.ndarray, max_side: int, full_scale: float) -> np.ndarray:
+def _reduce_integer(
+    pixels: np.ndarray, max_side: int, full_scale: float, original: tuple[int, int] | None = None
+) -> np.ndarray:
     """Shrink integer pixels (HxW or HxWxC) to fit max_side, then scale to float32 [0, 1].
 
     The bulk of the shrinking is an integer-factor box average, OpenCV's fast INTER_AREA path
     (~10x cheaper than a fractional factor at full size); the fractional remainder runs on the
-    small image, in float32. The output size is exactly `fit_within`'s.
+    small image, in float32. The output size is exactly `fit_within`'s for the `original`
+    (height, width), which differs from pixels.shape after a JPEG reduced decode.
     """
-    height, width = pixels.shape[:2]
+    height, width = original or pixels.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1.0:
         return _to_unit(pixels, full_scale)
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
-    factor = int(1.0 / scale)
+    height, width = pixels.shape[:2]
+    factor = int(min(width / target[0], height / target[1]))
     if factor >= 2:
         # Cropping (at most factor-1 edge rows/columns) makes the factor exact; a view, not a copy.
         rows, columns = height - height % factor, width - width % factor
@@ -294,7 +298,9 @@ def _widen_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.multiply(pixels, np.uint16(257), dtype=np.uint16)
 
 
-def _reduce_opencv_pixels(pixels: np.ndarray, fmt: str, max_side: int) -> np.ndarray:
+def _reduce_opencv_pixels(
+    pixels: np.ndarray, fmt: str, max_side: int, original: tuple[int, int] | None = None
+) -> np.ndarray:
     """Reduce OpenCV output (grey, grey+alpha, BGR or BGRA; 8 or 16 bit) to float32 grey or RGB."""
     if pixels.dtype not in (np.uint8, np.uint16):
         raise ImageDecodeError(f"unsupported {fmt} pixel type {pixels.dtype}", kind="unsupported")
@@ -306,7 +312,7 @@ def _reduce_opencv_pixels(pixels: np.ndarray, fmt: str, max_side: int) -> np.nda
         raise ImageDecodeError(f"unsupported {fmt} channel layout {pixels.shape}", kind="unsupported")
     if pixels.dtype == np.uint8 and max(pixels.shape[:2]) > max_side:
         pixels = _widen_uint8(pixels)
-    unit = _reduce_integer(pixels, max_side, 255.0 if pixels.dtype == np.uint8 else 65535.0)
+    unit = _reduce_integer(pixels, max_side, 255.0 if pixels.dtype == np.uint8 else 65535.0, original)
     return unit[:, :, ::-1].copy() if unit.ndim == 3 else unit  # OpenCV order is BGR
 
 
@@ -342,7 +348,7 @@ def _reduced_jpeg(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, in
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if pixels is None or pixels.size == 0:
         raise ImageDecodeError("truncated or corrupt jpeg")
-    return _reduce_opencv_pixels(pixels, "jpeg", max_side), (height, width)
+    return _reduce_opencv_pixels(pixels, "jpeg", max_side, (height, width)), (height, width)
 
 
 def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -524,6 +530,9 @@ def _dicom_pixels(data: bytes) -> tuple[pydicom.Dataset, str, np.ndarray]:
     """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
     dataset = _read_dicom(data, _DICOM_PIXEL_TAGS, pixels=True)
     if "PixelData" not in dataset:
+        if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM":
+            # Without the "DICM" magic, pydicom (forced) reads almost any bytes as some dataset.
+            raise ImageDecodeError("not an image (no DICOM preamble and no pixel data)")
         raise ImageDecodeError("DICOM has no pixel data", kind="unsupported")
     _check_size(int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0))
     photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
