@@ -1,6 +1,6 @@
 """CPU cost per scan of each decoding and rendering step, on one core, for full-size inputs.
 
-    python benchmarks/cpu_cost.py [--repeats 5] [--threads-batch 16]
+    python benchmarks/cpu_cost.py [--repeats 5] [--threads-batch 16] [--overlay jpeg|png|webp]
 
 Inputs are made here from `shared.synthetic.synthetic_film` (an upscaled synthetic chest X-ray with
 full-resolution texture and noise): a 2500x2048 12-bit DICOM, uncompressed and JPEG Lossless SV1,
@@ -12,7 +12,8 @@ Steps: old = decode_image -> preprocess(224) -> fit_within(1024) + to_uint8 -> o
 new = decode_reduced(1024) -> preprocess(224) -> to_uint8 -> encode_overlay(png|jpeg|webp);
 floor = the plain decode alone (pydicom pixel_array / cv2.imdecode), the cost no path can avoid.
 The last line is `cpu ms/scan dicom=A jpegll=B png16=C jpeg8=D floor_dicom=E pipeline scans/s=F`,
-where A-D are the whole new path with PNG overlays. `measure_pipeline` (Redis, a worker, SQLite,
+where A-D are the whole new path with --overlay overlays (default jpeg: PNG encoding alone costs
+30-50 ms, more than the 40 ms budget; the line before gives the same totals with PNG). `measure_pipeline` (Redis, a worker, SQLite,
 a near-zero-cost model bundle) is a stub to be filled in; until then F is n/a.
 """
 
@@ -95,9 +96,9 @@ def new_path(data: bytes, cam: np.ndarray, fmt: str = "png") -> tuple[np.ndarray
     return model_input, encode_overlay(display, cam, fmt, max_side=DISPLAY_MAX_SIDE)[0]
 
 
-def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> dict[str, float]:
-    """Print ms per step for every input; return the new path's total (PNG overlay) per input, and the floors."""
-    totals: dict[str, float] = {}
+def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
+    """Print ms per step for every input; return the new path's totals per overlay format, and the floors."""
+    totals: dict[str, dict[str, float]] = {"png": {}, "jpeg": {}, "webp": {}, "floor": {}}
     for name, data in inputs.items():
         image = decode_image(data)
         reduced = decode_reduced(data, DISPLAY_MAX_SIDE)
@@ -116,6 +117,7 @@ def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> di
         steps["OLD total"] = lambda: old_path(data, cam)
         steps["NEW total (png)"] = lambda: new_path(data, cam)
         steps["NEW total (jpeg)"] = lambda: new_path(data, cam, "jpeg")
+        steps["NEW total (webp)"] = lambda: new_path(data, cam, "webp")
         timings = {label: best_ms(step, repeats) for label, step in steps.items()}
         sizes = {fmt: len(encode_overlay(display, cam, fmt)[0]) // 1024 for fmt in ("png", "jpeg", "webp")}
         closeness = float(np.abs(old_path(data, cam)[0] - new_path(data, cam)[0]).max())
@@ -125,8 +127,9 @@ def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> di
         print(f"  overlay KB png={sizes['png']} jpeg={sizes['jpeg']} webp={sizes['webp']}")
         print(f"  speed-up old/new {timings['OLD total'] / timings['NEW total (png)']:.1f}x; "
               f"model input max |new-old| = {closeness:.4f}")
-        totals[name] = timings["NEW total (png)"]
-        totals[f"floor_{name}"] = timings["floor decode"]
+        for fmt in ("png", "jpeg", "webp"):
+            totals[fmt][name] = timings[f"NEW total ({fmt})"]
+        totals["floor"][name] = timings["floor decode"]
     return totals
 
 
@@ -150,14 +153,14 @@ def measure_plugins(repeats: int) -> None:
         print(f"  {syntax.name[:48]:<48} {len(data) / 1e6:5.1f} MB  {' '.join(results)}")
 
 
-def measure_threads(inputs: dict[str, bytes], cam: np.ndarray, batch: int, repeats: int) -> None:
+def measure_threads(inputs: dict[str, bytes], cam: np.ndarray, batch: int, repeats: int, fmt: str) -> None:
     """The new path over a batch of DICOMs on 1 thread vs 2 (OpenCV itself single-threaded)."""
-    print(f"\nthreads (batch of {batch}, new path with PNG overlay, OpenCV 1 thread per call):")
+    print(f"\nthreads (batch of {batch}, new path with {fmt} overlay, OpenCV 1 thread per call):")
     for name in ("dicom", "jpegll"):
         scans = [inputs[name]] * batch
-        one = best_ms(lambda: [new_path(scan, cam) for scan in scans], max(1, repeats // 2))
+        one = best_ms(lambda: [new_path(scan, cam, fmt) for scan in scans], max(1, repeats // 2))
         with ThreadPoolExecutor(2) as pool:
-            two = best_ms(lambda: list(pool.map(lambda scan: new_path(scan, cam), scans)), max(1, repeats // 2))
+            two = best_ms(lambda: list(pool.map(lambda scan: new_path(scan, cam, fmt), scans)), max(1, repeats // 2))
         print(f"  {name:<7} 1 thread {one / batch:6.1f} ms/scan   2 threads {two / batch:6.1f} ms/scan   speed-up {one / two:.2f}x")
 
 
@@ -170,6 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads-batch", type=int, default=16)
+    parser.add_argument("--overlay", choices=("jpeg", "png", "webp"), default="jpeg")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)  # one core per scan: the worker runs one decode per process/thread
@@ -178,12 +182,19 @@ def main() -> None:
     cam = np.random.default_rng(0).random((7, 7)).astype(np.float32)  # a Grad-CAM map at feature-map size
     totals = measure_steps(inputs, cam, args.repeats)
     measure_plugins(args.repeats)
-    measure_threads(inputs, cam, args.threads_batch, args.repeats)
+    measure_threads(inputs, cam, args.threads_batch, args.repeats, args.overlay)
     pipeline = measure_pipeline()
     rate = "n/a" if pipeline is None else f"{pipeline:.1f}"
+    floor = totals["floor"]["dicom"]
+    print(f"\nload average while measuring: {os.getloadavg()[0]:.1f} (cpus={os.cpu_count()})")
+    for fmt in sorted({"png", "jpeg", "webp"} - {args.overlay}):
+        t = totals[fmt]
+        print(f"with {fmt} overlays: dicom={t['dicom']:.1f} jpegll={t['jpegll']:.1f} png16={t['png16']:.1f} jpeg8={t['jpeg8']:.1f}")
+    t = totals[args.overlay]
+    print(f"overlay format for the line below: {args.overlay}")
     print(
-        f"\ncpu ms/scan dicom={totals['dicom']:.1f} jpegll={totals['jpegll']:.1f} png16={totals['png16']:.1f} "
-        f"jpeg8={totals['jpeg8']:.1f} floor_dicom={totals['floor_dicom']:.1f} pipeline scans/s={rate}"
+        f"cpu ms/scan dicom={t['dicom']:.1f} jpegll={t['jpegll']:.1f} png16={t['png16']:.1f} "
+        f"jpeg8={t['jpeg8']:.1f} floor_dicom={floor:.1f} pipeline scans/s={rate}"
     )
 
 
