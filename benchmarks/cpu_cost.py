@@ -1,6 +1,6 @@
 """CPU cost per scan of each decoding and rendering step, on one core, for full-size inputs.
 
-    python benchmarks/cpu_cost.py [--repeats 5] [--threads-batch 16] [--overlay jpeg|png|webp]
+    python benchmarks/cpu_cost.py [--repeats 5] [--threads-batch 16] [--overlay png|jpeg|webp]
 
 Inputs are made here from `shared.synthetic.synthetic_film` (an upscaled synthetic chest X-ray with
 full-resolution texture and noise): a 2500x2048 12-bit DICOM, uncompressed and JPEG Lossless SV1,
@@ -12,8 +12,8 @@ Steps: old = decode_image -> preprocess(224) -> fit_within(1024) + to_uint8 -> o
 new = decode_reduced(1024) -> preprocess(224) -> to_uint8 -> encode_overlay(png|jpeg|webp);
 floor = the plain decode alone (pydicom pixel_array / cv2.imdecode), the cost no path can avoid.
 The last line is `cpu ms/scan dicom=A jpegll=B png16=C jpeg8=D floor_dicom=E pipeline scans/s=F`,
-where A-D are the whole new path with --overlay overlays (default jpeg: PNG encoding alone costs
-30-50 ms, more than the 40 ms budget; the line before gives the same totals with PNG). `measure_pipeline` (Redis, a worker, SQLite,
+where A-D are the whole new path with --overlay overlays (default png, today's format; the lines
+before give the totals with JPEG and WebP overlays: PNG encoding is ~60% of the DICOM total). `measure_pipeline` (Redis, a worker, SQLite,
 a near-zero-cost model bundle) is a stub to be filled in; until then F is n/a.
 """
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads-batch", type=int, default=16)
-    parser.add_argument("--overlay", choices=("jpeg", "png", "webp"), default="jpeg")
+    parser.add_argument("--overlay", choices=("jpeg", "png", "webp"), default="png")
     args = parser.parse_args()
 
     cv2.setNumThreads(1)  # one core per scan: the worker runs one decode per process/thread

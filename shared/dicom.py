@@ -53,13 +53,17 @@ class DicomHeader:
 
 
 def dicom_header(data: bytes) -> DicomHeader | None:
-    """Header facts of a DICOM file (with or without preamble); None for anything that is not DICOM."""
+    """Header facts of a DICOM file (with or without preamble); None for anything that is not DICOM.
+
+    Raises ImageDecodeError (kind "corrupt") when the file looks like DICOM but its header does not parse.
+    """
+    data = bytes(data)
     try:
-        if sniff_format(bytes(data[:1024])) != "dicom":
+        if sniff_format(data) != "dicom":
             return None
     except ImageDecodeError:
         return None
-    dataset = _read_dicom(bytes(data), _HEADER_TAGS, pixels=False)
+    dataset = _read_dicom(data, _HEADER_TAGS, pixels=False)
     orientation = dataset.get("PatientOrientation")
     return DicomHeader(
         modality=_text(dataset.get("Modality")),
