@@ -161,7 +161,15 @@ def measure_threads(inputs: dict[str, bytes], cam: np.ndarray, batch: int, repea
         one = best_ms(lambda: [new_path(scan, cam, fmt) for scan in scans], max(1, repeats // 2))
         with ThreadPoolExecutor(2) as pool:
             two = best_ms(lambda: list(pool.map(lambda scan: new_path(scan, cam, fmt), scans)), max(1, repeats // 2))
-        print(f"  {name:<7} 1 thread {one / batch:6.1f} ms/scan   2 threads {two / batch:6.1f} ms/scan   speed-up {one / two:.2f}x")
+            # CPU time over wall time while two threads run: ~2 if they run in parallel, ~1 if the
+            # GIL (or a busy machine) serialises them.
+            wall, cpu = time.perf_counter(), time.process_time()
+            list(pool.map(lambda scan: new_path(scan, cam, fmt), scans))
+            parallelism = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        print(
+            f"  {name:<7} 1 thread {one / batch:6.1f} ms/scan   2 threads {two / batch:6.1f} ms/scan   "
+            f"speed-up {one / two:.2f}x   cpu/wall with 2 threads {parallelism:.2f}"
+        )
 
 
 def measure_pipeline(*args: object, **kwargs: object) -> float | None:
