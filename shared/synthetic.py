@@ -201,7 +201,7 @@ def make_dicom(
     if not 1 <= stored or (pixels.size and int(pixels.max()) >= 2**stored):
         raise ValueError(f"pixel values do not fit in {stored} stored bits")
 
-    default_class = _DIGITAL_XRAY_FOR_PRESENTATION if photometric.startswith("MONO") else _SECONDARY_CAPTURE
+    default_class = _DIGITAL_XRAY_FOR_PRESENTATION if photometric.startswith("MONOCHROME") else _SECONDARY_CAPTURE
     sop_class = sop_class_uid or default_class
     sop_instance = sop_instance_uid or generate_uid()
     file_meta = FileMetaDataset()
@@ -216,8 +216,9 @@ def make_dicom(
     dataset.SOPInstanceUID = sop_instance
     dataset.StudyInstanceUID = study_uid or generate_uid()
     dataset.SeriesInstanceUID = series_uid or generate_uid()
-    dataset.Modality = modality or ("OT" if photometric == "RGB" else "DX")
-    dataset.ImageType = ["DERIVED", "SECONDARY"] if photometric == "RGB" else ["ORIGINAL", "PRIMARY"]
+    grey = photometric.startswith("MONOCHROME")
+    dataset.Modality = modality or ("DX" if grey else "OT")
+    dataset.ImageType = ["ORIGINAL", "PRIMARY"] if grey else ["DERIVED", "SECONDARY"]
     # Deliberately not realistic: nothing here may look like a real person.
     dataset.PatientName = "ANON"
     dataset.PatientID = "ANON"
