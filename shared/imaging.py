@@ -2,13 +2,18 @@
 
 Every input (PNG, JPEG, DICOM) becomes a float32 HxWx3 RGB array in [0, 1]; `preprocess` then
 resizes it to the model's input. Anything that cannot be decoded raises `ImageDecodeError`, whose
-message is short, safe to store in the `scans.error` column, and never contains patient data.
+message is short, safe to store in the `scans.error` column, and never contains patient data; its
+`kind` says whether the file is "corrupt" or valid but "unsupported".
+
+`decode_reduced` is the worker's cheaper entry point: it decodes, then shrinks to the largest size
+anything downstream needs while the pixels are still integers (see docs/decoding.md).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -17,13 +22,30 @@ import cv2
 import numpy as np
 import pydicom
 import pydicom.pixels
+import pydicom.uid
 from pydicom.uid import UID
 
 from shared.errors import LungcamError
 
+DECODE_ERROR_KINDS = ("corrupt", "unsupported")
+
 
 class ImageDecodeError(LungcamError, ValueError):
     """An image that cannot be decoded; str(err) is a short, human-readable reason (no patient data)."""
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        # "unsupported": a valid file we cannot decode (syntax, photometric, size); "corrupt": the
+        # rest (truncated, garbage, not an image). The message always names the kind.
+        if kind not in DECODE_ERROR_KINDS:
+            raise ValueError(f"kind must be one of {DECODE_ERROR_KINDS}, got {kind!r}")
+        if kind not in message:
+            message = f"{kind}: {message}"
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickle with the kind (Celery and multiprocessing pickle exceptions)."""
+        return (type(self), (str(self), self.kind))
 
 
 # Checked against the header before any pixel buffer is allocated, so a 1 KB file claiming
@@ -44,6 +66,7 @@ PREPROCESSING: dict[str, Any] = {
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _DICOM_MAGIC_OFFSET = 128
 
 # JPEG start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
@@ -77,21 +100,49 @@ _DICOM_PIXEL_TAGS = [
     "WindowCenter",
     "WindowWidth",
     "VOILUTFunction",
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
 ]
 _DICOM_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 # pydicom converts the YBR family to RGB while decoding (pixel_array's default as_rgb=True).
 _DICOM_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+_DICOM_PALETTE = "PALETTE COLOR"
+# The fastest installed plugin per syntax, measured by benchmarks/cpu_cost.py (docs/decoding.md);
+# pydicom's own order is kept for the rest. GDCM for JPEG Lossless rather than the GPL-3.0 libjpeg.
+_PREFERRED_PLUGINS: dict[str, str] = {
+    pydicom.uid.JPEGLosslessSV1: "gdcm",
+    pydicom.uid.JPEGLossless: "gdcm",
+    pydicom.uid.JPEGLSLossless: "pyjpegls",
+    pydicom.uid.JPEGLSNearLossless: "pyjpegls",
+    pydicom.uid.RLELossless: "pylibjpeg",
+}
+# Value representations that may follow a tag in an explicit-VR file (PS3.5 table 6.2-1).
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
 
 
 def sniff_format(data: bytes) -> str:
-    """Return "png", "jpeg" or "dicom" from the leading bytes, or raise ImageDecodeError."""
+    """Return "png", "jpeg", "tiff" or "dicom" from the leading bytes, or raise ImageDecodeError."""
     if len(data) == 0:
         raise ImageDecodeError("empty input")
     if data[:8] == _PNG_SIGNATURE:
         return "png"
     if data[:3] == _JPEG_SIGNATURE:
         return "jpeg"
+    # "DICM" before TIFF: some DICOM files carry a TIFF header in their preamble (dual-format files).
     if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    if data[:4] in _TIFF_SIGNATURES:
+        return "tiff"
+    if _looks_like_bare_dicom(data):
         return "dicom"
     # An HTML/XML error page from a store is the usual culprit; say so without echoing content.
     if _looks_like_text(data[:512]):
@@ -100,7 +151,7 @@ def sniff_format(data: bytes) -> str:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG, JPEG or DICOM bytes to a float32 HxWx3 RGB array in [0, 1]."""
+    """Decode PNG, JPEG, TIFF or DICOM bytes to a float32 HxWx3 RGB array in [0, 1]."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     fmt = sniff_format(data)
@@ -128,14 +179,16 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3) or 0 in image.shape:
         raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
     height, width = image.shape[:2]
     # INTER_AREA averages the source pixels when shrinking (no aliasing of fine rib and noise
     # texture); when enlarging it degenerates to nearest-neighbour, so linear is used instead.
     shrinking = height >= size and width >= size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (size, size), interpolation=interpolation)
+    # Channels are resized independently, so a grey image is resized once and then replicated:
+    # the same numbers for a third of the work.
+    resized = cv2.resize(image if image.shape[2] == 3 else image[:, :, 0], (size, size), interpolation=interpolation)
+    if resized.ndim == 2:
+        resized = np.repeat(resized[:, :, None], 3, axis=2)
     return np.clip(resized, 0.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -157,7 +210,169 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(unit, alpha=255.0)
 
 
-# --- PNG and JPEG -------------------------------------------------------------------------------
+# --- reduced decoding (the worker's path) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReducedImage:
+    """A decoded image already shrunk for everything downstream, and the size it was decoded at."""
+
+    image: np.ndarray  # float32 in [0, 1]: HxW for grey sources, HxWx3 RGB for colour ones
+    original_size: tuple[int, int]  # (height, width) of the full-size first frame
+    format: str  # "png", "jpeg", "tiff" or "dicom"
+
+
+def decode_reduced(data: bytes, max_side: int) -> ReducedImage:
+    """Decode and shrink so the longer side is at most max_side, reducing while pixels are integers.
+
+    The result matches `fit_within(decode_image(data), max_side)`: the same size, values within
+    ~0.002 on average (the shrinking filter differs slightly; model inputs made from it are within
+    ~0.015 of the old ones, see docs/decoding.md), for a fraction of the CPU time and memory. Grey
+    sources stay single-channel: `preprocess`, `to_uint8` and the overlay functions accept HxW.
+    Multi-frame DICOM: the first frame.
+    """
+    if max_side <= 0:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    fmt = sniff_format(data)
+    try:
+        image, original_size = _REDUCED_DECODERS[fmt](data, max_side)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"truncated or corrupt {fmt} ({type(exc).__name__})") from exc
+    return ReducedImage(image=image, original_size=original_size, format=fmt)
+
+
+def pixel_count(data: bytes) -> int:
+    """Pixels the decoder will allocate (rows x columns x frames used), read from the header only."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    fmt = sniff_format(data)
+    if fmt == "png":
+        width, height = _png_size(data)
+    elif fmt == "jpeg":
+        width, height, _, _ = _jpeg_header(data)
+    elif fmt == "tiff":
+        width, height = _tiff_size(data)
+    else:
+        dataset = _read_dicom(data, ["Rows", "Columns"], pixels=False)
+        width, height = int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0)
+    return width * height  # one frame: multi-frame files are decoded to their first frame only
+
+
+def _reduce_integer(
+    pixels: np.ndarray, max_side: int, full_scale: float, original: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Shrink integer pixels (HxW or HxWxC) to fit max_side, then scale to float32 [0, 1].
+
+    The bulk of the shrinking is an integer-factor box average, OpenCV's fast INTER_AREA path
+    (~10x cheaper than a fractional factor at full size); the fractional remainder runs on the
+    small image, in float32. The output size is exactly `fit_within`'s for the `original`
+    (height, width), which differs from pixels.shape after a JPEG reduced decode.
+    """
+    height, width = original or pixels.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return _to_unit(pixels, full_scale)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    height, width = pixels.shape[:2]
+    factor = int(min(width / target[0], height / target[1]))
+    if factor >= 2:
+        # Cropping (at most factor-1 edge rows/columns) makes the factor exact; a view, not a copy.
+        rows, columns = height - height % factor, width - width % factor
+        pixels = cv2.resize(
+            pixels[:rows, :columns], (columns // factor, rows // factor), interpolation=cv2.INTER_AREA
+        )
+    unit = _to_unit(pixels, full_scale)
+    if unit.shape[1] == target[0] and unit.shape[0] == target[1]:
+        return unit
+    return cv2.resize(unit, target, interpolation=cv2.INTER_AREA)
+
+
+def _to_unit(pixels: np.ndarray, full_scale: float) -> np.ndarray:
+    """Integer pixels to float32 in [0, 1] (full_scale maps to 1)."""
+    return pixels.astype(np.float32) * np.float32(1.0 / full_scale)
+
+
+def _widen_uint8(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> uint16 times 257 (v/255 == 257v/65535), so the box average keeps sub-level precision."""
+    return np.multiply(pixels, np.uint16(257), dtype=np.uint16)
+
+
+def _reduce_opencv_pixels(
+    pixels: np.ndarray, fmt: str, max_side: int, original: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Reduce OpenCV output (grey, grey+alpha, BGR or BGRA; 8 or 16 bit) to float32 grey or RGB."""
+    if pixels.dtype not in (np.uint8, np.uint16):
+        raise ImageDecodeError(f"unsupported {fmt} pixel type {pixels.dtype}", kind="unsupported")
+    if pixels.ndim == 3 and pixels.shape[2] in (1, 2):  # grey, grey + alpha
+        pixels = pixels[:, :, 0]
+    elif pixels.ndim == 3 and pixels.shape[2] == 4:  # BGRA: drop alpha
+        pixels = pixels[:, :, :3]
+    elif not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise ImageDecodeError(f"unsupported {fmt} channel layout {pixels.shape}", kind="unsupported")
+    if pixels.dtype == np.uint8 and max(pixels.shape[:2]) > max_side:
+        pixels = _widen_uint8(pixels)
+    unit = _reduce_integer(pixels, max_side, 255.0 if pixels.dtype == np.uint8 else 65535.0, original)
+    return unit[:, :, ::-1].copy() if unit.ndim == 3 else unit  # OpenCV order is BGR
+
+
+def _reduced_png_or_tiff(data: bytes, max_side: int, fmt: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """Full decode (these formats have no cheaper reduced mode), then reduce before widening to float."""
+    width, height = _png_size(data) if fmt == "png" else _tiff_size(data)
+    _check_size(width, height)
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.size == 0:
+        raise ImageDecodeError(f"truncated or corrupt {fmt}")
+    return _reduce_opencv_pixels(pixels, fmt, max_side), pixels.shape[:2]
+
+
+def _reduced_jpeg(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """JPEG via libjpeg's DCT scaling (1/2, 1/4, 1/8) when the image is at least twice max_side."""
+    width, height, scan_start, components = _jpeg_header(data)
+    _check_size(width, height)
+    if data.find(b"\xff\xd9", scan_start) == -1:
+        raise ImageDecodeError("truncated or corrupt jpeg (no end-of-image marker)")
+    factor = next((f for f in (8, 4, 2) if max(width, height) // f >= max_side), 1)
+    if factor == 1:
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        grey = components == 1
+        flags = {
+            (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+            (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+            (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+            (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+        }[(factor, grey)]
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    if pixels is None or pixels.size == 0:
+        raise ImageDecodeError("truncated or corrupt jpeg")
+    return _reduce_opencv_pixels(pixels, "jpeg", max_side, (height, width)), (height, width)
+
+
+def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """First frame; grey values go through one lookup (or saturating affine) pass to uint16, then shrink."""
+    dataset, photometric, pixels = _dicom_pixels(data)
+    if photometric in _DICOM_GREY:
+        mapped = _dicom_grey_to_uint16(pixels, dataset, invert=photometric == "MONOCHROME1")
+        if mapped is None:  # 32-bit or float data: the exact float path, then shrink
+            unit = _dicom_grey_to_unit(pixels, dataset, invert=photometric == "MONOCHROME1")
+            return fit_within(unit, max_side), pixels.shape[:2]
+        return _reduce_integer(mapped, max_side, 65535.0), pixels.shape[:2]
+    rgb, full_scale = _dicom_colour(pixels, dataset, photometric)
+    if rgb.dtype == np.uint8 and max(rgb.shape[:2]) > max_side:
+        rgb, full_scale = _widen_uint8(rgb), full_scale * 257.0
+    if rgb.dtype in (np.uint8, np.uint16):
+        return np.clip(_reduce_integer(rgb, max_side, full_scale), 0.0, 1.0), pixels.shape[:2]
+    unit = np.clip(rgb.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
+    return fit_within(unit, max_side), pixels.shape[:2]
+
+
+# --- PNG, JPEG and TIFF -------------------------------------------------------------------------
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -167,9 +382,16 @@ def _decode_png(data: bytes) -> np.ndarray:
     return _decode_with_opencv(data, "png")
 
 
+def _decode_tiff(data: bytes) -> np.ndarray:
+    """Decode a TIFF (first page; 8/16-bit grey or colour, as film digitisers write) after checking its size."""
+    width, height = _tiff_size(data)
+    _check_size(width, height)
+    return _decode_with_opencv(data, "tiff")
+
+
 def _decode_jpeg(data: bytes) -> np.ndarray:
     """Decode a JPEG after checking its SOF size and that the scan data is complete."""
-    width, height, scan_start = _jpeg_header(data)
+    width, height, scan_start, _ = _jpeg_header(data)
     _check_size(width, height)
     # Older libjpeg builds return a half-grey image with only a warning for a truncated file;
     # a missing end-of-image marker after the first scan is the cheap, reliable tell.
@@ -186,10 +408,39 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int]:
-    """Width, height and the offset of the first start-of-scan marker, by walking the markers."""
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the first IFD (ImageWidth 256, ImageLength 257), classic or BigTIFF."""
+    order = "little" if data[:2] == b"II" else "big"
+    big = int.from_bytes(data[2:4], order) == 43
+    # Classic: 4-byte IFD offset, 2-byte entry count, 12-byte entries with a 4-byte value field.
+    # BigTIFF: 8-byte offset (at 8), 8-byte count, 20-byte entries with an 8-byte value field.
+    offset_at, offset_size, count_size, entry_size, value_size = (8, 8, 8, 20, 8) if big else (4, 4, 2, 12, 4)
+    ifd = int.from_bytes(data[offset_at : offset_at + offset_size], order)
+    count = int.from_bytes(data[ifd : ifd + count_size], order)
+    if ifd < 8 or ifd + count_size > len(data) or count == 0:
+        raise ImageDecodeError("truncated or corrupt tiff (no image directory)")
+    size: dict[int, int] = {}
+    for index in range(min(count, 4096)):
+        entry = ifd + count_size + index * entry_size
+        if entry + entry_size > len(data):
+            raise ImageDecodeError("truncated or corrupt tiff (short image directory)")
+        tag = int.from_bytes(data[entry : entry + 2], order)
+        if tag in (256, 257):
+            field_type = int.from_bytes(data[entry + 2 : entry + 4], order)
+            value = data[entry + entry_size - value_size : entry + entry_size]
+            width_bytes = {3: 2, 4: 4, 16: 8}.get(field_type)  # SHORT, LONG, LONG8
+            if width_bytes is None:
+                raise ImageDecodeError("truncated or corrupt tiff (bad size field)")
+            size[tag] = int.from_bytes(value[:width_bytes], order)
+        if len(size) == 2:
+            return size[256], size[257]
+    raise ImageDecodeError("truncated or corrupt tiff (no image size)")
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int]:
+    """Width, height, offset of the first start-of-scan marker and component count, by walking the markers."""
     pos = 2
-    size: tuple[int, int] | None = None
+    size: tuple[int, int, int] | None = None
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise ImageDecodeError("truncated or corrupt jpeg (bad marker)")
@@ -205,14 +456,14 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int]:
         segment_length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if segment_length < 2:
             raise ImageDecodeError("truncated or corrupt jpeg (bad segment length)")
-        if marker in _JPEG_SOF_MARKERS and pos + 9 <= len(data):
+        if marker in _JPEG_SOF_MARKERS and pos + 10 <= len(data):
             height = int.from_bytes(data[pos + 5 : pos + 7], "big")
             width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            size = (width, height)
+            size = (width, height, data[pos + 9])
         if marker == _JPEG_SOS:
             if size is None:
                 break
-            return size[0], size[1], pos
+            return size[0], size[1], pos, size[2]
         pos += 2 + segment_length
     raise ImageDecodeError("truncated or corrupt jpeg (no frame header)")
 
@@ -227,7 +478,7 @@ def _decode_with_opencv(data: bytes, fmt: str) -> np.ndarray:
     elif pixels.dtype == np.uint16:
         scale = 65535.0
     else:
-        raise ImageDecodeError(f"unsupported {fmt} pixel type {pixels.dtype}")
+        raise ImageDecodeError(f"unsupported {fmt} pixel type {pixels.dtype}", kind="unsupported")
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
     if pixels.ndim == 2:
@@ -237,7 +488,7 @@ def _decode_with_opencv(data: bytes, fmt: str) -> np.ndarray:
     elif pixels.ndim == 3 and pixels.shape[2] in (3, 4):  # OpenCV order is BGR(A)
         rgb = pixels[:, :, 2::-1]
     else:
-        raise ImageDecodeError(f"unsupported {fmt} channel layout {pixels.shape}")
+        raise ImageDecodeError(f"unsupported {fmt} channel layout {pixels.shape}", kind="unsupported")
     return np.ascontiguousarray(rgb, dtype=np.float32) / np.float32(scale)
 
 
@@ -246,60 +497,118 @@ def _decode_with_opencv(data: bytes, fmt: str) -> np.ndarray:
 
 def _decode_dicom(data: bytes) -> np.ndarray:
     """Decode the first frame of a DICOM file to display values, then to RGB float32."""
-    dataset = pydicom.dcmread(BytesIO(data), specific_tags=_DICOM_PIXEL_TAGS)
-    if "PixelData" not in dataset:
-        raise ImageDecodeError("DICOM has no pixel data")
-    _check_size(int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0))
-    photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
-    if photometric not in _DICOM_GREY | _DICOM_COLOUR:
-        raise ImageDecodeError(f"unsupported DICOM photometric interpretation {photometric or '(missing)'}")
-
-    pixels = _dicom_first_frame(dataset)
+    dataset, photometric, pixels = _dicom_pixels(data)
     if photometric in _DICOM_GREY:
-        if pixels.ndim != 2:
-            raise ImageDecodeError(f"corrupt DICOM ({photometric} pixels of shape {pixels.shape})")
         grey = _dicom_grey_to_unit(pixels, dataset, invert=photometric == "MONOCHROME1")
         return np.repeat(grey[:, :, None], 3, axis=2)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
+    rgb, full_scale = _dicom_colour(pixels, dataset, photometric)
+    return np.clip(rgb.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
+
+
+def _read_dicom(data: bytes, tags: list[str], *, pixels: bool) -> pydicom.Dataset:
+    """Parse only `tags` (plus the file meta), with or without the 128-byte preamble."""
+    bare = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM"
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), specific_tags=tags, stop_before_pixels=not pixels, force=bare)
+    except Exception as exc:
+        raise ImageDecodeError(f"truncated or corrupt DICOM header ({type(exc).__name__})") from exc
+    meta = getattr(dataset, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # A bare dataset (no file meta): pydicom detected its encoding while reading; the pixel
+        # decoders need it spelled as a transfer syntax.
+        implicit, little = dataset.original_encoding
+        if implicit is None:
+            raise ImageDecodeError("truncated or corrupt DICOM (no transfer syntax)")
+        if meta is None:
+            dataset.file_meta = pydicom.dataset.FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if implicit
+            else (pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+        )
+    return dataset
+
+
+def _dicom_pixels(data: bytes) -> tuple[pydicom.Dataset, str, np.ndarray]:
+    """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
+    dataset = _read_dicom(data, _DICOM_PIXEL_TAGS, pixels=True)
+    if "PixelData" not in dataset:
+        if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM":
+            # Without the "DICM" magic, pydicom (forced) reads almost any bytes as some dataset.
+            raise ImageDecodeError("not an image (no DICOM preamble and no pixel data)")
+        raise ImageDecodeError("DICOM has no pixel data", kind="unsupported")
+    _check_size(int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0))
+    photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
+    if photometric not in _DICOM_GREY | _DICOM_COLOUR | {_DICOM_PALETTE}:
+        raise ImageDecodeError(
+            f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
+        )
+    pixels = _dicom_first_frame(dataset)
+    expected_ndim = 2 if photometric in _DICOM_GREY or photometric == _DICOM_PALETTE else 3
+    if pixels.ndim != expected_ndim or (expected_ndim == 3 and pixels.shape[2] != 3):
         raise ImageDecodeError(f"corrupt DICOM ({photometric} pixels of shape {pixels.shape})")
+    return dataset, photometric, pixels
+
+
+def _dicom_colour(pixels: np.ndarray, dataset: pydicom.Dataset, photometric: str) -> tuple[np.ndarray, float]:
+    """RGB pixels (palette indices looked up) and the value that maps to 1.0."""
+    if photometric == _DICOM_PALETTE:
+        try:
+            rgb = pydicom.pixels.apply_color_lut(pixels, dataset)
+        except Exception as exc:
+            raise ImageDecodeError(f"corrupt DICOM palette ({type(exc).__name__})") from exc
+        # Entries are 8 or 16 bit, as the descriptor's third value says (pydicom returns uint16 for both).
+        bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+        return rgb, float(2 ** (8 if bits == 8 else 16) - 1)
     # Colour DICOMs are secondary captures (screenshots); their values are already display values.
-    max_value = float(2 ** int(dataset.get("BitsStored") or 8) - 1)
-    return np.clip(pixels.astype(np.float32) / np.float32(max_value), 0.0, 1.0)
+    return pixels, float(2 ** int(dataset.get("BitsStored") or 8) - 1)
 
 
 def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
     """Decode only frame 0, turning decoder failures into a reason that names the transfer syntax."""
-    file_meta = getattr(dataset, "file_meta", None)
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    transfer_syntax = UID(dataset.file_meta.TransferSyntaxUID)
     try:
+        decoder = pydicom.pixels.get_decoder(transfer_syntax)
+    except NotImplementedError as exc:  # video and other syntaxes pydicom has no decoder class for
+        raise ImageDecodeError(
+            f"unsupported DICOM transfer syntax: {_safe_uid_name(transfer_syntax)}", kind="unsupported"
+        ) from exc
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            f"unsupported DICOM transfer syntax: {_safe_uid_name(transfer_syntax)} (no decoder installed)",
+            kind="unsupported",
+        )
+    preferred = _PREFERRED_PLUGINS.get(transfer_syntax)
+    if preferred in decoder.available_plugins:
+        try:
+            return pydicom.pixels.pixel_array(dataset, index=0, decoding_plugin=preferred)
+        except Exception:
+            pass  # the other plugins may still manage (a layout this one declines); their error is reported
+    try:
+        # as_rgb (the default) converts the YBR family to RGB, leaving PALETTE COLOR as indices.
         return pydicom.pixels.pixel_array(dataset, index=0)
     except Exception as exc:
-        if transfer_syntax is None or not UID(transfer_syntax).is_compressed:
+        if not transfer_syntax.is_compressed:
             raise ImageDecodeError("truncated or corrupt DICOM pixel data") from exc
-        name = UID(transfer_syntax).name
-        if not _dicom_decoder_available(UID(transfer_syntax)):
-            raise ImageDecodeError(f"unsupported DICOM transfer syntax: {name} (no decoder installed)") from exc
+        name = _safe_uid_name(transfer_syntax)
+        if _all_plugins_decline(exc):
+            # e.g. 12-bit JPEG Extended, which only the GPL libjpeg plugin decodes (not installed).
+            raise ImageDecodeError(f"unsupported DICOM pixel data ({name}: no installed decoder handles it)", kind="unsupported") from exc
         raise ImageDecodeError(f"corrupt DICOM pixel data ({name})") from exc
 
 
-def _dicom_decoder_available(transfer_syntax: UID) -> bool:
-    """Whether any installed pydicom plugin can decode this transfer syntax."""
-    try:
-        return bool(pydicom.pixels.get_decoder(transfer_syntax).is_available)
-    except NotImplementedError:
-        return False
+def _all_plugins_decline(exc: Exception) -> bool:
+    """Whether pydicom's combined error says every plugin declined the format rather than failed on the data."""
+    # pydicom raises one RuntimeError listing each plugin's reason on its own line; a plugin that
+    # cannot handle a precision or sample layout says "does not support". Only this text is
+    # inspected; it never reaches a message.
+    reasons = [line for line in str(exc).splitlines()[1:] if line.strip()]
+    return bool(reasons) and all("does not support" in line for line in reasons)
 
 
 def _dicom_grey_to_unit(pixels: np.ndarray, dataset: pydicom.Dataset, *, invert: bool) -> np.ndarray:
     """Apply modality LUT, VOI LUT/window, MONOCHROME1 inversion and min-max scaling."""
-    values = pydicom.pixels.apply_modality_lut(pixels, dataset)
-    try:
-        values = pydicom.pixels.apply_voi_lut(values, dataset, index=0)
-    except ValueError:
-        # A malformed window (zero width, unknown function) should not cost the scan: the
-        # min-max stretch below still gives a usable image.
-        pass
-    values = np.asarray(values, dtype=np.float64)
+    values = _dicom_display_values(pixels, dataset)
     if invert:  # MONOCHROME1: the lowest value is displayed white
         values = -values
     low, high = float(values.min()), float(values.max())
@@ -310,6 +619,83 @@ def _dicom_grey_to_unit(pixels: np.ndarray, dataset: pydicom.Dataset, *, invert:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
+def _dicom_display_values(pixels: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
+    """Modality LUT (rescale) then VOI LUT (window), as float64."""
+    values = pydicom.pixels.apply_modality_lut(pixels, dataset)
+    try:
+        values = pydicom.pixels.apply_voi_lut(values, dataset, index=0)
+    except ValueError:
+        # A malformed window (zero width, unknown function) should not cost the scan: the
+        # min-max stretch still gives a usable image.
+        pass
+    return np.asarray(values, dtype=np.float64)
+
+
+def _dicom_grey_to_uint16(pixels: np.ndarray, dataset: pydicom.Dataset, *, invert: bool) -> np.ndarray | None:
+    """`_dicom_grey_to_unit` times 65535 as uint16, via a table over the stored values; None for >16-bit data.
+
+    The table is built with the very same pydicom functions on np.arange(min, max + 1), so it holds
+    exactly the old path's numbers. A table that is a clipped straight line (rescale + linear
+    window, the usual case) is applied as one saturating affine pass; any other is indexed.
+    """
+    if pixels.dtype not in (np.uint8, np.uint16, np.int8, np.int16):
+        return None
+    low, high = _value_range(pixels)
+    stored = np.arange(low, high + 1, dtype=pixels.dtype)
+    values = _dicom_display_values(stored, dataset)
+    if invert:
+        values = -values
+    if not np.all(np.isfinite(values)):
+        raise ImageDecodeError("corrupt DICOM (non-finite pixel values)")
+    steps = np.diff(values)
+    if not (np.all(steps >= 0) or np.all(steps <= 0)):
+        # Min-max must be over values present in the image, which only a monotone table
+        # guarantees at its ends; a non-monotone LUT sequence is rare, so a histogram is affordable.
+        present = np.bincount((pixels.astype(np.int32) - low).ravel(), minlength=values.size) > 0
+        span = values[present]
+    else:
+        span = values[[0, -1]]
+    v_low, v_high = float(span.min()), float(span.max())
+    if v_high <= v_low:
+        return np.zeros(pixels.shape, dtype=np.uint16)
+    unit = (values - v_low) / (v_high - v_low)
+    line = _clipped_line(unit, low)
+    if line is not None:
+        alpha, beta = line
+        return cv2.addWeighted(pixels, alpha * 65535.0, pixels, 0.0, beta * 65535.0, dtype=cv2.CV_16U)
+    table = np.rint(np.clip(unit, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    if pixels.dtype.kind == "u" and low >= 0:
+        # Index by the stored value directly (no offset subtraction, so no full-size temporary).
+        return np.concatenate([np.zeros(low, np.uint16), table])[pixels]
+    # Signed data: a 2**bits table indexed by the unsigned view of the same bytes.
+    bits = pixels.dtype.itemsize * 8
+    full = np.zeros(2**bits, dtype=np.uint16)
+    full[np.arange(low, high + 1) % 2**bits] = table
+    return full[pixels.view(np.dtype(f"u{pixels.dtype.itemsize}"))]
+
+
+def _value_range(pixels: np.ndarray) -> tuple[int, int]:
+    """Minimum and maximum stored value (OpenCV's single SIMD pass where it takes the type)."""
+    if pixels.dtype == np.int8:
+        return int(pixels.min()), int(pixels.max())
+    low, high = cv2.minMaxLoc(pixels)[:2]
+    return int(low), int(high)
+
+
+def _clipped_line(unit: np.ndarray, first: int) -> tuple[float, float] | None:
+    """(alpha, beta) with unit[i] == clip(alpha * (first + i) + beta, 0, 1) for all i, else None."""
+    inside = np.flatnonzero((unit > 0.0) & (unit < 1.0))
+    if inside.size < 2:
+        return None
+    i0, i1 = int(inside[0]), int(inside[-1])
+    alpha = (unit[i1] - unit[i0]) / (i1 - i0)
+    beta = unit[i0] - alpha * (first + i0)
+    x = np.arange(first, first + unit.size, dtype=np.float64)
+    if np.max(np.abs(np.clip(alpha * x + beta, 0.0, 1.0) - unit)) > 1e-7:
+        return None
+    return float(alpha), float(beta)
+
+
 # --- helpers ------------------------------------------------------------------------------------
 
 
@@ -318,9 +704,33 @@ def _check_size(width: int, height: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid image size: {width}x{height}")
     if max(width, height) > MAX_IMAGE_SIDE:
-        raise ImageDecodeError(f"image too large: {width}x{height} exceeds {MAX_IMAGE_SIDE}")
+        raise ImageDecodeError(f"image too large: {width}x{height} exceeds {MAX_IMAGE_SIDE}", kind="unsupported")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageDecodeError(f"image too large: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+        raise ImageDecodeError(
+            f"image too large: {width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels", kind="unsupported"
+        )
+
+
+def _looks_like_bare_dicom(data: bytes) -> bool:
+    """A DICOM stream without preamble: a little-endian group 0002 or 0008 tag, then a VR or a sane length."""
+    if len(data) < 12 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    if data[4:6] in _DICOM_VRS:  # explicit VR little endian
+        return True
+    length = int.from_bytes(data[4:8], "little")  # implicit VR: a 4-byte value length
+    return length == 0xFFFFFFFF or length <= len(data) - 8
+
+
+def _safe_code(value: str) -> str:
+    """A DICOM code string for a message, or a placeholder when it is not a plain code."""
+    if not value:
+        return "(missing)"
+    return value if len(value) <= 16 and all(c.isalnum() or c in " _" for c in value) else "(non-standard value)"
+
+
+def _safe_uid_name(uid: UID) -> str:
+    """The registered name of a transfer syntax, or a placeholder for an unregistered UID."""
+    return uid.name if uid.is_valid and uid.name != str(uid) else "unregistered transfer syntax"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -339,5 +749,13 @@ def _looks_like_text(head: bytes) -> bool:
 _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
     "png": _decode_png,
     "jpeg": _decode_jpeg,
+    "tiff": _decode_tiff,
     "dicom": _decode_dicom,
+}
+
+_REDUCED_DECODERS: dict[str, Callable[[bytes, int], tuple[np.ndarray, tuple[int, int]]]] = {
+    "png": lambda data, max_side: _reduced_png_or_tiff(data, max_side, "png"),
+    "tiff": lambda data, max_side: _reduced_png_or_tiff(data, max_side, "tiff"),
+    "jpeg": _reduced_jpeg,
+    "dicom": _reduced_dicom,
 }

@@ -1,4 +1,4 @@
-"""Overlay rendering: a JET-coloured Grad-CAM map blended on the X-ray, encoded as PNG."""
+"""Overlay rendering: a JET-coloured Grad-CAM map blended on the X-ray, encoded as PNG, JPEG or WebP."""
 
 from __future__ import annotations
 
@@ -9,24 +9,98 @@ from shared.imaging import fit_within
 
 DEFAULT_MAX_SIDE = 1024
 
+# fmt -> (OpenCV extension, content type, file extension). PNG is lossless and the default; JPEG
+# and WebP are lossy but several times smaller (see docs/decoding.md for measured sizes and costs).
+OVERLAY_FORMATS: dict[str, tuple[str, str, str]] = {
+    "png": (".png", "image/png", ".png"),
+    "jpeg": (".jpg", "image/jpeg", ".jpg"),
+    "webp": (".webp", "image/webp", ".webp"),
+}
+# Overlays are looked at, not measured: quality high enough that the heat map's edges stay clean.
+JPEG_QUALITY = 90
+WEBP_QUALITY = 80
+PNG_COMPRESSION = 1  # zlib level: overlays are written once per scan, speed beats a few KB
+
 
 def render_overlay(
     image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE
 ) -> np.ndarray:
     """Blend a [0,1] map over an image (float [0,1] or uint8, grey or RGB); returns RGB uint8."""
+    return _blend(image, cam, alpha=alpha, max_side=max_side, bgr=False)
+
+
+def _blend(image: np.ndarray, cam: np.ndarray, *, alpha: float, max_side: int, bgr: bool) -> np.ndarray:
+    """`render_overlay` in RGB or, for OpenCV's encoders, directly in BGR (saves two conversions)."""
     # Overlays are for reading, not diagnosis: cap the size so encoding and upload stay cheap.
-    display = fit_within(_to_rgb_uint8(image), max_side)
+    display = fit_within(_to_rgb_uint8(image), max_side)  # grey stays grey-valued, so also valid BGR
+    if bgr and image.ndim == 3 and image.shape[2] >= 3:
+        display = cv2.cvtColor(display, cv2.COLOR_RGB2BGR)
     heat = cv2.resize(np.clip(cam, 0.0, 1.0).astype(np.float32), (display.shape[1], display.shape[0]))
-    heat_rgb = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(display, 1.0 - alpha, heat_rgb, alpha, 0.0)
+    heat_bgr = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
+    return cv2.addWeighted(display, 1.0 - alpha, heat_bgr if bgr else cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB), alpha, 0.0)
 
 
-def encode_png(rgb: np.ndarray, compression: int = 1) -> bytes:
+def encode_png(rgb: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
     """Encode an RGB uint8 image as PNG (low compression: overlays are written once per scan)."""
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    return encode_rgb(rgb, "png", png_compression=compression)
+
+
+def encode_rgb(
+    rgb: np.ndarray,
+    fmt: str = "png",
+    *,
+    png_compression: int = PNG_COMPRESSION,
+    jpeg_quality: int = JPEG_QUALITY,
+    webp_quality: int = WEBP_QUALITY,
+) -> bytes:
+    """Encode an RGB uint8 image as "png", "jpeg" or "webp" bytes."""
+    if fmt not in OVERLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(OVERLAY_FORMATS)}, got {fmt!r}")
+    return _encode_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), fmt, png_compression, jpeg_quality, webp_quality)
+
+
+def _encode_bgr(
+    bgr: np.ndarray,
+    fmt: str,
+    png_compression: int = PNG_COMPRESSION,
+    jpeg_quality: int = JPEG_QUALITY,
+    webp_quality: int = WEBP_QUALITY,
+) -> bytes:
+    """Encode a BGR uint8 image with OpenCV."""
+    params = {
+        # Huffman-only deflate with the SUB filter: about half the time of the default strategy
+        # with adaptive filters at level 1, for ~25% larger files (measured in docs/decoding.md).
+        "png": [
+            cv2.IMWRITE_PNG_COMPRESSION,
+            png_compression,
+            cv2.IMWRITE_PNG_STRATEGY,
+            cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+            cv2.IMWRITE_PNG_FILTER,
+            cv2.IMWRITE_PNG_FILTER_SUB,
+        ],
+        "jpeg": [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality],
+        "webp": [cv2.IMWRITE_WEBP_QUALITY, webp_quality],
+    }[fmt]
+    ok, buffer = cv2.imencode(OVERLAY_FORMATS[fmt][0], bgr, params)
     if not ok:
-        raise RuntimeError("PNG encoding failed")
+        raise RuntimeError(f"{fmt.upper()} encoding failed")
     return buffer.tobytes()
+
+
+def encode_overlay(
+    image: np.ndarray,
+    cam: np.ndarray,
+    fmt: str = "png",
+    *,
+    alpha: float = 0.4,
+    max_side: int = DEFAULT_MAX_SIDE,
+) -> tuple[bytes, str, str]:
+    """Render an overlay and encode it; returns (bytes, content type, file extension such as ".png")."""
+    if fmt not in OVERLAY_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(OVERLAY_FORMATS)}, got {fmt!r}")
+    _, content_type, extension = OVERLAY_FORMATS[fmt]
+    bgr = _blend(image, cam, alpha=alpha, max_side=max_side, bgr=True)
+    return _encode_bgr(bgr, fmt), content_type, extension
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE) -> bytes:

@@ -18,7 +18,14 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    generate_uid,
+)
 from pydicom.valuerep import DSfloat
 
 # Same columns as the dev set's manifest.csv, so the trainer reads both the same way.
@@ -152,11 +159,26 @@ def make_dicom(
     window: tuple[float, float] | None = None,
     rescale: tuple[float, float] | None = None,
     with_pixels: bool = True,
+    modality: str | None = None,
+    body_part: str | None = None,
+    view_position: str | None = "PA",
+    image_laterality: str | None = None,
+    sop_class_uid: str | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    palette: np.ndarray | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    preamble: bool = True,
 ) -> bytes:
-    """Build an anonymous, valid DICOM file (Explicit VR Little Endian) from a pixel array.
+    """Build an anonymous, valid DICOM file (Explicit VR Little Endian by default) from a pixel array.
 
-    `pixels` is uint8/uint16 HxW for MONOCHROME1/2 (or FxHxW for a multi-frame file), or uint8
-    HxWx3 for RGB. `window` is (center, width); `rescale` is (slope, intercept).
+    `pixels` is uint8/uint16 HxW for MONOCHROME1/2 and PALETTE COLOR (or FxHxW for a multi-frame
+    file), or uint8 HxWx3 for RGB. `window` is (center, width); `rescale` is (slope, intercept).
+    `palette` is an Nx3 uint8/uint16 RGB table (PALETTE COLOR only). Modality defaults to DX (OT
+    for RGB); None for view_position, body_part or image_laterality leaves the element out.
+    `transfer_syntax` compresses the pixels (RLE, JPEG-LS, JPEG 2000 via pydicom's encoders; JPEG
+    Lossless via GDCM); `preamble=False` drops the 128-byte preamble and "DICM" prefix.
     """
     pixels = np.asarray(pixels)
     photometric = photometric.upper()
@@ -164,21 +186,24 @@ def make_dicom(
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"RGB pixels must be uint8 HxWx3, got {pixels.dtype} {pixels.shape}")
         frames, rows, columns, samples = 1, pixels.shape[0], pixels.shape[1], 3
-    elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+    elif photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
         if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3):
             raise ValueError(f"grey pixels must be uint8/uint16 HxW or FxHxW, got {pixels.dtype} {pixels.shape}")
         frames = pixels.shape[0] if pixels.ndim == 3 else 1
         rows, columns, samples = pixels.shape[-2], pixels.shape[-1], 1
     else:
-        raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2 or RGB, got {photometric!r}")
+        raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2, PALETTE COLOR or RGB, got {photometric!r}")
+    if (palette is None) != (photometric != "PALETTE COLOR"):
+        raise ValueError("a palette is required for PALETTE COLOR, and only there")
     bits_allocated = pixels.dtype.itemsize * 8
     # A uint8 array cannot use more than 8 bits, whatever the (uint16-oriented) default says.
     stored = min(bits_stored, bits_allocated)
     if not 1 <= stored or (pixels.size and int(pixels.max()) >= 2**stored):
         raise ValueError(f"pixel values do not fit in {stored} stored bits")
 
-    sop_class = _SECONDARY_CAPTURE if photometric == "RGB" else _DIGITAL_XRAY_FOR_PRESENTATION
-    sop_instance = generate_uid()
+    default_class = _DIGITAL_XRAY_FOR_PRESENTATION if photometric.startswith("MONOCHROME") else _SECONDARY_CAPTURE
+    sop_class = sop_class_uid or default_class
+    sop_instance = sop_instance_uid or generate_uid()
     file_meta = FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = sop_class
     file_meta.MediaStorageSOPInstanceUID = sop_instance
@@ -189,14 +214,20 @@ def make_dicom(
     dataset.file_meta = file_meta
     dataset.SOPClassUID = sop_class
     dataset.SOPInstanceUID = sop_instance
-    dataset.StudyInstanceUID = generate_uid()
-    dataset.SeriesInstanceUID = generate_uid()
-    dataset.Modality = "OT" if photometric == "RGB" else "DX"
-    dataset.ImageType = ["DERIVED", "SECONDARY"] if photometric == "RGB" else ["ORIGINAL", "PRIMARY"]
+    dataset.StudyInstanceUID = study_uid or generate_uid()
+    dataset.SeriesInstanceUID = series_uid or generate_uid()
+    grey = photometric.startswith("MONOCHROME")
+    dataset.Modality = modality or ("DX" if grey else "OT")
+    dataset.ImageType = ["ORIGINAL", "PRIMARY"] if grey else ["DERIVED", "SECONDARY"]
     # Deliberately not realistic: nothing here may look like a real person.
     dataset.PatientName = "ANON"
     dataset.PatientID = "ANON"
-    dataset.ViewPosition = "PA"
+    if body_part is not None:
+        dataset.BodyPartExamined = body_part
+    if view_position is not None:
+        dataset.ViewPosition = view_position
+    if image_laterality is not None:
+        dataset.ImageLaterality = image_laterality
 
     dataset.SamplesPerPixel = samples
     dataset.PhotometricInterpretation = photometric
@@ -217,14 +248,78 @@ def make_dicom(
         dataset.RescaleSlope = DSfloat(rescale[0], auto_format=True)
         dataset.RescaleIntercept = DSfloat(rescale[1], auto_format=True)
         dataset.RescaleType = "US"
+    if palette is not None:
+        _set_palette(dataset, np.asarray(palette))
     if with_pixels:
         raw = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
         dataset.PixelData = raw + b"\x00" * (len(raw) % 2)  # DICOM values have even length
         dataset["PixelData"].VR = "OW" if bits_allocated == 16 else "OB"
+        if UID(transfer_syntax) != ExplicitVRLittleEndian:
+            _compress(dataset, pixels, UID(transfer_syntax))
 
     buffer = BytesIO()
     pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    return data if preamble else data[132:]
+
+
+def synthetic_film(rng: np.random.Generator, height: int, width: int, bits: int = 12) -> np.ndarray:
+    """A full-size detector image (uint16, `bits` stored): an upscaled synthetic X-ray plus fine texture and noise."""
+    base = synthetic_xray(rng, size=512).image.astype(np.float32) / 255.0
+    film = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+    # Upscaling leaves the picture smooth; real films have trabecular texture and quantum noise at
+    # full resolution, which is what makes compression and area averaging realistic.
+    texture = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), sigmaX=2.0)
+    film += 0.02 * texture + rng.normal(0.0, 0.006, size=(height, width)).astype(np.float32)
+    top = 2**bits - 1
+    return np.clip(np.rint(film * top), 0, top).astype(np.uint16)
+
+
+def _set_palette(dataset: Dataset, palette: np.ndarray) -> None:
+    """Write an Nx3 RGB palette as the three (non-segmented) PALETTE COLOR lookup tables."""
+    if palette.ndim != 2 or palette.shape[1] != 3 or palette.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"palette must be uint8/uint16 Nx3, got {palette.dtype} {palette.shape}")
+    bits = palette.dtype.itemsize * 8
+    for channel, colour in enumerate(("Red", "Green", "Blue")):
+        # Descriptor: entries (0 means 65536), first mapped value, bits per entry. Entries are
+        # stored as 16-bit words either way (PS3.3 C.7.6.3.1.6), 8-bit ones in the low byte.
+        setattr(dataset, f"{colour}PaletteColorLookupTableDescriptor", [len(palette) % 65536, 0, bits])
+        words = palette[:, channel].astype("<u2").tobytes()
+        setattr(dataset, f"{colour}PaletteColorLookupTableData", words)
+        dataset[f"{colour}PaletteColorLookupTableData"].VR = "OW"
+
+
+def _compress(dataset: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> None:
+    """Encapsulate the pixels in a compressed transfer syntax (JPEG Lossless through GDCM)."""
+    if transfer_syntax not in (JPEGLosslessSV1, JPEGLossless):
+        dataset.compress(transfer_syntax, pixels, generate_instance_uid=False)
+        return
+    import tempfile
+
+    import gdcm  # python-gdcm: pydicom has no JPEG Lossless encoder
+
+    syntax = gdcm.TransferSyntax.JPEGLosslessProcess14_1 if transfer_syntax == JPEGLosslessSV1 else gdcm.TransferSyntax.JPEGLosslessProcess14
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "in.dcm", Path(folder) / "out.dcm"
+        pydicom.dcmwrite(source, dataset, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(source))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(syntax))
+        if not reader.Read() or (change.SetInput(reader.GetImage()) or not change.Change()):
+            raise RuntimeError("GDCM could not encode JPEG Lossless")
+        writer = gdcm.ImageWriter()
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        writer.SetFileName(str(target))
+        if not writer.Write():
+            raise RuntimeError("GDCM could not write JPEG Lossless")
+        # Only the encapsulated pixels are taken over: GDCM also adds empty study elements.
+        encoded = pydicom.dcmread(target)
+    dataset.PixelData = encoded.PixelData
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    dataset.file_meta.TransferSyntaxUID = transfer_syntax
 
 
 # --- drawing helpers ----------------------------------------------------------------------------
