@@ -13,8 +13,10 @@ new = decode_reduced(1024) -> preprocess(224) -> to_uint8 -> encode_overlay(png|
 floor = the plain decode alone (pydicom pixel_array / cv2.imdecode), the cost no path can avoid.
 The last line is `cpu ms/scan dicom=A jpegll=B png16=C jpeg8=D floor_dicom=E pipeline scans/s=F`,
 where A-D are the whole new path with --overlay overlays (default png, today's format; the lines
-before give the totals with JPEG and WebP overlays: PNG encoding is ~60% of the DICOM total). `measure_pipeline` (Redis, a worker, SQLite,
-a near-zero-cost model bundle) is a stub to be filled in; until then F is n/a.
+before give the totals with JPEG and WebP overlays: PNG encoding is ~60% of the DICOM total). F is `measure_pipeline`: the 2500x2048
+12-bit DICOM, --pipeline-n times, through real Redis, a `lungcam worker` (its default settings and
+overlay format), a local store and SQLite, with a near-zero-cost model bundle, so the non-model cost
+per scan shows (scans/s on this machine's cores).
 """
 
 from __future__ import annotations
@@ -172,9 +174,28 @@ def measure_threads(inputs: dict[str, bytes], cam: np.ndarray, batch: int, repea
         )
 
 
-def measure_pipeline(*args: object, **kwargs: object) -> float | None:
-    """Scans/s through Redis -> a real worker -> SQLite, with a near-zero-cost model bundle (to be filled in)."""
-    return None
+def measure_pipeline(data: bytes, n: int, broker: str, batch_size: int = 16) -> float:
+    """Scans/s of n copies of one DICOM through Redis, a real worker, a local store and SQLite, with a near-zero-cost model."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers import make_tiny_bundle
+    from throughput import pipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="lungcam-cpu-cost-"))
+    try:
+        files = []
+        for index in range(n):
+            path = tmp / "in" / f"film-{index:04d}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+            files.append(path)
+        bundle = make_tiny_bundle(tmp / "bundle", INPUT_SIZE)
+        return pipeline(bundle, files, batch_size, "local", tmp, broker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -182,6 +203,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads-batch", type=int, default=16)
     parser.add_argument("--overlay", choices=("jpeg", "png", "webp"), default="png")
+    parser.add_argument("--pipeline-n", type=int, default=96, help="scans through the pipeline (0 skips it)")
+    parser.add_argument("--broker", default=os.environ.get("LUNGCAM_BROKER_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args()
 
     cv2.setNumThreads(1)  # one core per scan: the worker runs one decode per process/thread
@@ -191,7 +214,7 @@ def main() -> None:
     totals = measure_steps(inputs, cam, args.repeats)
     measure_plugins(args.repeats)
     measure_threads(inputs, cam, args.threads_batch, args.repeats, args.overlay)
-    pipeline = measure_pipeline()
+    pipeline = measure_pipeline(inputs["dicom"], args.pipeline_n, args.broker) if args.pipeline_n else None
     rate = "n/a" if pipeline is None else f"{pipeline:.1f}"
     floor = totals["floor"]["dicom"]
     print(f"\nload average while measuring: {os.getloadavg()[0]:.1f} (cpus={os.cpu_count()})")

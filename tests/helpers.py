@@ -75,6 +75,28 @@ def make_bundle(dest: Path, arch: str = "resnet50", input_size: int = 64, seed: 
     return dest
 
 
+def make_tiny_bundle(dest: Path, input_size: int = 224) -> Path:
+    """A bundle whose model costs almost nothing (pool, 1x1 conv, dense), so a pipeline's non-model cost shows."""
+    import keras
+
+    from shared.bundle import save_bundle
+    from shared.imaging import PREPROCESSING
+    from shared.zoo import CLASS_NAMES, LOGITS_LAYER
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((input_size, input_size, 3))
+    pooled = keras.layers.AveragePooling2D(pool_size=input_size // 8)(inputs)
+    features = keras.layers.Conv2D(4, 1, activation="relu", name="cam_layer")(pooled)
+    logits = keras.layers.Dense(len(CLASS_NAMES), name=LOGITS_LAYER)(keras.layers.GlobalAveragePooling2D()(features))
+    model = keras.Model(inputs, keras.layers.Activation("softmax")(logits))
+    manifest = {
+        "name": "tiny-test", "version": "t1", "architecture": "tiny", "input_size": input_size,
+        "class_names": list(CLASS_NAMES), "preprocessing": PREPROCESSING, "gradcam_layer": "cam_layer", "weights": "none",
+    }
+    save_bundle(model, manifest, dest)
+    return dest
+
+
 def encode_scan(image: np.ndarray, fmt: str) -> bytes:
     """Encode a uint8 grey image as png, png16, jpeg or dicom bytes."""
     from shared.synthetic import make_dicom
