@@ -1,0 +1,358 @@
+"""Recovery owned by the system: leases, the reconciler, SIGKILLed workers, a Redis that loses everything.
+
+Real `lungcam worker` subprocesses (they import this checkout when PYTHONPATH points at it), real
+Redis (db 5 and 6 of the shared server, or a private `redis-server` this module starts), SQLite
+and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy import func, select
+
+from helpers import make_bundle, mixed_scans, start_worker, wait_until
+from shared import db
+from shared.broker_state import RedisBroker
+from shared.queueing import make_app, publish, submit_scans
+from shared.settings import Settings
+from shared.store import LocalStore, scan_key
+from worker.consumer.reconciler import Reconciler
+
+pytestmark = pytest.mark.slow
+
+KILL_REDIS_URL = os.environ.get("LUNGCAM_TEST_RECOVERY_REDIS_URL", "redis://127.0.0.1:6379/5")
+UNIT_REDIS_URL = "redis://127.0.0.1:6379/6"
+MODEL = "resnet50-test"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small random-weight bundle."""
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "resnet50", "resnet50", 64)
+
+
+def _flushed(url: str) -> Iterator[str]:
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def unit_redis() -> Iterator[str]:
+    yield from _flushed(UNIT_REDIS_URL)
+
+
+@pytest.fixture
+def kill_redis() -> Iterator[str]:
+    yield from _flushed(KILL_REDIS_URL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server without persistence on a port of its own, to stop and start empty."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 20, 0.1, "the private redis-server to answer")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: without persistence every queue and unacked message is gone."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    yield server
+    server.kill()
+
+
+def _sessions(url: str):
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    return db.make_session_factory(engine)
+
+
+def _statuses(sessions) -> dict[str, int]:
+    with sessions() as session:
+        return dict(session.execute(select(db.Scan.status, func.count()).group_by(db.Scan.status)).all())
+
+
+def _all_done(sessions, total: int) -> bool:
+    return _statuses(sessions).get(db.DONE, 0) == total
+
+
+def _rows_per_scan(sessions) -> dict[str, int]:
+    with sessions() as session:
+        rows = session.execute(
+            select(db.Prediction.scan_id, func.count()).where(db.Prediction.model_name == MODEL).group_by(db.Prediction.scan_id)
+        ).all()
+    return dict(rows)
+
+
+def _env(broker: str, db_url: str, store: Path, bundle: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LUNGCAM_BROKER_URL": broker,
+        "LUNGCAM_DATABASE_URL": db_url,
+        "LUNGCAM_STORE_URL": str(store),
+        "LUNGCAM_MODELS": str(bundle),
+        **extra,
+    }
+
+
+def _stage(store_root: Path, count: int, seed: int) -> list[dict]:
+    store = LocalStore(store_root)
+    scans = []
+    for scan_id, data in mixed_scans(count, seed=seed, size=64).items():
+        store.put(scan_key(scan_id), data)
+        scans.append({"scan_id": scan_id, "source_uri": scan_key(scan_id)})
+    return scans
+
+
+def _assert_ours(worker) -> None:
+    """The worker runs this checkout (the line only the lease/reconciler code prints)."""
+    assert "reconciler every" in worker.log(), "the worker subprocess did not import this checkout (set PYTHONPATH)"
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+
+def test_migration_0002_round_trip_keeps_results(db_url):
+    """Upgrade to 0002 and back to 0001 on SQLite and PostgreSQL; predictions survive both ways."""
+    engine = db.make_engine(db_url)
+    try:
+        db.migrate(engine, "0001")
+        with engine.begin() as connection:
+            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('s1', 'scans/s1')"))
+            connection.execute(sa.text(
+                "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES ('s1', 'm', '1', 'covid', 0.9)"
+            ))
+        db.migrate(engine)
+        assert {"lease_expires_at", "published_at"} <= {c["name"] for c in sa.inspect(engine).get_columns("scans")}
+        with engine.begin() as connection:
+            command.downgrade(db.alembic_config(connection), "0001")
+        assert "lease_expires_at" not in {c["name"] for c in sa.inspect(engine).get_columns("scans")}
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_broker_snapshot_sees_waiting_and_held_messages_and_restores_to_the_head(unit_redis):
+    """Messages in a queue and in kombu's unacked hash are found by scan id; a held one goes back to the head."""
+    settings = Settings(broker_url=unit_redis)
+    app = make_app(settings)
+    try:
+        for scan_id in ("a", "b", "c"):
+            publish(app, scan_id, "routine")
+        publish(app, "s", "stat", attempt=2, force=True, countdown=30)
+        broker = RedisBroker(app)
+        assert broker.snapshot().waiting == {"a", "b", "c", "s"}
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            held = channel.basic_get("routine", no_ack=False)  # a consumer takes "a" and never acks
+            assert held.headers["argsrepr"] == "['a']"
+            snapshot = broker.snapshot()
+            assert snapshot.waiting == {"b", "c", "s"} and [m.tag for m in snapshot.held["a"]] == [held.delivery_tag]
+            now = time.time()
+            assert snapshot.is_live("a", now, 60) and not snapshot.is_live("a", now + 61, 60)
+            assert broker.restore([held.delivery_tag]) == 1
+            assert broker.restore([held.delivery_tag]) == 0  # already restored
+        after = broker.snapshot()
+        assert after.waiting == {"a", "b", "c", "s"} and after.held == {}
+        with app.connection_for_read() as connection:
+            assert connection.default_channel.basic_get("routine", no_ack=True).headers["argsrepr"] == "['a']"
+        assert broker.try_lock("lungcam:test-lock", "me", 5000) and not broker.try_lock("lungcam:test-lock", "you", 5000)
+    finally:
+        app.close()
+
+
+def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_path, unit_redis):
+    """A queued scan without a message is re-sent at its priority after requeue_after_s, and not again at once."""
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    sessions = _sessions(url)
+    settings = Settings(broker_url=unit_redis, database_url=url, requeue_after_s=60)
+    app = make_app(settings)
+    client = redis.Redis.from_url(unit_redis)
+    try:
+        old = db.utcnow() - dt.timedelta(seconds=120)
+        with sessions.begin() as session:
+            db.add_scans(session, [
+                {"scan_id": "lost-stat", "source_uri": "x", "priority": "stat", "submitted_at": old},
+                {"scan_id": "waiting", "source_uri": "x", "submitted_at": old},
+                {"scan_id": "young", "source_uri": "x"},
+            ], None)
+        publish(app, "waiting", "routine")
+        reconciler = Reconciler(app, sessions, settings, owner="test")
+        report = reconciler.run_once()
+        assert report.lost == ["lost-stat"] and report.expired == []
+        assert client.llen("stat") == 1 and client.llen("routine") == 1
+        client.delete("stat")  # lost again at once: the grace period keeps it from being re-sent every pass
+        assert not reconciler.run_once()
+        # A minute on, "young" (never published) is due as well; "waiting" still has its message.
+        report = reconciler.run_once(now=db.utcnow() + dt.timedelta(seconds=61))
+        assert sorted(report.lost) == ["lost-stat", "young"]
+    finally:
+        app.close()
+
+
+# --- faults with real workers ------------------------------------------------------------------------
+
+
+def _worker_id(worker) -> str:
+    return f"{socket.gethostname()}:{worker.process.pid}"
+
+
+def _held_by(sessions, worker_id: str) -> set[str]:
+    with sessions() as session:
+        return set(session.scalars(
+            select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id == worker_id)
+        ))
+
+
+def _resumed(sessions, in_flight: set[str], killed_at: dt.datetime) -> tuple[bool, bool]:
+    """(one of them finished, all of them finished or claimed again) since the kill."""
+    with sessions() as session:
+        rows = session.execute(
+            select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(db.Scan.scan_id.in_(in_flight))
+        ).all()
+    finished = [r for r in rows if r.status == db.DONE and r.finished_at and r.finished_at > killed_at]
+    again = [r for r in rows if r.status == db.DONE or (r.claimed_at is not None and r.claimed_at > killed_at)]
+    return bool(finished), len(again) == len(in_flight)
+
+
+def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres_url, tmp_path, bundle, kill_redis):
+    """Default settings: 300 scans, the worker SIGKILLed five times mid-batch and restarted; all done once, each resume < 90 s."""
+    with sa.create_engine(db.normalize_url(postgres_url)).begin() as connection:
+        connection.execute(sa.text("DROP TABLE IF EXISTS predictions, scans, batches, alembic_version CASCADE"))
+    sessions = _sessions(postgres_url)
+    scans = _stage(tmp_path / "store", 300, seed=3)
+    env = _env(kill_redis, postgres_url, tmp_path / "store", bundle)
+    app = make_app(Settings(broker_url=kill_redis, database_url=postgres_url))
+    started = time.monotonic()
+    worker = start_worker(env, tmp_path / "worker-0.log")
+    resumes: list[tuple[int, float, float]] = []
+    try:
+        worker.wait_ready()
+        _assert_ours(worker)
+        submit_scans(sessions, app, scans, batch_id="kills")
+        for kill in range(1, 6):
+            wait_until(lambda: _held_by(sessions, _worker_id(worker)), 120, 0.02, "a batch in flight")
+            in_flight = _held_by(sessions, _worker_id(worker))
+            killed_at, t_kill = db.utcnow(), time.monotonic()
+            worker.kill()
+            worker = start_worker(env, tmp_path / f"worker-{kill}.log")
+            first = every = None
+            while every is None or first is None:
+                one, all_ = _resumed(sessions, in_flight, killed_at)
+                if one and first is None:
+                    first = time.monotonic() - t_kill
+                if all_ and every is None:
+                    every = time.monotonic() - t_kill
+                assert time.monotonic() - t_kill < 90, f"kill {kill}: {len(in_flight)} in-flight scans not resumed in 90 s"
+                time.sleep(0.2)
+            resumes.append((len(in_flight), first, every))
+            print(f"kill {kill}: {len(in_flight)} in flight; first finished after {first:.1f} s, all re-claimed after {every:.1f} s")
+        wait_until(lambda: _all_done(sessions, 300), 240, 1.0, "all 300 scans done")
+    finally:
+        worker.stop()
+        app.close()
+    print(f"wall time {time.monotonic() - started:.0f} s; resumes {resumes}")
+    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _statuses(sessions) == {db.DONE: 300}
+    assert all(first < 90 and every < 90 for _n, first, every in resumes)
+
+
+def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundle, private_redis):
+    """120 scans; the broker is killed mid-run and comes back empty; the reconciler re-sends what was lost."""
+    url = f"sqlite:///{tmp_path / 'wipe.sqlite'}"
+    sessions = _sessions(url)
+    scans = _stage(tmp_path / "store", 120, seed=4)
+    private_redis.start()
+    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="20")
+    app = make_app(Settings(broker_url=private_redis.url, database_url=url))
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        _assert_ours(worker)
+        submit_scans(sessions, app, scans, batch_id="wipe")
+        wait_until(lambda: _statuses(sessions).get(db.DONE, 0) >= 16, 120, 0.05, "a first batch done")
+        private_redis.kill()
+        at_wipe = _statuses(sessions)
+        time.sleep(2)
+        private_redis.start()  # empty: no queues, no unacked messages, no bindings
+        assert at_wipe.get(db.DONE, 0) < 120, at_wipe
+        wait_until(lambda: _all_done(sessions, 120), 240, 1.0, "all 120 scans done after the wipe")
+        assert "lost messages re-sent" in worker.log()
+    finally:
+        worker.stop()
+        app.close()
+    print(f"at the wipe: {at_wipe}")
+    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+
+
+def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back(tmp_path, bundle, private_redis):
+    """submit_scans fails to publish (the row stays queued); once Redis is up the reconciler sends it."""
+    from kombu.exceptions import OperationalError
+
+    url = f"sqlite:///{tmp_path / 'down.sqlite'}"
+    sessions = _sessions(url)
+    scans = _stage(tmp_path / "store", 3, seed=5)
+    scans[0]["priority"] = "stat"
+    app = make_app(Settings(broker_url=private_redis.url, database_url=url))
+    try:
+        with pytest.raises(OperationalError):
+            submit_scans(sessions, app, scans, batch_id="down")
+    finally:
+        app.close()
+    assert _statuses(sessions) == {db.QUEUED: 3}
+    private_redis.start()
+    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="5", LUNGCAM_RECONCILE_INTERVAL_S="2")
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        _assert_ours(worker)
+        wait_until(lambda: _all_done(sessions, 3), 120, 0.5, "the scans submitted during the outage to be done")
+    finally:
+        worker.stop()
+    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
