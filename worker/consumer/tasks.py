@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery_batches import Batches
 
 from shared import db
@@ -109,9 +109,29 @@ class BatchRunner:
             log.warning("could not mark %d scans queued for retry: %s", len(mine), type(exc).__name__)
 
 
+class RearmBatchFlush(bootsteps.StartStopStep):
+    """Re-arms celery-batches' flush timer each time the consumer (re)connects to the broker."""
+
+    # Celery clears the event loop's timer after a lost broker connection, but celery-batches keeps
+    # the handle of its flush timer and only starts a new one while it has none: without this, after
+    # a reconnect a partial batch waits until batch_size messages have arrived, perhaps for ever.
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        """Drop the stale handle; flush what is buffered on a fresh timer."""
+        task = parent.app.tasks.get(CLASSIFY_TASK)
+        if task is None or not hasattr(task, "_tref"):
+            return
+        stale, task._tref = task._tref, None
+        if stale is not None and parent.timer is not None:
+            stale.cancel()
+            task._tref = parent.timer.call_repeatedly(task.flush_interval, task._do_flush)
+
+
 def bind_classify_task(app: Celery, classifier: ScanClassifier, settings: Settings) -> Any:
     """Register the batched classify task on app, served by classifier; returns the task."""
     runner = BatchRunner(app, classifier, settings)
+    app.steps["consumer"].add(RearmBatchFlush)
 
     @app.task(
         base=Batches,
