@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,19 +251,50 @@ def _held_by(sessions, worker_id: str) -> set[str]:
         ))
 
 
-def _resumed(sessions, in_flight: set[str], killed_at: dt.datetime) -> tuple[bool, bool]:
-    """(one of them finished, all of them finished or claimed again) since the kill."""
-    with sessions() as session:
-        rows = session.execute(
-            select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(db.Scan.scan_id.in_(in_flight))
-        ).all()
-    finished = [r for r in rows if r.status == db.DONE and r.finished_at and r.finished_at > killed_at]
-    again = [r for r in rows if r.status == db.DONE or (r.claimed_at is not None and r.claimed_at > killed_at)]
-    return bool(finished), len(again) == len(in_flight)
+class ResumeClock:
+    """Per kill: its in-flight scans, and how long after the kill the first finished and all were claimed again."""
+
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
+        self.kills: list[dict] = []
+        self._polled = 0.0
+
+    def killed(self, in_flight: set[str]) -> None:
+        self.kills.append({"in_flight": in_flight, "at": db.utcnow(), "t": time.monotonic(), "first": None, "all": None})
+
+    def poll(self) -> None:
+        """Check the open kills (at most twice a second)."""
+        if time.monotonic() - self._polled < 0.5:
+            return
+        self._polled = time.monotonic()
+        for kill in self.kills:
+            if kill["first"] is not None and kill["all"] is not None:
+                continue
+            with self.sessions() as session:
+                rows = session.execute(
+                    select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(db.Scan.scan_id.in_(kill["in_flight"]))
+                ).all()
+            finished = any(r.status == db.DONE and r.finished_at and r.finished_at > kill["at"] for r in rows)
+            again = all(r.status == db.DONE or (r.claimed_at is not None and r.claimed_at > kill["at"]) for r in rows)
+            elapsed = time.monotonic() - kill["t"]
+            if finished and kill["first"] is None:
+                kill["first"] = elapsed
+            if again and kill["all"] is None:
+                kill["all"] = elapsed
+
+    def summary(self) -> list[tuple[int, float | None, float | None]]:
+        return [(len(k["in_flight"]), k["first"], k["all"]) for k in self.kills]
 
 
 def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres_url, tmp_path, bundle, kill_redis):
-    """Default settings: 300 scans, the worker SIGKILLed five times mid-batch and restarted; all done once, each resume < 90 s."""
+    """Default settings: 300 scans, the worker SIGKILLed mid-batch five times and restarted; all done once; each resume < 90 s.
+
+    A worker classifies these 64-pixel scans much faster than it restarts (hundreds a second, ~15 s
+    to start), so the batch arrives in 30 parts of 10 every 5 s (a feed, not one upload): that keeps
+    work in flight across five kill/restart cycles. Each worker is killed holding a batch once it has
+    run for 15 s, so its reconciler had a chance to act (a worker killed within a second of starting
+    recovers nothing, and neither would any real one).
+    """
     with sa.create_engine(db.normalize_url(postgres_url)).begin() as connection:
         connection.execute(sa.text("DROP TABLE IF EXISTS predictions, scans, batches, alembic_version CASCADE"))
     sessions = _sessions(postgres_url)
@@ -270,37 +302,42 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
     env = _env(kill_redis, postgres_url, tmp_path / "store", bundle)
     app = make_app(Settings(broker_url=kill_redis, database_url=postgres_url))
     started = time.monotonic()
+    clock = ResumeClock(sessions)
+    stop_feed = threading.Event()
+
+    def feed() -> None:
+        for start in range(0, len(scans), 10):
+            submit_scans(sessions, app, scans[start : start + 10], batch_id="kills", batch_name="kills")
+            if stop_feed.wait(5):
+                return
+
     worker = start_worker(env, tmp_path / "worker-0.log")
-    resumes: list[tuple[int, float, float]] = []
+    feeder = threading.Thread(target=feed, daemon=True)
     try:
         worker.wait_ready()
         _assert_ours(worker)
-        submit_scans(sessions, app, scans, batch_id="kills")
+        feeder.start()
         for kill in range(1, 6):
-            wait_until(lambda: _held_by(sessions, _worker_id(worker)), 120, 0.02, "a batch in flight")
+            worker.wait_ready()
+            ready_at = time.monotonic()
+            wait_until(lambda: clock.poll() or time.monotonic() - ready_at >= 15, 60, 0.2, "15 s of work")
+            wait_until(lambda: clock.poll() or _held_by(sessions, _worker_id(worker)), 120, 0.02, "a batch in flight")
             in_flight = _held_by(sessions, _worker_id(worker))
-            killed_at, t_kill = db.utcnow(), time.monotonic()
             worker.kill()
+            clock.killed(in_flight)
             worker = start_worker(env, tmp_path / f"worker-{kill}.log")
-            first = every = None
-            while every is None or first is None:
-                one, all_ = _resumed(sessions, in_flight, killed_at)
-                if one and first is None:
-                    first = time.monotonic() - t_kill
-                if all_ and every is None:
-                    every = time.monotonic() - t_kill
-                assert time.monotonic() - t_kill < 90, f"kill {kill}: {len(in_flight)} in-flight scans not resumed in 90 s"
-                time.sleep(0.2)
-            resumes.append((len(in_flight), first, every))
-            print(f"kill {kill}: {len(in_flight)} in flight; first finished after {first:.1f} s, all re-claimed after {every:.1f} s")
-        wait_until(lambda: _all_done(sessions, 300), 240, 1.0, "all 300 scans done")
+        wait_until(lambda: clock.poll() or _all_done(sessions, 300), 300, 0.5, "all 300 scans done")
+        wait_until(lambda: clock.poll() or all(k["first"] is not None for k in clock.kills), 60, 0.5, "resumes")
     finally:
+        stop_feed.set()
         worker.stop()
         app.close()
-    print(f"wall time {time.monotonic() - started:.0f} s; resumes {resumes}")
+    wall = time.monotonic() - started
+    print(f"\nwall time {wall:.0f} s; per kill (in flight, first finished s, all re-claimed s): {clock.summary()}")
     assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
     assert _statuses(sessions) == {db.DONE: 300}
-    assert all(first < 90 and every < 90 for _n, first, every in resumes)
+    for in_flight, first, every in clock.summary():
+        assert in_flight > 0 and first is not None and every is not None and first < 90 and every < 90, clock.summary()
 
 
 def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundle, private_redis):
