@@ -393,3 +393,49 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
     finally:
         worker.stop()
     assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+
+
+# --- re-running an interrupted ingest ----------------------------------------------------------------
+
+
+def test_ingesting_the_same_source_again_resumes_its_batch_and_keeps_stored_images(tmp_path):
+    """Same source and name: the same batch id; known scans keep their stored image unless forced."""
+    from worker.ops.ingest import batch_id_for, discover, ingest
+
+    broker = "redis://127.0.0.1:6379/7"
+    redis.Redis.from_url(broker).flushdb()
+    url = f"sqlite:///{tmp_path / 'ingest.sqlite'}"
+    sessions = _sessions(url)
+    settings = Settings(broker_url=broker, database_url=url, store_url=str(tmp_path / "store"))
+    store = LocalStore(tmp_path / "store")
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    images = mixed_scans(3, seed=6, size=64)
+    for name, data in list(images.items())[:2]:
+        (folder / name).write_bytes(data)
+    app = make_app(settings)
+    try:
+        batch = batch_id_for(str(folder), "archive")
+        assert batch == batch_id_for(f"{folder}/", "archive") != batch_id_for(str(folder), "other")
+        first_id, first = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
+                                 batch_name="archive", batch_id=batch)
+        assert first_id == batch and len(first.queued) == 2
+        stored = {key: store.get(key) for key in store.list("scans/")}
+        # The interrupted ingest is run again, one file changed on disk and one new file added.
+        first_file = sorted(folder.iterdir())[0]
+        first_file.write_bytes(b"changed on disk")
+        (folder / "late").write_bytes(images[list(images)[2]])
+        again_id, again = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
+                                 batch_name="archive", batch_id=batch_id_for(str(folder), "archive"))
+        assert again_id == batch and again.queued == ["late"] and len(again.already) == 2
+        assert all(store.get(key) == data for key, data in stored.items())
+        _id, forced = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
+                             batch_name="archive", batch_id=batch, force=True)
+        assert len(forced.queued) == 3
+        assert b"changed on disk" in {store.get(key) for key in store.list("scans/")}
+        with sessions() as session:
+            assert db.batch_counts(session, batch)["total"] == 3
+            assert session.scalar(select(func.count()).select_from(db.Batch)) == 1
+    finally:
+        app.close()
+        redis.Redis.from_url(broker).flushdb()

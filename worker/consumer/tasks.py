@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery_batches import Batches
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared import db
 from shared.queueing import CLASSIFY_TASK, QUEUES, ROUTINE_QUEUE, publish
@@ -51,7 +52,11 @@ class BatchRunner:
         try:
             outcome = self.classifier.process(list(by_id), force=force)
         except Exception as exc:  # noqa: BLE001 - celery-batches acks a batch that raised: settle it here
-            log.exception("batch of %d scans failed before any was claimed", len(by_id))
+            # No traceback for database errors: their text carries the statement's parameters (scan ids).
+            log.error(
+                "batch of %d scans failed before any was claimed: %s", len(by_id), type(exc).__name__,
+                exc_info=not isinstance(exc, SQLAlchemyError),
+            )
             outcome = BatchOutcome(retry={scan_id: describe(exc) for scan_id in by_id})
             if not is_transient(exc):
                 outcome = self._fail(outcome.retry)
