@@ -20,7 +20,7 @@ from shared.gradcam import GradCam
 from shared.imaging import ImageDecodeError, decode_image, fit_within, preprocess, to_uint8
 from shared.overlay import overlay_png
 from shared.settings import Settings
-from shared.store import ObjectNotFound, ObjectStore, overlay_key
+from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import SourceFetcher
 from worker.consumer.leases import LeaseKeeper
 from worker.consumer.transient import describe, is_transient
@@ -147,6 +147,11 @@ class ScanClassifier:
                 failed[scan_id] = f"undecodable image: {exc}"
             except ObjectNotFound:
                 failed[scan_id] = "image not found at its source"
+            except StoreError as exc:
+                if exc.transient:
+                    outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
+                else:
+                    failed[scan_id] = f"store refused the image: {exc}"
             except Exception as exc:  # noqa: BLE001 - one bad scan must not sink its batch
                 if is_transient(exc):
                     outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
