@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
     text,
     update,
@@ -348,9 +349,16 @@ def mark_scans(
 _NO_LEASE: dict[str, Any] = {"worker_id": None, "claimed_at": None, "lease_expires_at": None}
 
 
-def claim_scans(session: Session, scan_ids: Iterable[str], worker_id: str, lease_s: float) -> None:
-    """Mark scans running under worker_id's lease (lease_s from now), counting an attempt."""
+def claim_scans(
+    session: Session, scan_ids: Iterable[str], worker_id: str, lease_s: float, *, take_over: Iterable[str] = ()
+) -> list[str]:
+    """Mark scans running under worker_id's lease (lease_s from now), counting an attempt; returns those claimed.
+
+    A scan under another worker's live lease is left alone (unless in take_over, e.g. forced): the
+    condition is in the UPDATE, so two workers racing for one scan cannot both claim it.
+    """
     now = utcnow()
+    take_over = set(take_over)
     values = {
         "status": RUNNING,
         "error": None,
@@ -360,8 +368,16 @@ def claim_scans(session: Session, scan_ids: Iterable[str], worker_id: str, lease
         "claimed_at": now,
         "lease_expires_at": now + dt.timedelta(seconds=lease_s),
     }
-    for chunk in _chunks(list(dict.fromkeys(scan_ids))):
-        session.execute(update(Scan).where(Scan.scan_id.in_(chunk)).values(**values))
+    free = or_(
+        Scan.status != RUNNING, Scan.lease_expires_at.is_(None), Scan.lease_expires_at <= now, Scan.worker_id == worker_id
+    )
+    claimed: set[str] = set()
+    ids = list(dict.fromkeys(scan_ids))
+    for chunk in _chunks(ids):
+        condition = or_(free, Scan.scan_id.in_([s for s in chunk if s in take_over])) if take_over else free
+        statement = update(Scan).where(Scan.scan_id.in_(chunk), condition).values(**values).returning(Scan.scan_id)
+        claimed.update(session.execute(statement.execution_options(synchronize_session=False)).scalars())
+    return [scan_id for scan_id in ids if scan_id in claimed]
 
 
 def renew_leases(session: Session, scan_ids: Iterable[str], worker_id: str, lease_s: float) -> int:

@@ -179,6 +179,25 @@ def test_migration_0002_round_trip_keeps_results(db_url):
         engine.dispose()
 
 
+def test_a_live_lease_cannot_be_claimed_twice(db_url):
+    """Two workers racing for one scan: the second claim finds the first one's live lease and gets nothing."""
+    sessions = _sessions(db_url)
+    with sessions.begin() as session:
+        db.add_scans(session, [{"scan_id": "s1", "source_uri": "x"}], None)
+    with sessions.begin() as session:
+        assert db.claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]
+    with sessions.begin() as session:
+        assert db.claim_scans(session, ["s1"], "worker-b", 30) == []
+        assert db.claim_scans(session, ["s1"], "worker-b", 30, take_over=["s1"]) == ["s1"]  # forced
+    with sessions.begin() as session:
+        assert db.renew_leases(session, ["s1"], "worker-a", 30) == 0  # taken over: a cannot renew it
+        session.execute(sa.update(db.Scan).values(lease_expires_at=db.utcnow() - dt.timedelta(seconds=1)))
+    with sessions.begin() as session:
+        assert db.claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]  # expired: free again
+        scan = session.get(db.Scan, "s1")
+        assert (scan.status, scan.worker_id, scan.attempts) == (db.RUNNING, "worker-a", 3)
+
+
 def test_broker_snapshot_sees_waiting_and_held_messages_and_restores_to_the_head(unit_redis):
     """Messages in a queue and in kombu's unacked hash are found by scan id; a held one goes back to the head."""
     settings = Settings(broker_url=unit_redis)

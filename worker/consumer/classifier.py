@@ -242,8 +242,13 @@ class ScanClassifier:
                     sources[scan_id] = scan.source_uri
             if unknown:
                 log.warning("%d messages for unknown scan ids ignored", unknown)
-            db.claim_scans(session, list(sources), self.leases.worker_id, self.settings.lease_s)
-        return sources
+            claimed = db.claim_scans(
+                session, list(sources), self.leases.worker_id, self.settings.lease_s, take_over=force
+            )
+            # Another worker claimed some of them since they were read: theirs now.
+            mine = set(claimed)
+            outcome.skipped.extend(scan_id for scan_id in sources if scan_id not in mine)
+        return {scan_id: sources[scan_id] for scan_id in claimed}
 
     def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
         """Whether a live lease on scan belongs to another worker or to another batch of this one."""
