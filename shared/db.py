@@ -395,6 +395,21 @@ def renew_leases(session: Session, scan_ids: Iterable[str], worker_id: str, leas
     return renewed
 
 
+def fail_unfinished(session: Session, reasons: dict[str, str]) -> list[str]:
+    """Mark scans failed with their reason unless they are done (a late failure never undoes a result)."""
+    failed = []
+    for scan_id, reason in reasons.items():
+        statement = (
+            update(Scan)
+            .where(Scan.scan_id == scan_id, Scan.status != DONE)
+            .values(status=FAILED, error=reason, finished_at=utcnow(), **_NO_LEASE)
+            .returning(Scan.scan_id)
+            .execution_options(synchronize_session=False)
+        )
+        failed.extend(session.execute(statement).scalars())
+    return failed
+
+
 def requeue_scans(session: Session, scan_ids: Iterable[str], worker_id: str | None = None) -> list[tuple[str, str]]:
     """Set running scans back to queued (only worker_id's, if given), stamping published_at; returns (id, priority)."""
     requeued: list[tuple[str, str]] = []

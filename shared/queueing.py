@@ -115,7 +115,12 @@ def submit_scans(
             for scan in scans:
                 if scan["scan_id"] in inserted:
                     continue
-                values = {"source_uri": scan["source_uri"], "priority": scan.get("priority") or db.ROUTINE}
+                values: dict[str, object] = {
+                    "source_uri": scan["source_uri"],
+                    "priority": scan.get("priority") or db.ROUTINE,
+                    # The reconciler's grace period counts from here, not from the first submission.
+                    "published_at": db.utcnow(),
+                }
                 if batch_id is not None:
                     values["batch_id"] = batch_id
                 session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))

@@ -392,3 +392,19 @@ def dt_seconds(seconds: float):
     import datetime as dt
 
     return dt.timedelta(seconds=seconds)
+
+
+def test_the_last_retry_fails_the_scan_with_its_reason_and_never_undoes_a_result(tmp_path, broker, rigs):
+    """Past task_max_retries a transient error fails the scan ("gave up after"); a scan already done stays done."""
+    rig = make_rig(f"sqlite:///{tmp_path / 'x.sqlite'}", tmp_path,
+                   store=FlakyStore(tmp_path / "store", StoreError("S3 PutObject failed: SlowDown")))
+    rigs.append(rig)
+    (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
+    assert rig.runner.run([rig.request(scan_id, "stat", attempt=2)]) == {"done": 0, "failed": 1, "retry": 0}
+    scan = rig.scan(scan_id)
+    assert scan.status == db.FAILED and (scan.error or "").startswith("gave up after 2 retries: overlay upload failed")
+    assert published(broker) == []
+    with rig.sessions.begin() as session:
+        db.mark_scans(session, [scan_id], db.DONE, finished=True)
+        assert db.fail_unfinished(session, {scan_id: "late"}) == []
+    assert rig.scan(scan_id).status == db.DONE

@@ -71,14 +71,13 @@ class BatchRunner:
         """Record scans failed for a permanent reason; if even that cannot be written, leave them to their leases."""
         try:
             with self.classifier.sessions.begin() as session:
-                for scan_id, reason in reasons.items():
-                    db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
+                failed = set(db.fail_unfinished(session, reasons))
         except Exception as exc:  # noqa: BLE001 - see below
             # Not re-published: a database that cannot take the failure would make that a loop. Claimed
             # scans keep their (no longer renewed) lease, which expires; the reconciler takes it from there.
             log.error("could not record %d failed scans (%s); leaving them to the reconciler", len(reasons), type(exc).__name__)
             return BatchOutcome()
-        return BatchOutcome(failed=reasons)
+        return BatchOutcome(failed={scan_id: reason for scan_id, reason in reasons.items() if scan_id in failed})
 
     def _retry_or_fail(self, outcome: BatchOutcome, requests: dict[str, Any]) -> None:
         """Re-publish transient failures to their own queue with backoff; past the retry limit, fail them."""
@@ -100,7 +99,10 @@ class BatchRunner:
                 except Exception as exc:  # noqa: BLE001 - the scan is queued in SQL: the reconciler re-sends it
                     log.warning("could not publish a retry (%s); the reconciler will re-send it", type(exc).__name__)
         if exhausted:
-            outcome.failed.update(self._fail(exhausted).failed)
+            recorded = self._fail(exhausted).failed
+            outcome.failed.update(recorded)
+            for scan_id in recorded:
+                outcome.retry.pop(scan_id, None)
 
     def _requeue_claimed(self, outcome: BatchOutcome, retries: dict[str, Any]) -> None:
         """Give this worker's leases on retried scans back (queued, published now), before publishing."""
