@@ -120,9 +120,12 @@ class RedisBroker:
                 snapshot.held.setdefault(scan_id, []).append(held)
         return snapshot
 
-    def restore(self, tags: Iterable[str]) -> int:
-        """Move held messages back to the head of their queue, as kombu does after the visibility timeout; returns how many."""
-        restored = 0
+    def restore(self, tags: Iterable[str]) -> set[str]:
+        """Move held messages back to the head of their queue, as kombu does after the visibility timeout; returns those moved."""
+        restored: set[str] = set()
+        tags = list(tags)
+        if not tags:
+            return restored
         with self._channel() as channel, channel.conn_or_acquire() as client:
             for tag in tags:
                 if client.transaction(
@@ -130,7 +133,7 @@ class RedisBroker:
                     channel.unacked_key,
                     value_from_callable=True,
                 ):
-                    restored += 1
+                    restored.add(tag)
         return restored
 
     @staticmethod

@@ -216,8 +216,8 @@ def test_broker_snapshot_sees_waiting_and_held_messages_and_restores_to_the_head
             assert snapshot.waiting == {"b", "c", "s"} and [m.tag for m in snapshot.held["a"]] == [held.delivery_tag]
             now = time.time()
             assert snapshot.is_live("a", now, 60) and not snapshot.is_live("a", now + 61, 60)
-            assert broker.restore([held.delivery_tag]) == 1
-            assert broker.restore([held.delivery_tag]) == 0  # already restored
+            assert broker.restore([held.delivery_tag]) == {held.delivery_tag}
+            assert broker.restore([held.delivery_tag]) == set()  # already restored
         after = broker.snapshot()
         assert after.waiting == {"a", "b", "c", "s"} and after.held == {}
         with app.connection_for_read() as connection:

@@ -172,13 +172,18 @@ class Reconciler:
     ) -> None:
         """Per scan: a waiting message is enough; a held one goes back to the head of its queue; else publish anew."""
         epoch = time.time()
+        stale: dict[str, list[str]] = {}
+        for scan_id, _priority in scans:
+            if snapshot is not None and scan_id not in snapshot.waiting:
+                # hold_limit 0: the holder's lease expired, so it is gone; otherwise only messages held too long.
+                stale[scan_id] = [
+                    m.tag for m in snapshot.held.get(scan_id, ()) if epoch - max(m.delivered_at, m.eta or 0.0) >= hold_limit_s
+                ]
+        restored = self.broker.restore(tag for tags in stale.values() for tag in tags) if stale else set()
         for scan_id, priority in scans:
             if snapshot is not None and scan_id in snapshot.waiting:
                 continue
-            held = snapshot.held.get(scan_id, []) if snapshot is not None else []
-            # hold_limit 0: the holder's lease expired, so it is gone; otherwise only messages held too long.
-            stale_tags = [m.tag for m in held if epoch - max(m.delivered_at, m.eta or 0.0) >= hold_limit_s]
-            if stale_tags and self.broker.restore(stale_tags):
+            if restored.intersection(stale.get(scan_id, ())):
                 report.restored += 1
                 continue
             # A scan stays queued in SQL if this fails, so the next pass tries again.
