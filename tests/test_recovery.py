@@ -260,13 +260,14 @@ def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_p
 
 
 def _worker_id(worker) -> str:
-    return f"{socket.gethostname()}:{worker.process.pid}"
+    """The host:pid part of the worker's lease holder id (host:pid:random)."""
+    return f"{socket.gethostname()}:{worker.process.pid}:"
 
 
-def _held_by(sessions, worker_id: str) -> set[str]:
+def _held_by(sessions, worker_prefix: str) -> set[str]:
     with sessions() as session:
         return set(session.scalars(
-            select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id == worker_id)
+            select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id.startswith(worker_prefix))
         ))
 
 

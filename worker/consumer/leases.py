@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections import Counter
@@ -16,8 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def default_worker_id() -> str:
-    """host:pid, unique among live workers (a restarted worker is a new holder)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:random, so a restarted container (same host name, pid 1 again) is a new holder."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class LeaseKeeper:
