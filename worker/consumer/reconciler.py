@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -97,10 +96,10 @@ class Reconciler:
             snapshot = None  # cannot see messages: re-send by age alone (duplicates cost a skip)
         report = ReconcileReport()
         expired = self._requeue_expired(now, report)
-        self._resend(expired, snapshot, report, hold_limit_s=0.0)
+        self._resend(expired, snapshot, report, now.timestamp(), hold_limit_s=0.0)
         lost = self._claim_lost(now, snapshot)
         report.lost = [scan_id for scan_id, _ in lost]
-        self._resend(lost, snapshot, report, hold_limit_s=self.settings.requeue_after_s)
+        self._resend(lost, snapshot, report, now.timestamp(), hold_limit_s=self.settings.requeue_after_s)
         return report
 
     def _requeue_expired(self, now: dt.datetime, report: ReconcileReport) -> list[tuple[str, str]]:
@@ -168,10 +167,15 @@ class Reconciler:
         return [(scan_id, priority) for scan_id, priority in rows]
 
     def _resend(
-        self, scans: list[tuple[str, str]], snapshot: BrokerSnapshot | None, report: ReconcileReport, hold_limit_s: float
+        self,
+        scans: list[tuple[str, str]],
+        snapshot: BrokerSnapshot | None,
+        report: ReconcileReport,
+        epoch: float,
+        *,
+        hold_limit_s: float,
     ) -> None:
         """Per scan: a waiting message is enough; a held one goes back to the head of its queue; else publish anew."""
-        epoch = time.time()
         stale: dict[str, list[str]] = {}
         for scan_id, _priority in scans:
             if snapshot is not None and scan_id not in snapshot.waiting:
