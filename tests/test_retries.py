@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
