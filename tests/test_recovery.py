@@ -256,6 +256,38 @@ def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_p
         app.close()
 
 
+def test_an_expired_lease_puts_the_dead_workers_message_back_at_the_head(tmp_path, unit_redis):
+    """The dead worker's unacked message is moved to the head of its queue (no duplicate), with its force kept."""
+    url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    sessions = _sessions(url)
+    settings = Settings(broker_url=unit_redis, database_url=url, lease_s=5)
+    app = make_app(settings)
+    try:
+        with sessions.begin() as session:
+            db.add_scans(session, [{"scan_id": s, "source_uri": "x", "priority": "stat"} for s in ("held", "next")], None)
+        publish(app, "held", "stat", force=True)
+        publish(app, "next", "stat")
+        # The "dead" worker's connection stays open: closing it cleanly would hand the message back itself.
+        dead = app.connection_for_read()
+        assert dead.default_channel.basic_get("stat", no_ack=False) is not None  # "held", never acked
+        with sessions.begin() as session:
+            db.claim_scans(session, ["held"], "dead-worker", settings.lease_s)
+        reconciler = Reconciler(app, sessions, settings, owner="test")
+        assert not reconciler.run_once()
+        report = reconciler.run_once(now=db.utcnow() + dt.timedelta(seconds=6))
+        assert report.expired == ["held"] and report.restored == 1
+        with app.connection_for_read() as connection:
+            first = connection.default_channel.basic_get("stat", no_ack=True)
+            second = connection.default_channel.basic_get("stat", no_ack=True)
+            assert connection.default_channel.basic_get("stat", no_ack=True) is None
+        assert first.headers["argsrepr"] == "['held']" and first.headers["redelivered"] is True
+        assert first.decode()[1] == {"attempt": 0, "force": True}
+        assert second.headers["argsrepr"] == "['next']"
+        dead.release()
+    finally:
+        app.close()
+
+
 # --- faults with real workers ------------------------------------------------------------------------
 
 
