@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    or_,
     select,
     text,
     update,
@@ -126,6 +127,12 @@ class Scan(Base):
     submitted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The lease of a running scan: which worker holds it and until when (renewed by its heartbeat).
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # When a message for the scan was last published by a retry or the reconciler (not by submission).
+    published_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     batch: Mapped[Batch | None] = relationship(back_populates="scans")
     predictions: Mapped[list[Prediction]] = relationship(
@@ -330,10 +337,94 @@ def mark_scans(
     if status == RUNNING:
         # Each delivery that starts work is an attempt, so redeliveries and retries show up here.
         values["attempts"] = Scan.attempts + 1
+    else:
+        # Only a running scan holds a lease.
+        values.update(_NO_LEASE)
     for chunk in _chunks(ids):
         # The default "auto" synchronisation updates Scan objects already loaded in this session,
         # which would otherwise keep showing the old status (sessions here do not expire on commit).
         session.execute(update(Scan).where(Scan.scan_id.in_(chunk)).values(**values))
+
+
+_NO_LEASE: dict[str, Any] = {"worker_id": None, "claimed_at": None, "lease_expires_at": None}
+
+
+def claim_scans(
+    session: Session, scan_ids: Iterable[str], worker_id: str, lease_s: float, *, take_over: Iterable[str] = ()
+) -> list[str]:
+    """Mark scans running under worker_id's lease (lease_s from now), counting an attempt; returns those claimed.
+
+    A scan under another worker's live lease is left alone (unless in take_over, e.g. forced): the
+    condition is in the UPDATE, so two workers racing for one scan cannot both claim it.
+    """
+    now = utcnow()
+    take_over = set(take_over)
+    values = {
+        "status": RUNNING,
+        "error": None,
+        "finished_at": None,
+        "attempts": Scan.attempts + 1,
+        "worker_id": worker_id,
+        "claimed_at": now,
+        "lease_expires_at": now + dt.timedelta(seconds=lease_s),
+    }
+    free = or_(
+        Scan.status != RUNNING, Scan.lease_expires_at.is_(None), Scan.lease_expires_at <= now, Scan.worker_id == worker_id
+    )
+    claimed: set[str] = set()
+    ids = list(dict.fromkeys(scan_ids))
+    for chunk in _chunks(ids):
+        condition = or_(free, Scan.scan_id.in_([s for s in chunk if s in take_over])) if take_over else free
+        statement = update(Scan).where(Scan.scan_id.in_(chunk), condition).values(**values).returning(Scan.scan_id)
+        claimed.update(session.execute(statement.execution_options(synchronize_session=False)).scalars())
+    return [scan_id for scan_id in ids if scan_id in claimed]
+
+
+def renew_leases(session: Session, scan_ids: Iterable[str], worker_id: str, lease_s: float) -> int:
+    """Extend worker_id's leases on scans it still holds (running, not taken over); returns how many."""
+    expires = utcnow() + dt.timedelta(seconds=lease_s)
+    renewed = 0
+    for chunk in _chunks(list(dict.fromkeys(scan_ids))):
+        result = session.execute(
+            update(Scan)
+            .where(Scan.scan_id.in_(chunk), Scan.status == RUNNING, Scan.worker_id == worker_id)
+            .values(lease_expires_at=expires)
+            .execution_options(synchronize_session=False)
+        )
+        renewed += result.rowcount or 0
+    return renewed
+
+
+def fail_unfinished(session: Session, reasons: dict[str, str]) -> list[str]:
+    """Mark scans failed with their reason unless they are done (a late failure never undoes a result)."""
+    failed = []
+    for scan_id, reason in reasons.items():
+        statement = (
+            update(Scan)
+            .where(Scan.scan_id == scan_id, Scan.status != DONE)
+            .values(status=FAILED, error=reason, finished_at=utcnow(), **_NO_LEASE)
+            .returning(Scan.scan_id)
+            .execution_options(synchronize_session=False)
+        )
+        failed.extend(session.execute(statement).scalars())
+    return failed
+
+
+def requeue_scans(session: Session, scan_ids: Iterable[str], worker_id: str | None = None) -> list[tuple[str, str]]:
+    """Set running scans back to queued (only worker_id's, if given), stamping published_at; returns (id, priority)."""
+    requeued: list[tuple[str, str]] = []
+    for chunk in _chunks(list(dict.fromkeys(scan_ids))):
+        statement = update(Scan).where(Scan.scan_id.in_(chunk), Scan.status == RUNNING)
+        if worker_id is not None:
+            # A retry gives back only what this worker still holds, not a scan another worker took over.
+            statement = statement.where(Scan.worker_id == worker_id)
+        statement = statement.values(status=QUEUED, published_at=utcnow(), **_NO_LEASE).returning(
+            Scan.scan_id, Scan.priority
+        )
+        requeued.extend((scan_id, priority) for scan_id, priority in session.execute(
+            statement.execution_options(synchronize_session=False)
+        ))
+    return requeued
 
 
 def ensure_batch(session: Session, batch_id: str, name: str | None = None) -> bool:

@@ -59,8 +59,8 @@ def make_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
         broker_transport_options={
             # Redis redelivers an unacked message after this long *even while its batch is still
             # running*: it must exceed the slowest batch, or work is done twice (harmless because
-            # the task is idempotent, but wasteful). It is also how long a crashed worker's scans
-            # wait before another worker picks them up.
+            # the task is idempotent, but wasteful). Recovery from a crashed worker does not wait
+            # for it: leases and the reconciler (worker.consumer.reconciler) handle that.
             "visibility_timeout": settings.visibility_timeout_s,
             # kombu scans for expired unacked messages every interval x throttle seconds (100 s by
             # default); scanning every 10 s bounds how long a crashed worker's scans sit idle.
@@ -115,13 +115,19 @@ def submit_scans(
             for scan in scans:
                 if scan["scan_id"] in inserted:
                     continue
-                values = {"source_uri": scan["source_uri"], "priority": scan.get("priority") or db.ROUTINE}
+                values: dict[str, object] = {
+                    "source_uri": scan["source_uri"],
+                    "priority": scan.get("priority") or db.ROUTINE,
+                    # The reconciler's grace period counts from here, not from the first submission.
+                    "published_at": db.utcnow(),
+                }
                 if batch_id is not None:
                     values["batch_id"] = batch_id
                 session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
             db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
     # Rows are committed before messages go out, so a worker never sees an id it cannot find.
-    # If publishing fails after the commit, the scans stay `queued`: `requeue_stale` re-sends them.
+    # If publishing fails after the commit, the scans stay `queued`: the workers' reconciler re-sends
+    # them once they have had no live message for LUNGCAM_REQUEUE_AFTER_S.
     for scan in scans:
         scan_id = scan["scan_id"]
         if scan_id in inserted or force:

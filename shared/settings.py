@@ -59,7 +59,40 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=3600,
         ge=1,
-        description="Redis redelivers an unacknowledged message after this long; must exceed the slowest batch.",
+        description=(
+            "Redis redelivers an unacknowledged message after this long, even while it is being processed: "
+            "must exceed the longest a worker holds a message (a few batches). Recovery from a lost worker "
+            "does not wait for it: leases and the reconciler handle that."
+        ),
+    )
+    lease_s: int = Field(
+        default=30,
+        ge=3,
+        description=(
+            "Lease on a claimed scan, renewed every lease_s/3 while its batch runs; a scan whose lease "
+            "expired (its worker died) is re-queued by the reconciler."
+        ),
+    )
+    reconcile_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often the reconciler (one at a time across all workers) looks for expired leases and lost messages.",
+    )
+    requeue_after_s: int = Field(
+        default=60,
+        ge=1,
+        description=(
+            "A queued scan is re-published when it has had no live broker message for this long (never "
+            "published, lost by the broker, or held this long by a consumer that stopped)."
+        ),
+    )
+    max_attempts: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Deliveries that start work on a scan; a scan whose lease expires after this many is failed "
+            "instead of re-queued (a scan that kills its worker, an outage that never ends)."
+        ),
     )
     pipeline_depth: int = Field(
         default=2, ge=1, description="Batches in flight per worker: one on the device while the next is fetched and decoded."

@@ -7,6 +7,7 @@ keys carry scan ids and archive file names, which can identify patients, and the
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from functools import lru_cache
@@ -38,8 +39,24 @@ class ObjectNotFound(LungcamError, KeyError):
         self.key = key
 
 
+# S3 error codes that a later attempt may not get (throttling, timeouts, server trouble).
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "ServiceUnavailableException",
+    "OperationAborted",
+})
+# Local errors that are a configuration problem, not a passing one.
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
+
+
 class StoreError(LungcamError, RuntimeError):
-    """A store operation failed for another reason (network, throttling, permissions); callers retry these."""
+    """A store operation failed for another reason than a missing object; `transient` says whether to retry."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        """transient: a retry may succeed (network, throttling, 5xx); False for refusals (AccessDenied, 4xx)."""
+        super().__init__(message)
+        self.transient = transient
 
 
 @runtime_checkable
@@ -137,7 +154,9 @@ class LocalStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key, self.url) from None
         except OSError as exc:
-            raise StoreError(f"local store {self.url}: read failed: {exc.strerror}") from None
+            raise StoreError(
+                f"local store {self.url}: read failed: {exc.strerror}", transient=exc.errno not in _PERMANENT_ERRNOS
+            ) from None
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Write bytes under key atomically; content_type is not kept by a folder."""
@@ -156,7 +175,9 @@ class LocalStore:
             os.replace(tmp_name, path)
             tmp_name = None
         except OSError as exc:
-            raise StoreError(f"local store {self.url}: write failed: {exc.strerror}") from None
+            raise StoreError(
+                f"local store {self.url}: write failed: {exc.strerror}", transient=exc.errno not in _PERMANENT_ERRNOS
+            ) from None
         finally:
             if tmp_name is not None:
                 try:
@@ -257,7 +278,7 @@ class S3Store:
         # Raised `from None` by callers: botocore's own messages include the object URL, hence the key.
         # The original stays reachable as __context__ for debugging in a shell.
         code = _error_code(exc) or type(exc).__name__
-        return StoreError(f"S3 {operation} in {self.url} failed: {code}")
+        return StoreError(f"S3 {operation} in {self.url} failed: {code}", transient=is_transient_s3_error(exc))
 
     def get(self, key: str) -> bytes:
         """The object's bytes; raises ObjectNotFound or StoreError."""
@@ -341,6 +362,20 @@ def _check_s3_key(key: str) -> str:
     if "\x00" in key or key.startswith("/"):
         raise ValueError("store key may not contain NUL or start with '/'")
     return key
+
+
+def is_transient_s3_error(exc: Exception) -> bool:
+    """Whether a botocore/urllib3 error may pass: 5xx, 429, throttling, timeouts, connection errors."""
+    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError, PartialCredentialsError
+
+    if isinstance(exc, ClientError):
+        if _error_code(exc) in _TRANSIENT_CODES:
+            return True
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # No status at all: the service never answered properly, so a retry may well succeed.
+        return status is None or int(status) >= 500 or int(status) == 429
+    # Missing credentials or an invalid request fail the same way every time.
+    return not isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError))
 
 
 def _error_code(exc: Exception) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -10,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import LungcamError
@@ -22,11 +22,12 @@ from shared.overlay import overlay_png
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
+from worker.consumer.leases import LeaseKeeper
+from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
 DISPLAY_MAX_SIDE = 1024
-TRANSIENT_ERRORS = (StoreError, OperationalError, DBAPIError, ConnectionError, TimeoutError)
 
 
 class NoModelsConfigured(LungcamError, RuntimeError):
@@ -51,9 +52,10 @@ class BatchOutcome:
     """What happened to each scan id of one batch."""
 
     done: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # scan id -> reason (permanent)
+    failed: dict[str, str] = field(default_factory=dict)  # scan id -> reason (permanent, recorded)
     retry: dict[str, str] = field(default_factory=dict)  # scan id -> reason (transient)
-    skipped: list[str] = field(default_factory=list)  # already done, or unknown id
+    skipped: list[str] = field(default_factory=list)  # already done, held by another lease, or unknown id
+    claimed: list[str] = field(default_factory=list)  # marked running under this worker's lease
 
 
 @dataclass
@@ -93,11 +95,13 @@ class ScanClassifier:
         store: ObjectStore,
         sessions: sessionmaker[Session],
         settings: Settings,
+        leases: LeaseKeeper | None = None,
     ):
         self.models = models
         self.store = store
         self.sessions = sessions
         self.settings = settings
+        self.leases = leases or LeaseKeeper(sessions, settings.lease_s)
         self.fetcher = SourceFetcher(store, settings)
         self.executor = ThreadPoolExecutor(max_workers=settings.io_threads, thread_name_prefix="lungcam-io")
         # One model pass at a time: with two batches in flight, one runs on the device while the
@@ -106,51 +110,109 @@ class ScanClassifier:
         self._input_sizes = sorted({m.bundle.input_size for m in models})
 
     def close(self) -> None:
-        """Stop the I/O threads."""
+        """Stop the I/O threads and the lease heartbeat."""
         self.executor.shutdown(wait=True)
+        self.leases.stop()
 
     def process(self, scan_ids: list[str], *, force: set[str] | frozenset[str] = frozenset()) -> BatchOutcome:
         """Classify scans; returns what was done, what failed for good and what should be retried."""
         outcome = BatchOutcome()
+        ids = list(dict.fromkeys(scan_ids))
         try:
-            sources = self._claim(list(dict.fromkeys(scan_ids)), force, outcome)
-        except TRANSIENT_ERRORS as exc:
-            outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in scan_ids})
+            sources = self._claim(ids, force, outcome)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in ids})
             return outcome
         if not sources:
             return outcome
+        outcome.claimed = list(sources)
+        self.leases.hold(outcome.claimed)
+        try:
+            self._classify_claimed(sources, outcome)
+        finally:
+            self.leases.release(outcome.claimed)
+        return outcome
+
+    def _classify_claimed(self, sources: dict[str, str], outcome: BatchOutcome) -> None:
+        """Fetch, decode, infer, upload and record the claimed scans, sorting each into the outcome."""
         decoding = {scan_id: self.executor.submit(self._fetch_and_decode, uri) for scan_id, uri in sources.items()}
         decoded: dict[str, _Decoded] = {}
+        failed: dict[str, str] = {}
         for scan_id, future in decoding.items():
             try:
                 decoded[scan_id] = future.result()
             except ImageDecodeError as exc:
-                outcome.failed[scan_id] = f"undecodable image: {exc}"
+                failed[scan_id] = f"undecodable image: {exc}"
             except (ObjectNotFound, SourceNotAllowed):
-                outcome.failed[scan_id] = NOT_READABLE
-            except TRANSIENT_ERRORS as exc:
-                outcome.retry[scan_id] = f"store unavailable: {type(exc).__name__}: {exc}"
+                failed[scan_id] = NOT_READABLE
+            except StoreError as exc:
+                if exc.transient:
+                    outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
+                else:
+                    # Denied, or no such bucket: worded like a missing key, so errors reveal nothing of the store.
+                    failed[scan_id] = NOT_READABLE
             except Exception as exc:  # noqa: BLE001 - one bad scan must not sink its batch
-                log.exception("unexpected error preparing a scan")
-                outcome.failed[scan_id] = f"could not prepare image: {type(exc).__name__}"
-        rows, uploads = self._infer_and_render(decoded)
+                if is_transient(exc):
+                    outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
+                else:
+                    log.warning("could not prepare a scan: %s", type(exc).__name__, exc_info=not isinstance(exc, LungcamError))
+                    failed[scan_id] = f"could not prepare image: {describe(exc)}"
+        try:
+            rows, uploads = self._infer_and_render(decoded)
+        except Exception as exc:  # noqa: BLE001 - the whole model pass failed: every decoded scan shares its fate
+            log.exception("model pass failed for %d scans", len(decoded))
+            target = outcome.retry if is_transient(exc) else failed
+            target.update({scan_id: f"model pass failed: {describe(exc)}" for scan_id in decoded})
+            rows, uploads, decoded = [], {}, {}
         for (scan_id, _model), future in uploads.items():
             try:
                 future.result()
-            except Exception as exc:  # noqa: BLE001 - store errors are transient: retry the scan
-                outcome.retry.setdefault(scan_id, f"overlay upload failed: {type(exc).__name__}: {exc}")
-        rows = [row for row in rows if row["scan_id"] not in outcome.retry]
-        outcome.done = [scan_id for scan_id in decoded if scan_id not in outcome.retry]
+            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed below
+                if scan_id in failed or scan_id in outcome.retry:
+                    continue
+                if is_transient(exc):
+                    outcome.retry[scan_id] = f"overlay upload failed: {describe(exc)}"
+                else:
+                    failed[scan_id] = f"overlay upload failed: {describe(exc)}"
+        done = [scan_id for scan_id in decoded if scan_id not in outcome.retry and scan_id not in failed]
+        done_ids = set(done)
+        rows = [row for row in rows if row["scan_id"] in done_ids]
+        self._record_outcome(rows, done, failed, outcome)
+
+    def _record_outcome(self, rows: list[dict], done: list[str], failed: dict[str, str], outcome: BatchOutcome) -> None:
+        """Record in one transaction; if the database refuses it (not an outage), scan by scan."""
         try:
-            self._record(rows, outcome)
-        except TRANSIENT_ERRORS as exc:
-            for scan_id in outcome.done + list(outcome.failed):
-                outcome.retry[scan_id] = f"database unavailable: {type(exc).__name__}"
-            outcome.done, outcome.failed = [], {}
-        return outcome
+            self._record(rows, done, failed)
+            outcome.done, outcome.failed = done, failed
+            return
+        except Exception as exc:
+            if is_transient(exc):
+                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in [*done, *failed]})
+                return
+            log.warning("batch write refused (%s); recording %d scans one by one", type(exc).__name__, len(done))
+        failed = dict(failed)
+        for scan_id in done:
+            try:
+                self._record([row for row in rows if row["scan_id"] == scan_id], [scan_id], {})
+                outcome.done.append(scan_id)
+            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
+                if is_transient(exc):
+                    outcome.retry[scan_id] = f"database unavailable: {type(exc).__name__}"
+                else:
+                    failed[scan_id] = f"could not record result: {describe(exc)}"
+        try:
+            self._record([], [], failed)
+            outcome.failed = failed
+        except Exception as exc:  # noqa: BLE001 - their leases expire and the reconciler re-queues them
+            if is_transient(exc):
+                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in failed})
+            else:
+                log.error("could not record %d failed scans: %s", len(failed), type(exc).__name__)
 
     def _claim(self, scan_ids: list[str], force: set[str] | frozenset[str], outcome: BatchOutcome) -> dict[str, str]:
-        """Load the scans' sources, skip finished ones, and mark the rest running (one transaction)."""
+        """Load the scans' sources, skip finished or leased ones, and claim the rest under a lease (one transaction)."""
         expected = {(m.bundle.name, m.bundle.version) for m in self.models}
         with self.sessions.begin() as session:
             scans = {s.scan_id: s for s in session.scalars(select(db.Scan).where(db.Scan.scan_id.in_(scan_ids)))}
@@ -161,19 +223,39 @@ class ScanClassifier:
                 )
             ):
                 have.setdefault(scan_id, set()).add((name, version))
+            now = db.utcnow()
             sources = {}
+            unknown = 0
             for scan_id in scan_ids:
                 scan = scans.get(scan_id)
                 if scan is None:
-                    log.warning("message for unknown scan id %s ignored", scan_id)
+                    unknown += 1
                     outcome.skipped.append(scan_id)
-                elif scan.status == db.DONE and expected <= have.get(scan_id, set()) and scan_id not in force:
+                elif scan_id in force:
+                    sources[scan_id] = scan.source_uri
+                elif scan.status == db.DONE and expected <= have.get(scan_id, set()):
                     # A redelivered message for finished work (e.g. after a visibility timeout).
+                    outcome.skipped.append(scan_id)
+                elif self._leased_elsewhere(scan, now):
+                    # A duplicate message (restored or re-published) while a live worker still works on it.
                     outcome.skipped.append(scan_id)
                 else:
                     sources[scan_id] = scan.source_uri
-            db.mark_scans(session, list(sources), db.RUNNING)
-        return sources
+            if unknown:
+                log.warning("%d messages for unknown scan ids ignored", unknown)
+            claimed = db.claim_scans(
+                session, list(sources), self.leases.worker_id, self.settings.lease_s, take_over=force
+            )
+            # Another worker claimed some of them since they were read: theirs now.
+            mine = set(claimed)
+            outcome.skipped.extend(scan_id for scan_id in sources if scan_id not in mine)
+        return {scan_id: sources[scan_id] for scan_id in claimed}
+
+    def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
+        """Whether a live lease on scan belongs to another worker or to another batch of this one."""
+        if scan.status != db.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
+            return False
+        return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
 
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
         image = decode_image(self.fetcher.fetch(source_uri))
@@ -216,12 +298,12 @@ class ScanClassifier:
     def _render_and_upload(self, display: np.ndarray, cam: np.ndarray, key: str) -> None:
         self.store.put(key, overlay_png(display, cam, max_side=DISPLAY_MAX_SIDE), "image/png")
 
-    def _record(self, rows: list[dict], outcome: BatchOutcome) -> None:
+    def _record(self, rows: list[dict], done: list[str], failed: dict[str, str]) -> None:
         """Write predictions and final statuses in one transaction."""
         with self.sessions.begin() as session:
             db.upsert_predictions(session, rows)
-            db.mark_scans(session, outcome.done, db.DONE, finished=True)
-            for scan_id, reason in outcome.failed.items():
+            db.mark_scans(session, done, db.DONE, finished=True)
+            for scan_id, reason in failed.items():
                 db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
 
 

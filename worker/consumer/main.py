@@ -18,6 +18,7 @@ def run_worker(gpu: str, queues: list[str], loglevel: str, hostname: str | None 
     from shared.queueing import make_app
     from shared.settings import get_settings
     from worker.consumer.classifier import classifier_from_settings
+    from worker.consumer.reconciler import Reconciler
     from worker.consumer.tasks import bind_classify_task
 
     settings = get_settings()
@@ -34,8 +35,18 @@ def run_worker(gpu: str, queues: list[str], loglevel: str, hostname: str | None 
         without_gossip=True,
         without_mingle=True,
     )
+    # Recovery is the system's, not the broker's: leases on claimed scans, and a reconciler that
+    # re-queues expired leases and lost messages (one worker acts per interval).
+    classifier.leases.start()
+    reconciler = Reconciler(app, classifier.sessions, settings, owner=classifier.leases.worker_id)
+    reconciler.start()
+    log.info(
+        "leases of %d s; reconciler every %.0f s (re-sends queued scans after %d s without a live message)",
+        settings.lease_s, settings.reconcile_interval_s, settings.requeue_after_s,
+    )
     try:
         worker.start()
     finally:
+        reconciler.stop()
         classifier.close()
     return worker.exitcode or 0

@@ -48,7 +48,7 @@ def _progress_bar(total: int, description: str) -> Any:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest SOURCE`: queue every image of a folder, s3:// prefix or CSV list as one batch."""
-    from worker.ops.ingest import discover, ingest
+    from worker.ops.ingest import batch_id_for, discover, ingest
 
     services = open_services()
     items = discover(args.source, services.settings)
@@ -60,6 +60,7 @@ def run_ingest(args: argparse.Namespace) -> int:
     with _progress_bar(len(items), "queueing") as bar:
         batch_id, result = ingest(
             items, store=services.store, sessions=services.sessions, app=services.app, batch_name=name,
+            batch_id=batch_id_for(args.source, name),
             reference_local=args.reference, force=args.force, on_progress=bar.update,
         )
     print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from celery import Celery
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import db
 from shared.errors import SubmissionError
 from shared.settings import Settings
 from shared.store import ObjectStore, cached_store, scan_key
@@ -110,6 +112,18 @@ def _unique(items: list[IngestItem]) -> list[IngestItem]:
     return out
 
 
+def batch_id_for(source: str, name: str) -> str:
+    """The batch id of ingesting source under name: the same source and name always give the same batch."""
+    # Local sources by absolute path, so `ingest ./x` and `ingest /abs/x` are one batch; prefixes without a trailing '/'.
+    where = source.rstrip("/") if "://" in source else str(Path(source).expanduser().resolve())
+    return hashlib.sha256(f"{where}\0{name}".encode()).hexdigest()[:32]
+
+
+def _existing(sessions: sessionmaker[Session], scan_ids: list[str]) -> set[str]:
+    with sessions() as session:
+        return set(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(scan_ids))))
+
+
 def ingest(
     items: list[IngestItem],
     *,
@@ -117,18 +131,26 @@ def ingest(
     sessions: sessionmaker[Session],
     app: Celery,
     batch_name: str | None = None,
+    batch_id: str | None = None,
     reference_local: bool = False,
     force: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[str, SubmitResult]:
-    """Upload local files to the store (or reference them), queue everything as one batch; returns its id."""
-    batch_id = uuid.uuid4().hex
+    """Upload local files to the store (or reference them), queue everything as one batch; returns its id.
+
+    As the API does, an existing scan keeps its stored image and stays as it is unless force is given.
+    """
+    batch_id = batch_id or uuid.uuid4().hex
     total = SubmitResult()
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
+        existing = set() if force else _existing(sessions, [item.scan_id for item in chunk])
         scans = []
         for item in chunk:
-            if item.is_local and not reference_local:
+            if item.scan_id in existing:
+                # Overwriting it would silently change the input behind a finished result.
+                scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+            elif item.is_local and not reference_local:
                 # Uploaded, so workers on other machines can read it: they share only the store.
                 key = scan_key(item.scan_id)
                 store.put(key, Path(item.location).read_bytes())
