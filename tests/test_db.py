@@ -56,11 +56,12 @@ def test_migrate_creates_tables_matching_models(engine: sa.Engine) -> None:
     assert {"batches", "scans", "predictions", "alembic_version"} <= set(inspector.get_table_names())
     assert {c["name"] for c in inspector.get_columns("scans")} == {
         "scan_id", "source_uri", "priority", "batch_id", "status", "error", "submitted_at", "finished_at", "attempts",
+        "study_uid", "series_uid", "sop_instance_uid",
     }
     uniques = inspector.get_unique_constraints("predictions")
     assert [sorted(u["column_names"]) for u in uniques] == [["model_name", "model_version", "scan_id"]]
     with engine.connect() as connection:
-        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == db.head_revision()
         # The hand-written migration and the models must describe the same schema.
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, db.Base.metadata) == []
