@@ -1,0 +1,507 @@
+"""PACS integration: DICOMweb pull, the C-STORE listener, results back as SR + Secondary Capture, in a real Orthanc.
+
+The end-to-end tests (marked slow) run a real Orthanc (Debian's `orthanc` + `orthanc-dicomweb`), real
+Redis (db 1 and 2), a real `lungcam worker` subprocess with a tiny model, `lungcam dicom-listen`,
+`lungcam ingest dicomweb+...` and `lungcam dicom-send` as subprocesses, and dcmtk's `storescu`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import subprocess
+import time
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from helpers import LUNGCAM, REPO, make_bundle, start_worker, wait_until
+from pacs_support import (
+    PHI_ID,
+    PHI_NAME,
+    TcpProxy,
+    free_port,
+    make_study_dicoms,
+    orthanc_available,
+    run_orthanc,
+    sop_uid_of,
+    study_uid_of,
+    subprocess_env,
+)
+from shared import db
+
+REDIS_MAIN = "redis://127.0.0.1:6379/1"
+REDIS_DB_DOWN = "redis://127.0.0.1:6379/2"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+P_COVID_CODE = "P-COVID"
+
+needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc with the DICOMweb plugin is not installed (.ci/run installs it)")
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed (.ci/run installs it)")
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+def _queue_lengths(url: str) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return {name: int(client.llen(name)) for name in ("stat", "routine")}
+    finally:
+        client.close()
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([LUNGCAM, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return result
+
+
+def _wait_port(port: int, timeout: float = 60, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}:\n{log.read_text()[-3000:] if log else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {port} after {timeout}s")
+
+
+class Listener:
+    """A `lungcam dicom-listen` subprocess."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path):
+        self.port = port
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, cwd=REPO)
+        _wait_port(port, process=self.process, log=log_path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+def _storescu(port: int, files: list[Path], *, called: str = "LUNGCAM", calling: str = "TESTSCU") -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aec", called, "-aet", calling, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _c_store(port: int, data: bytes, *, called: str = "LUNGCAM") -> int:
+    """C-STORE one instance with pynetdicom; the response status (or -1 without a response)."""
+    from pynetdicom import AE
+
+    dataset = pydicom.dcmread(BytesIO(data))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(dataset)
+        return int(status.Status) if status else -1
+    finally:
+        assoc.release()
+
+
+def _sr_facts(data_or_dataset) -> tuple[float, str]:
+    """(P(COVID-19), referenced source SOP Instance UID) read back from an SR."""
+    import highdicom as hd
+
+    dataset = data_or_dataset if isinstance(data_or_dataset, pydicom.Dataset) else pydicom.dcmread(BytesIO(data_or_dataset))
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    sr = hd.sr.srread(BytesIO(buffer.getvalue()))  # highdicom parses it as a Comprehensive SR
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+    values, references = [], []
+
+    def walk(items) -> None:
+        for item in items:
+            if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == P_COVID_CODE:
+                values.append(float(item.MeasuredValueSequence[0].NumericValue))
+            if item.ValueType == "IMAGE":
+                references.append(str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(dataset.ContentSequence)
+    assert len(values) == 1 and len(set(references)) == 1, (values, references)
+    return values[0], references[0]
+
+
+# --- fast tier: schema, UIDs, objects -------------------------------------------------------------
+
+
+def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
+    from alembic import command
+
+    db.migrate(db_url, "0001")
+    engine = db.make_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('old', 'scans/old')"))
+        db.migrate(engine)
+        assert db.current_revision(engine) == "0003"
+        sessions = db.make_session_factory(engine)
+        with sessions.begin() as session:
+            db.add_scans(session, [{"scan_id": "1.2.3", "source_uri": "scans/1.2.3", "study_uid": "1.2", "series_uid": "1.2.9",
+                                    "sop_instance_uid": "1.2.3"}], None)
+            db.upsert_predictions(session, [{"scan_id": "1.2.3", "model_name": "m", "model_version": "1", "label": "covid", "p_covid": 0.7}])
+            session.add(db.ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1", state="sent"))
+        with sessions() as session:
+            scan = session.get(db.Scan, "1.2.3")
+            assert (scan.study_uid, scan.series_uid, scan.sop_instance_uid) == ("1.2", "1.2.9", "1.2.3")
+            assert session.get(db.Scan, "old").sop_instance_uid is None
+        with pytest.raises(sa.exc.IntegrityError), sessions.begin() as session:
+            session.add(db.ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1"))
+        with engine.begin() as connection:
+            command.downgrade(db.alembic_config(connection), "0001")
+        inspector = sa.inspect(engine)
+        assert "result_sends" not in inspector.get_table_names()
+        assert "sop_instance_uid" not in {c["name"] for c in inspector.get_columns("scans")}
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM scans")).scalar() == 2
+        db.migrate(engine)
+        assert "result_sends" in sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def test_results_are_an_sr_and_a_secondary_capture_with_derived_uids() -> None:
+    from worker.pacs.objects import build_results, read_source, to_bytes
+
+    (data,) = make_study_dicoms(1, seed=3, size=64)
+    source = read_source(data)
+    overlay = np.full((64, 64, 3), 128, np.uint8)
+    prefix = "1.2.826.0.1.3680043.8.498."
+    first = build_results(source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.61234567891, uid_prefix=prefix)
+    again = build_results(source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.5, uid_prefix=prefix)
+    other = build_results(source, overlay, model="resnet50-test", version="t2", label="covid", p_covid=0.5, uid_prefix=prefix)
+    assert (first.sr_uid, first.sc_uid) == (again.sr_uid, again.sc_uid)  # a re-send replaces
+    assert len({first.sr_uid, first.sc_uid, other.sr_uid, other.sc_uid, str(source.SOPInstanceUID)}) == 5
+    for dataset, sop_class in ((first.sr, SR_CLASS), (first.sc, SC_CLASS)):
+        reread = pydicom.dcmread(BytesIO(to_bytes(dataset)))
+        assert reread.SOPClassUID == sop_class
+        assert reread.StudyInstanceUID == source.StudyInstanceUID
+        assert (str(reread.PatientName), reread.PatientID) == (str(source.PatientName), source.PatientID)
+        assert reread.SeriesInstanceUID != source.SeriesInstanceUID
+    p_covid, reference = _sr_facts(to_bytes(first.sr))
+    assert abs(p_covid - 0.61234567891) < 1e-6 and reference == source.SOPInstanceUID
+    assert pydicom.dcmread(BytesIO(to_bytes(first.sc))).pixel_array.shape == (64, 64, 3)
+
+
+# --- end to end: Orthanc, Redis, a worker, the listener and the sender -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    if not orthanc_available():
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (.ci/run installs it)")
+    with run_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+class Stack:
+    """Settings shared by every lungcam process of the module, a worker that starts on demand, and the listener."""
+
+    def __init__(self, root: Path, orthanc):
+        self.root = root
+        self.db_url = f"sqlite:///{root / 'lungcam.sqlite'}"
+        self.listen_port = free_port()
+        bundle = make_bundle(root / "bundle", "resnet50", 64)
+        self.env = subprocess_env(
+            broker_url=REDIS_MAIN, database_url=self.db_url, store_url=str(root / "store"), models=str(bundle),
+            batch_size=8, batch_flush_ms=300, data_dir=str(root / "data"), dicom_port=self.listen_port,
+            dicom_destination=f"dicomweb+{orthanc.dicomweb_url}", dicom_send_backoff_s=1,
+        )
+        _flush_redis(REDIS_MAIN)
+        db.migrate(self.db_url)
+        self.engine = db.make_engine(self.db_url)
+        self.sessions = db.make_session_factory(self.engine)
+        self.worker = None
+        self.listener = Listener(self.env, self.listen_port, root / "listener.log")
+
+    def start_worker(self) -> None:
+        if self.worker is None or self.worker.process.poll() is not None:
+            self.worker = start_worker(self.env, self.root / f"worker-{time.monotonic_ns()}.log")
+            self.worker.wait_ready(240)
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def scans(self, ids: list[str]) -> dict[str, db.Scan]:
+        with self.sessions() as session:
+            return {s.scan_id: s for s in session.scalars(sa.select(db.Scan).where(db.Scan.scan_id.in_(ids)))}
+
+    def wait_finished(self, ids: list[str], timeout: float = 240) -> dict[str, db.Scan]:
+        wait_until(lambda: len(ids) == sum(s.status in (db.DONE, db.FAILED) for s in self.scans(ids).values()),
+                   timeout, message=f"{len(ids)} scans finished")
+        return self.scans(ids)
+
+    def predictions(self, ids: list[str]) -> dict[str, db.Prediction]:
+        with self.sessions() as session:
+            rows = session.scalars(sa.select(db.Prediction).where(db.Prediction.scan_id.in_(ids)))
+            return {p.scan_id: p for p in rows}
+
+    def sends(self, ids: list[str]) -> list[db.ResultSend]:
+        with self.sessions() as session:
+            return list(session.scalars(sa.select(db.ResultSend).where(db.ResultSend.scan_id.in_(ids))))
+
+    def close(self) -> None:
+        self.listener.stop()
+        self.stop_worker()
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, orthanc):
+    stack = Stack(tmp_path_factory.mktemp("pacs"), orthanc)
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def _write_files(folder: Path, files: list[bytes]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, data in enumerate(files):
+        path = folder / f"img{index:03d}.dcm"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def _assert_results_in_orthanc(orthanc, stack: Stack, files: list[bytes]) -> None:
+    """Each image's study holds exactly one SR and one SC per image (one model), the SR carrying SQL's probability."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(orthanc.dicomweb_url)
+    sops = [sop_uid_of(data) for data in files]
+    predictions = stack.predictions(sops)
+    assert set(predictions) == set(sops)
+    by_study: dict[str, list[str]] = {}
+    for data in files:
+        by_study.setdefault(study_uid_of(data), []).append(sop_uid_of(data))
+    for study_uid, study_sops in by_study.items():
+        records = orthanc.study_instances(study_uid)
+        classes = [r["00080016"]["Value"][0] for r in records]
+        assert classes.count(SR_CLASS) == len(study_sops), classes
+        assert classes.count(SC_CLASS) == len(study_sops), classes
+        srs = [r for r in records if r["00080016"]["Value"][0] == SR_CLASS]
+        seen = set()
+        for record in srs:
+            dataset = client.retrieve_instance(study_uid, record["0020000E"]["Value"][0], record["00080018"]["Value"][0])
+            assert dataset.StudyInstanceUID == study_uid and str(dataset.PatientName) == PHI_NAME
+            p_covid, reference = _sr_facts(dataset)
+            assert reference in study_sops
+            assert abs(p_covid - predictions[reference].p_covid) <= 1e-6
+            seen.add(reference)
+        assert seen == set(study_sops)
+
+
+def _send_once(stack: Stack) -> str:
+    result = _run(["dicom-send", "--once"], stack.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert PHI_NAME not in result.stderr and PHI_ID not in result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+@needs_dcmtk
+def test_a_stat_call_is_classified_before_a_routine_backlog(stack: Stack, tmp_path: Path) -> None:
+    stack.stop_worker()  # the backlog waits in Redis until the worker starts
+    routine = _write_files(tmp_path / "routine", make_study_dicoms(50, seed=11, size=64, per_study=10))
+    (stat_file,) = _write_files(tmp_path / "stat", make_study_dicoms(1, seed=12, size=64))
+    result = _storescu(stack.listen_port, routine)
+    assert result.returncode == 0, result.stderr
+    result = _storescu(stack.listen_port, [stat_file], called="LUNGCAM_STAT")
+    assert result.returncode == 0, result.stderr
+    routine_ids = [sop_uid_of(p.read_bytes()) for p in routine]
+    stat_id = sop_uid_of(stat_file.read_bytes())
+    scans = stack.scans([*routine_ids, stat_id])
+    assert len(scans) == 51 and scans[stat_id].priority == "stat"
+    assert {scans[i].priority for i in routine_ids} == {"routine"}
+    stack.start_worker()
+    scans = stack.wait_finished([*routine_ids, stat_id])
+    assert {s.status for s in scans.values()} == {db.DONE}
+    assert scans[stat_id].finished_at <= min(scans[i].finished_at for i in routine_ids)
+
+
+@pytest.mark.slow
+def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) -> None:
+    files = make_study_dicoms(10, seed=21, size=96, per_study=2)
+    # An older CT study in the archive: outside the filters, never pulled.
+    ct = make_study_dicoms(2, seed=22, size=64, modality="CT", study_date="20190101")
+    for data in files + ct:
+        orthanc.upload(data)
+    stack.start_worker()
+    source = f"dicomweb+{orthanc.dicomweb_url}"
+    args = ["ingest", source, "--filter", "Modality=DX", "--filter", "StudyDate=20200101-20201231", "--name", "archive-2020"]
+    result = _run([*args, "--wait", "--timeout", "240"], stack.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10 queued, 0 already known" in result.stdout
+    sops = [sop_uid_of(d) for d in files]
+    scans = stack.wait_finished(sops)
+    assert {s.status for s in scans.values()} == {db.DONE}
+    assert {s.study_uid for s in scans.values()} == {study_uid_of(d) for d in files}
+    assert not stack.scans([sop_uid_of(d) for d in ct])
+
+    output = _send_once(stack)
+    assert "10 sent" in output
+    _assert_results_in_orthanc(orthanc, stack, files)
+    sends = stack.sends(sops)
+    assert len(sends) == 10 and {s.state for s in sends} == {db.SEND_SENT} and all(s.sr_uid and s.sc_uid for s in sends)
+
+    # Pulling again: nothing retrieved twice, and lungcam's own SR and SC are not pulled back in.
+    again = _run(args, stack.env)
+    assert again.returncode == 0, again.stderr
+    assert "0 queued, 10 already known" in again.stdout
+    assert "0 sent" in _send_once(stack)
+
+
+@pytest.mark.slow
+@needs_dcmtk
+def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replaces(stack: Stack, orthanc, tmp_path: Path) -> None:
+    files = make_study_dicoms(10, seed=31, size=96, per_study=5)
+    paths = _write_files(tmp_path / "in", files)
+    stack.start_worker()
+    result = _storescu(stack.listen_port, paths)
+    assert result.returncode == 0, result.stderr
+    sops = [sop_uid_of(d) for d in files]
+    scans = stack.wait_finished(sops)
+    assert {s.status for s in scans.values()} == {db.DONE}
+    assert all(s.sop_instance_uid == s.scan_id and s.series_uid for s in scans.values())
+    # Stored as received: the bytes in the store are the instance the sender sent.
+    stored = pydicom.dcmread(stack.root / "store" / "scans" / sops[0])
+    assert stored.SOPInstanceUID == sops[0] and str(stored.PatientName) == PHI_NAME
+    assert "10 sent" in _send_once(stack)
+    _assert_results_in_orthanc(orthanc, stack, files)
+    before = orthanc.count()
+
+    # Redelivery 1: the modality sends the same image again: acknowledged, not recorded or classified twice.
+    result = _storescu(stack.listen_port, paths[:1])
+    assert result.returncode == 0, result.stderr
+    assert stack.scans(sops[:1])[sops[0]].attempts == 1
+    # Redelivery 2: the scan is re-classified (forced re-queue): its results are sent again, replacing.
+    from shared.queueing import make_app, submit_scans
+    from shared.settings import Settings
+
+    first = stack.predictions(sops[:1])[sops[0]].created_at
+    app = make_app(Settings(broker_url=REDIS_MAIN, batch_size=8))
+    try:
+        submit_scans(stack.sessions, app, [{"scan_id": sops[0], "source_uri": f"scans/{sops[0]}"}], force=True)
+    finally:
+        app.close()
+    wait_until(lambda: stack.predictions(sops[:1])[sops[0]].created_at > first and stack.scans(sops[:1])[sops[0]].status == db.DONE,
+               180, message="re-classified")
+    assert "1 sent" in _send_once(stack)
+    assert orthanc.count() == before
+    _assert_results_in_orthanc(orthanc, stack, files)
+    # Nothing in the listener's log is patient data.
+    log = stack.listener.log()
+    assert "stored and queued" in log
+    assert PHI_NAME not in log and PHI_ID not in log and "PHIMARKER" not in log
+
+
+@pytest.mark.slow
+def test_listener_refuses_non_images_and_survives_malformed_associations(stack: Stack) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    (image,) = make_study_dicoms(1, seed=41, size=64)
+    ct = pydicom.dcmread(BytesIO(image))
+    ct.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ct.file_meta.MediaStorageSOPClassUID = ct.SOPClassUID
+    ct.SOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = BytesIO()
+    ct.save_as(buffer, enforce_file_format=True)
+    assert _c_store(stack.listen_port, buffer.getvalue()) == 0x0122
+    assert not stack.scans([str(ct.SOPInstanceUID)])
+    # An image without a Study Instance UID cannot be understood.
+    broken = pydicom.dcmread(BytesIO(image))
+    del broken.StudyInstanceUID
+    buffer = BytesIO()
+    broken.save_as(buffer, enforce_file_format=True)
+    assert _c_store(stack.listen_port, buffer.getvalue()) == 0xC000
+
+    # Malformed associations: junk bytes, a truncated A-ASSOCIATE-RQ, a connection closed at once.
+    for payload in (b"GET / HTTP/1.1\r\n\r\n" * 4, b"\x01\x00\x00\x00\x10\x00\x00\x01\x00\x00LUNG", b""):
+        with socket.create_connection(("127.0.0.1", stack.listen_port), timeout=5) as sock:
+            if payload:
+                sock.sendall(payload)
+            time.sleep(0.2)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", stack.listen_port, ae_title="LUNGCAM")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.release()
+    assert stack.listener.process.poll() is None
+    log = stack.listener.log()
+    assert "0x0122" in log and "PHIMARKER" not in log and PHI_ID not in log
+
+
+@pytest.mark.slow
+def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_url: str, tmp_path: Path) -> None:
+    """The database goes away (its TCP path is cut): the C-STORE fails with 0xA700 and nothing is recorded."""
+    from sqlalchemy.engine import make_url
+
+
+    db.migrate(postgres_url)
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    _flush_redis(REDIS_DB_DOWN)
+    port = free_port()
+    env = subprocess_env(broker_url=REDIS_DB_DOWN, database_url=proxied, store_url=str(tmp_path / "store"),
+                         data_dir=str(tmp_path / "data"), dicom_port=port)
+    listener = Listener(env, port, tmp_path / "listener.log")
+    engine = db.make_engine(postgres_url)
+    try:
+        first, second = make_study_dicoms(2, seed=51, size=64)
+        assert _c_store(port, first) == 0x0000
+        assert _queue_lengths(REDIS_DB_DOWN)["routine"] == 1
+        proxy.stop()
+        assert _c_store(port, second) == 0xA700
+        proxy.start()
+        with engine.connect() as connection:
+            ids = set(connection.execute(sa.text("SELECT scan_id FROM scans")).scalars())
+        assert ids == {sop_uid_of(first)}, "the refused instance was recorded"
+        assert _queue_lengths(REDIS_DB_DOWN)["routine"] == 1, "the refused instance was queued"
+        assert not (tmp_path / "store" / "scans" / sop_uid_of(second)).exists()
+        # The sender retries once the database is back: now it is accepted.
+        assert _c_store(port, second) == 0x0000
+        assert _queue_lengths(REDIS_DB_DOWN)["routine"] == 2
+        assert "0xA700" in listener.log() and "PHIMARKER" not in listener.log()
+    finally:
+        listener.stop()
+        proxy.stop()
+        engine.dispose()
+        _flush_redis(REDIS_DB_DOWN)
