@@ -458,6 +458,12 @@ def test_listener_refuses_non_images_and_survives_malformed_associations(stack: 
     buffer = BytesIO()
     broken.save_as(buffer, enforce_file_format=True)
     assert _c_store(stack.listen_port, buffer.getvalue()) == 0xC000
+    # lungcam's own Secondary Capture, routed back by a PACS: acknowledged, never classified.
+    from worker.pacs.objects import build_sc, read_source, to_bytes
+
+    own = build_sc(read_source(image), np.zeros((64, 64, 3), np.uint8), model="m", version="1", uid_prefix="1.2.826.0.1.3680043.8.498.")
+    assert _c_store(stack.listen_port, to_bytes(own)) == 0x0000
+    assert not stack.scans([str(own.SOPInstanceUID)])
 
     # Malformed associations: junk bytes, a truncated A-ASSOCIATE-RQ, a connection closed at once.
     for payload in (b"GET / HTTP/1.1\r\n\r\n" * 4, b"\x01\x00\x00\x00\x10\x00\x00\x01\x00\x00LUNG", b""):

@@ -34,6 +34,8 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122  # refused: not an image lungcam classifies
 OUT_OF_RESOURCES = 0xA700  # store, database or broker unavailable: the sender keeps the image and retries
 CANNOT_UNDERSTAND = 0xC000  # no usable SOP Instance / Study / Series UID
 CANNOT_DECODE = 0xC210  # the data set does not parse
+# The Manufacturer of the SR and Secondary Capture lungcam sends (worker.pacs.objects.MANUFACTURER).
+OWN_MANUFACTURER = "lungcam"
 
 # What lungcam classifies: chest radiographs (CR, DX for presentation and for processing) and
 # Secondary Capture (digitised films). Every other storage SOP class is accepted at negotiation so
@@ -154,6 +156,10 @@ def handle_store(event: Any, receiver: Receiver) -> int:
     if str(dataset.get("SOPClassUID", sop_class)) != sop_class:
         log.warning("a %s instance from %s has a different SOP Class UID than its context: 0xC000", IMAGE_SOP_CLASSES[sop_class], calling)
         return CANNOT_UNDERSTAND
+    if str(dataset.get("Manufacturer", "")) == OWN_MANUFACTURER:
+        # lungcam's own Grad-CAM Secondary Capture routed back by the PACS: acknowledged, never classified.
+        log.info("ignored a lungcam result instance from %s", calling)
+        return SUCCESS
     priority = receiver.priority_for(calling, called)
     return receiver.receive(data, sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid, priority=priority)
 
