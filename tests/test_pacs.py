@@ -213,6 +213,64 @@ def test_results_are_an_sr_and_a_secondary_capture_with_derived_uids() -> None:
     assert pydicom.dcmread(BytesIO(to_bytes(first.sc))).pixel_array.shape == (64, 64, 3)
 
 
+def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_scans(tmp_path: Path) -> None:
+    """A destination that refuses connections: retry with a growing delay, `failed` after the last attempt."""
+    import cv2
+
+    from shared.settings import Settings
+    from shared.store import LocalStore, overlay_key, scan_key
+    from worker.pacs.sender import Sender, backoff_s, transport_for
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    db.migrate(url)
+    engine = db.make_engine(url)
+    sessions = db.make_session_factory(engine)
+    store = LocalStore(tmp_path / "store")
+    closed_port = free_port()
+    settings = Settings(database_url=url, store_url=str(tmp_path / "store"), dicom_destination=f"dicom://ORTHANC@127.0.0.1:{closed_port}",
+                        dicom_send_max_attempts=2, dicom_send_backoff_s=0.2)
+    files = make_study_dicoms(4, seed=61, size=64)
+    sops = [sop_uid_of(d) for d in files]
+    png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()
+    try:
+        with sessions.begin() as session:
+            scans = []
+            for index, (data, sop) in enumerate(zip(files, sops)):
+                store.put(scan_key(sop), data)
+                scans.append({"scan_id": sop, "source_uri": scan_key(sop), "study_uid": study_uid_of(data), "series_uid": "1.2.3",
+                              "sop_instance_uid": sop if index != 3 else None})  # the fourth: a PNG-like scan, no DICOM context
+            db.add_scans(session, scans, None)
+            for sop in sops:
+                store.put(overlay_key("m", "1", sop), png)
+            db.upsert_predictions(session, [{"scan_id": sop, "model_name": "m", "model_version": "1", "label": "covid", "p_covid": 0.9,
+                                             "overlay_key": overlay_key("m", "1", sop)} for sop in sops])
+            db.mark_scans(session, [sops[0], sops[3]], db.DONE, finished=True)
+            db.mark_scans(session, [sops[1]], db.FAILED, error="x", finished=True)  # failed: sends nothing
+        transport = transport_for(settings)
+        assert transport.label == f"dicom://ORTHANC@127.0.0.1:{closed_port}"
+        sender = Sender(settings, sessions, store, transport)
+        counts = sender.run_once()
+        assert (counts.sent, counts.retry, counts.failed) == (0, 1, 0)
+        (row,) = _rows(sessions)
+        assert row.scan_id == sops[0] and row.state == db.SEND_RETRY and row.attempts == 1 and row.last_error
+        assert PHI_NAME not in row.last_error and row.next_attempt_at > db.utcnow()
+        assert sender.run_once().handled == 0  # not due before its backoff
+        time.sleep(backoff_s(settings, 1) + 0.1)
+        counts = sender.run_once()
+        assert (counts.retry, counts.failed) == (0, 1)
+        (row,) = _rows(sessions)
+        assert row.state == db.SEND_FAILED and row.attempts == 2 and row.next_attempt_at is None
+        assert sender.run_once().handled == 0  # given up
+        assert backoff_s(settings, 3) == pytest.approx(0.8) and backoff_s(Settings(dicom_send_backoff_s=60), 20) == 3600
+    finally:
+        engine.dispose()
+
+
+def _rows(sessions) -> list[db.ResultSend]:
+    with sessions() as session:
+        return list(session.scalars(sa.select(db.ResultSend)))
+
+
 # --- end to end: Orthanc, Redis, a worker, the listener and the sender -----------------------------------
 
 
@@ -430,6 +488,18 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
     _send_once(stack)
     (resend,) = stack.sends(sops[:1])
     assert resend.sent_at > first_send.sent_at and (resend.sr_uid, resend.sc_uid) == (first_send.sr_uid, first_send.sc_uid)
+    assert orthanc.count() == before
+    _assert_results_in_orthanc(orthanc, stack, files)
+    # The same results by C-STORE (a second destination, its own result_sends rows): same UIDs, replaced.
+    cstore_env = {**stack.env, "LUNGCAM_DICOM_DESTINATION": f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"}
+    result = _run(["dicom-send", "--once"], cstore_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_destination = {}
+    for row in stack.sends(sops):
+        by_destination.setdefault(row.destination, set()).add((row.scan_id, row.state, row.sr_uid, row.sc_uid))
+    assert len(by_destination) == 2
+    assert len({frozenset((a, c, d) for a, _, c, d in rows) for rows in by_destination.values()}) == 1
+    assert all(state == db.SEND_SENT for rows in by_destination.values() for _, state, _, _ in rows)
     assert orthanc.count() == before
     _assert_results_in_orthanc(orthanc, stack, files)
     # Nothing in the listener's log is patient data.
