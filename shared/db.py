@@ -137,6 +137,10 @@ class Scan(Base):
     predictions: Mapped[list[Prediction]] = relationship(
         back_populates="scan", cascade="all, delete-orphan", passive_deletes=True, order_by="Prediction.model_name"
     )
+    # DICOM results sent for this scan (`lungcam dicom-send`), per model and destination.
+    result_sends: Mapped[list[ResultSend]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="ResultSend.destination"
+    )
 
 
 class Prediction(Base):

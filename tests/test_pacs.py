@@ -439,6 +439,9 @@ def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) 
     sends = stack.sends(sops)
     assert len(sends) == 10 and {s.state for s in sends} == {db.SEND_SENT} and all(s.sr_uid and s.sc_uid for s in sends)
     sent_at = {s.scan_id: s.sent_at for s in sends}
+    (batch_id,) = [line for line in result.stdout.splitlines() if len(line) == 32 and " " not in line]
+    table = _run(["results", batch_id], stack.env)
+    assert table.returncode == 0 and "dicom_send" in table.stdout and table.stdout.count(" sent ") == 10, table.stdout
 
     # Pulling again: nothing retrieved twice, and lungcam's own SR and SC are not pulled back in.
     again = _run(args, stack.env)
