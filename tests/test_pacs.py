@@ -271,6 +271,75 @@ def _rows(sessions) -> list[db.ResultSend]:
         return list(session.scalars(sa.select(db.ResultSend)))
 
 
+def test_dicomweb_sources_filters_credentials_and_destinations() -> None:
+    from shared.errors import SettingsError, SubmissionError
+    from shared.settings import Settings
+    from worker.pacs.dicomweb import base_url, client_for, is_dicomweb, parse_filters
+    from worker.pacs.sender import CStoreTransport, StowTransport, transport_for
+
+    assert is_dicomweb("dicomweb+https://pacs/dicom-web") and not is_dicomweb("dicomweb+ftp://x") and not is_dicomweb("/data")
+    assert base_url("dicomweb+http://h:8042/dicom-web/") == "http://h:8042/dicom-web"
+    assert parse_filters(["Modality=DX", "StudyDate=20200101-20201231", "PatientID="]) == {
+        "Modality": "DX", "StudyDate": "20200101-20201231", "PatientID": ""}
+    with pytest.raises(SubmissionError):
+        parse_filters(["Modality"])
+    basic = client_for("dicomweb+https://h/dw", Settings(dicomweb_username="u", dicomweb_password="p"))
+    assert basic._session.auth == ("u", "p")
+    bearer = client_for("dicomweb+https://h/dw", Settings(dicomweb_token="t0k", dicomweb_username="u"))
+    assert bearer._session.headers["Authorization"] == "Bearer t0k" and bearer._session.auth is None
+    stow = transport_for(Settings(dicom_destination="dicomweb+https://h:8443/dicom-web", dicomweb_password="secret"))
+    assert isinstance(stow, StowTransport) and stow.label == "dicomweb+https://h:8443/dicom-web"
+    cstore = transport_for(Settings(dicom_destination="dicom://PACS@10.0.0.5:104", dicom_calling_ae_title="LC"))
+    assert isinstance(cstore, CStoreTransport) and (cstore.called_ae, cstore.host, cstore.port, cstore.calling_ae) == ("PACS", "10.0.0.5", 104, "LC")
+    for bad in ("", "http://h/dicom-web", "dicom://10.0.0.5:104"):
+        with pytest.raises(SettingsError):
+            transport_for(Settings(dicom_destination=bad))
+
+
+def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_path: Path) -> None:
+    """Real SQLite, a store that cannot be written, a broker port nobody listens on, then real Redis (db 3)."""
+    from shared.queueing import make_app
+    from shared.settings import Settings
+    from shared.store import LocalStore
+    from worker.pacs.listener import OUT_OF_RESOURCES, SUCCESS, Receiver
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    db.migrate(url)
+    engine = db.make_engine(url)
+    sessions = db.make_session_factory(engine)
+    (tmp_path / "not-a-folder").write_text("a file where the store folder should be")
+    (data,) = make_study_dicoms(1, seed=71, size=64)
+    sop = sop_uid_of(data)
+    ids = {"sop_uid": sop, "study_uid": study_uid_of(data), "series_uid": "1.2.3"}
+    settings = Settings(database_url=url, dicom_stat_ae_titles="URGENT,ER_CR")
+    broken_store = LocalStore(tmp_path / "not-a-folder" / "store")
+    redis_url = "redis://127.0.0.1:6379/3"
+    _flush_redis(redis_url)
+    apps = [make_app(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"), make_app(settings, broker_url=redis_url)]
+    try:
+        receiver = Receiver(settings, sessions, broken_store, apps[1])
+        assert receiver.priority_for("ER_CR", "LUNGCAM") == "stat" and receiver.priority_for("X", "URGENT ") == "stat"
+        assert receiver.priority_for("X", "LUNGCAM") == "routine"
+        assert receiver.receive(data, priority="routine", **ids) == OUT_OF_RESOURCES
+        with sessions() as session:
+            assert session.get(db.Scan, sop) is None
+        store = LocalStore(tmp_path / "store")
+        # Broker down: the row is committed (queued) but the answer is a failure, so the sender retries...
+        assert Receiver(settings, sessions, store, apps[0]).receive(data, priority="stat", **ids) == OUT_OF_RESOURCES
+        assert _queue_lengths(redis_url) == {"stat": 0, "routine": 0}
+        # ...and the retry, with the broker back, publishes it once.
+        assert Receiver(settings, sessions, store, apps[1]).receive(data, priority="stat", **ids) == SUCCESS
+        assert _queue_lengths(redis_url) == {"stat": 1, "routine": 0}
+        with sessions() as session:
+            scan = session.get(db.Scan, sop)
+            assert (scan.status, scan.priority, scan.sop_instance_uid, scan.batch_id[:6]) == ("queued", "stat", sop, "dicom-")
+    finally:
+        for app in apps:
+            app.close()
+        engine.dispose()
+        _flush_redis(redis_url)
+
+
 # --- end to end: Orthanc, Redis, a worker, the listener and the sender -----------------------------------
 
 
