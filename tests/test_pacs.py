@@ -361,7 +361,7 @@ class Stack:
         bundle = make_bundle(root / "bundle", "resnet50", 64)
         self.env = subprocess_env(
             broker_url=REDIS_MAIN, database_url=self.db_url, store_url=str(root / "store"), models=str(bundle),
-            batch_size=8, batch_flush_ms=300, data_dir=str(root / "data"), dicom_port=self.listen_port,
+            batch_size=8, batch_flush_ms=300, pipeline_depth=1, data_dir=str(root / "data"), dicom_port=self.listen_port,
             dicom_destination=f"dicomweb+{orthanc.dicomweb_url}", dicom_send_backoff_s=1,
         )
         _flush_redis(REDIS_MAIN)
@@ -477,11 +477,10 @@ def test_a_stat_call_is_classified_before_a_routine_backlog(stack: Stack, tmp_pa
     stack.start_worker()
     scans = stack.wait_finished([*routine_ids, stat_id])
     assert {s.status for s in scans.values()} == {db.DONE}
-    # The stat scan rides in the first batches the worker takes: with pipeline_depth 2 (default) two
-    # batches of 8 run side by side, so at most the other first batch can finish before it, never the
-    # backlog (first in, first out would have finished all 50 first).
+    # The stat scan rides in the first batch the worker takes (one batch in flight: pipeline depth 1),
+    # so no routine scan finishes before it; first in, first out would have finished all 50 first.
     earlier = sum(scans[i].finished_at < scans[stat_id].finished_at for i in routine_ids)
-    assert earlier < 2 * 8, f"{earlier} routine scans finished before the stat one"
+    assert earlier == 0, f"{earlier} routine scans finished before the stat one"
 
 
 @pytest.mark.slow
