@@ -511,8 +511,9 @@ def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) 
     table = _run(["results", batch_id], stack.env)
     assert table.returncode == 0 and "dicom_send" in table.stdout and table.stdout.count(" sent ") == 10, table.stdout
 
-    # Pulling again: nothing retrieved twice, and lungcam's own SR and SC are not pulled back in.
-    again = _run(args, stack.env)
+    # Pulling again (no Modality filter now): nothing retrieved twice, and lungcam's own SR and
+    # Secondary Capture, now in the same studies, are not pulled back in.
+    again = _run(["ingest", source, "--filter", "StudyDate=20200101-20201231"], stack.env)
     assert again.returncode == 0, again.stderr
     assert "0 queued, 10 already known" in again.stdout
     _send_once(stack)

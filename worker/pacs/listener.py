@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
 from celery import Celery
@@ -139,14 +138,11 @@ def handle_store(event: Any, receiver: Receiver) -> int:
         return SOP_CLASS_NOT_SUPPORTED
     try:
         dataset = event.dataset
-        dataset.file_meta = event.file_meta
         sop_uid = valid_uid(dataset.get("SOPInstanceUID"))
         study_uid = valid_uid(dataset.get("StudyInstanceUID"))
         series_uid = valid_uid(dataset.get("SeriesInstanceUID"))
-        # The instance as received: the data set's bytes behind a file meta header.
-        buffer = BytesIO()
-        buffer.write(event.encoded_dataset(include_meta=True))
-        data = buffer.getvalue()
+        # The instance as received: the data set's bytes, unchanged, behind a file meta header.
+        data = event.encoded_dataset(include_meta=True)
     except Exception as exc:  # noqa: BLE001 - a data set that does not decode
         log.warning("a %s instance from %s does not decode (%s): 0xC210", IMAGE_SOP_CLASSES[sop_class], calling, type(exc).__name__)
         return CANNOT_DECODE
