@@ -7,7 +7,6 @@ Redis (db 1 and 2), a real `lungcam worker` subprocess with a tiny model, `lungc
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import socket
 import subprocess

@@ -24,8 +24,10 @@ def run_send(args: argparse.Namespace) -> int:
 
 def run_dicomweb_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest dicomweb+http(s)://host/path [--filter K=V ...]`: pull by QIDO-RS / WADO-RS, one batch."""
+    import requests
     from tqdm import tqdm
 
+    from shared.errors import SubmissionError
     from worker.pacs.dicomweb import base_url, parse_filters, pull
     from worker.pacs.services import open_services
 
@@ -42,6 +44,15 @@ def run_dicomweb_ingest(args: argparse.Namespace) -> int:
             result = pull(args.source, filters, settings=services.settings, sessions=services.sessions,
                           store=services.store, app=services.app, batch_name=name, force=args.force,
                           on_total=on_total, on_progress=bar.update)
+    except requests.RequestException as exc:
+        # One line for the operator; what was queued before the failure stays queued, and a re-run skips it.
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise SubmissionError(
+            f"the DICOMweb service at {base_url(args.source)} "
+            + (f"answered HTTP {status}" if status else f"cannot be reached ({type(exc).__name__})")
+            + (" (credentials: LUNGCAM_DICOMWEB_USERNAME / LUNGCAM_DICOMWEB_PASSWORD or LUNGCAM_DICOMWEB_TOKEN)"
+               if status in (401, 403) else "")
+        ) from None
     finally:
         services.engine.dispose()
     if not result.found:
