@@ -209,6 +209,9 @@ def test_results_are_an_sr_and_a_secondary_capture_with_derived_uids() -> None:
         assert reread.SeriesInstanceUID != source.SeriesInstanceUID
     p_covid, reference = _sr_facts(to_bytes(first.sr))
     assert abs(p_covid - 0.61234567891) < 1e-6 and reference == source.SOPInstanceUID
+    # The algorithm's name and version, and the finding, are in the report.
+    text = str(pydicom.dcmread(BytesIO(to_bytes(first.sr))))
+    assert "resnet50-test" in text and "t1" in text and "840539006" in text
     assert pydicom.dcmread(BytesIO(to_bytes(first.sc))).pixel_array.shape == (64, 64, 3)
 
 
