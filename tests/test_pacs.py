@@ -583,6 +583,29 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
 
 
 @pytest.mark.slow
+def test_orthanc_pushes_a_study_to_the_listener_by_c_store_as_stat(stack: Stack, orthanc) -> None:
+    """The PACS as the sender: Orthanc's "send to modality" (C-STORE SCU) to lungcam's stat AE title."""
+    import requests
+
+    files = make_study_dicoms(2, seed=81, size=64, per_study=2)
+    instance_ids = [orthanc.upload(data)["ID"] for data in files]
+    modality = {"AET": "LUNGCAM_STAT", "Host": "127.0.0.1", "Port": stack.listen_port}
+    requests.put(f"{orthanc.http_url}/modalities/lungcam-stat", json=modality, timeout=30).raise_for_status()
+    echo = requests.post(f"{orthanc.http_url}/modalities/lungcam-stat/echo", json={}, timeout=60)
+    assert echo.ok, echo.text
+    push = requests.post(f"{orthanc.http_url}/modalities/lungcam-stat/store", json={"Resources": instance_ids, "Synchronous": True},
+                         timeout=120)
+    assert push.ok, push.text
+    sops = [sop_uid_of(d) for d in files]
+    scans = stack.scans(sops)
+    assert len(scans) == 2 and {s.priority for s in scans.values()} == {"stat"}
+    stack.start_worker()
+    assert {s.status for s in stack.wait_finished(sops).values()} == {db.DONE}
+    _send_once(stack)
+    _assert_results_in_orthanc(orthanc, stack, files)
+
+
+@pytest.mark.slow
 def test_listener_refuses_non_images_and_survives_malformed_associations(stack: Stack) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
