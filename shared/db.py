@@ -42,6 +42,8 @@ QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATUSES: tuple[str, ...] = (QUEUED, RUNNING, DONE, FAILED)
 STAT, ROUTINE = "stat", "routine"
 PRIORITIES: tuple[str, ...] = (STAT, ROUTINE)
+# Optional scan fields of DICOM scans (add_scans accepts them; results go back to the PACS by these).
+DICOM_UID_FIELDS: tuple[str, ...] = ("study_uid", "series_uid", "sop_instance_uid")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # SQLite waits this long for another process's write lock before raising "database is locked".
@@ -133,10 +135,18 @@ class Scan(Base):
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # When a message for the scan was last published by a retry or the reconciler (not by submission).
     published_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # DICOM scans received from or pulled out of a PACS (migration 0003); NULL for PNG/JPEG and uploads.
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
 
     batch: Mapped[Batch | None] = relationship(back_populates="scans")
     predictions: Mapped[list[Prediction]] = relationship(
         back_populates="scan", cascade="all, delete-orphan", passive_deletes=True, order_by="Prediction.model_name"
+    )
+    # DICOM results sent for this scan (`lungcam dicom-send`), per model and destination.
+    result_sends: Mapped[list[ResultSend]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="ResultSend.destination"
     )
 
 
@@ -158,6 +168,34 @@ class Prediction(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
     scan: Mapped[Scan] = relationship(back_populates="predictions")
+
+
+SEND_PENDING, SEND_SENT, SEND_RETRY, SEND_FAILED = "pending", "sent", "retry", "failed"
+SEND_STATES: tuple[str, ...] = (SEND_PENDING, SEND_SENT, SEND_RETRY, SEND_FAILED)
+
+
+class ResultSend(Base):
+    """One model's DICOM results (SR + Secondary Capture) for one scan, sent to one destination (`lungcam dicom-send`)."""
+
+    __tablename__ = "result_sends"
+    __table_args__ = (
+        UniqueConstraint("scan_id", "model_name", "model_version", "destination"),
+        CheckConstraint(f"state IN {SEND_STATES!r}", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    scan_id: Mapped[str] = mapped_column(String(128), ForeignKey("scans.scan_id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16), default=SEND_PENDING, server_default=SEND_PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sr_uid: Mapped[str | None] = mapped_column(String(64))
+    sc_uid: Mapped[str | None] = mapped_column(String(64))
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -448,7 +486,7 @@ def add_scans(
     now = utcnow()
     unique: dict[str, dict[str, Any]] = {}
     for scan in scans:
-        unknown = set(scan) - {"scan_id", "source_uri", "priority", "submitted_at"}
+        unknown = set(scan) - {"scan_id", "source_uri", "priority", "submitted_at", *DICOM_UID_FIELDS}
         if unknown:
             raise ValueError(f"unknown scan fields: {sorted(unknown)}")
         scan_id = scan["scan_id"]
@@ -468,6 +506,7 @@ def add_scans(
                 "status": QUEUED,
                 "attempts": 0,
                 "submitted_at": scan.get("submitted_at") or now,
+                **{field: scan.get(field) for field in DICOM_UID_FIELDS},
             },
         )
     if not unique:

@@ -66,6 +66,6 @@ def list_batch_scans(session: Session, batch_id: str) -> list[db.Scan]:
         select(db.Scan)
         .where(db.Scan.batch_id == batch_id)
         .order_by(db.Scan.scan_id)
-        .options(selectinload(db.Scan.predictions))
+        .options(selectinload(db.Scan.predictions), selectinload(db.Scan.result_sends))
     )
     return list(scans)

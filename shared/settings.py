@@ -103,6 +103,42 @@ class Settings(BaseSettings):
         default=False, description="Grad-CAM variant of the paper's code: keep only positive gradients."
     )
 
+    # --- PACS (`lungcam dicom-listen`, `lungcam dicom-send`, `lungcam ingest dicomweb+...`); docs/pacs.md ---
+    dicom_ae_title: str = Field(
+        default="LUNGCAM", min_length=1, max_length=16, description="AE title of `lungcam dicom-listen` (the C-STORE SCP)."
+    )
+    dicom_port: int = Field(default=11112, ge=1, le=65535, description="TCP port `lungcam dicom-listen` accepts associations on.")
+    dicom_stat_ae_titles: str = Field(
+        default="LUNGCAM_STAT",
+        description="Comma-separated AE titles: an association whose called or calling AE title is one of them queues its images as stat.",
+    )
+    dicom_destination: str = Field(
+        default="",
+        description=(
+            "Where `lungcam dicom-send` sends results: dicomweb+http(s)://host/path (STOW-RS) or "
+            "dicom://AET@host:port (C-STORE). Empty: dicom-send refuses to start."
+        ),
+    )
+    dicom_calling_ae_title: str = Field(
+        default="LUNGCAM", min_length=1, max_length=16, description="AE title lungcam calls from when it sends results by C-STORE."
+    )
+    dicom_uid_prefix: str = Field(
+        default="1.2.826.0.1.3680043.8.498.",
+        description="UID root (ending in '.') of the SR and Secondary Capture UIDs; use your organisation's root.",
+    )
+    dicom_send_interval_s: float = Field(default=5.0, gt=0, description="How often `lungcam dicom-send` looks for new results.")
+    dicom_send_max_attempts: int = Field(default=8, ge=1, description="Sends of one result before it is marked failed.")
+    dicom_send_backoff_s: float = Field(
+        default=10.0, gt=0, description="First retry delay of a failed send; doubles per attempt, capped at one hour."
+    )
+    dicomweb_username: str | None = Field(default=None, description="HTTP basic user for DICOMweb (ingest and STOW-RS).")
+    dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")
+    dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for DICOMweb (instead of user and password).")
+
+    def stat_ae_title_list(self) -> list[str]:
+        """The AE titles whose associations are stat."""
+        return [part.strip() for part in self.dicom_stat_ae_titles.split(",") if part.strip()]
+
     def resolved_data_dir(self) -> Path:
         """The data folder, created if missing."""
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ def test_migrate_creates_tables_matching_models(engine: sa.Engine) -> None:
     assert {c["name"] for c in inspector.get_columns("scans")} == {
         "scan_id", "source_uri", "priority", "batch_id", "status", "error", "submitted_at", "finished_at", "attempts",
         "worker_id", "claimed_at", "lease_expires_at", "published_at",
+        "study_uid", "series_uid", "sop_instance_uid",
     }
     uniques = inspector.get_unique_constraints("predictions")
     assert [sorted(u["column_names"]) for u in uniques] == [["model_name", "model_version", "scan_id"]]

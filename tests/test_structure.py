@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "worker", "trainer")
 # Programs in worker/: each imports shared/ and itself, never another program.
-PROGRAMS = ("worker.api", "worker.consumer", "worker.ops")
+PROGRAMS = ("worker.api", "worker.consumer", "worker.ops", "worker.pacs")
 # The only module allowed to reach the trainer, and only inside a function (the demo trains a model).
 TRAINER_USER = "worker.ops.demo"
 # The dispatcher behind `lungcam` starts the programs, so it may import them, but only lazily.

@@ -29,6 +29,31 @@ def _run_api(args: argparse.Namespace) -> int:
     return serve(args.host, args.port, args.loglevel)
 
 
+def _run_ingest(args: argparse.Namespace) -> int:
+    """`lungcam ingest`: dicomweb+ sources are pulled by the PACS program, everything else by the operator tools."""
+    if args.source.startswith("dicomweb+"):
+        from worker.pacs.commands import run_dicomweb_ingest
+
+        return run_dicomweb_ingest(args)
+    if args.filter:
+        print("lungcam: error: --filter applies to dicomweb+http(s):// sources only", file=sys.stderr)
+        return EXIT_ERROR
+    from worker.ops.commands import run_ingest
+
+    return run_ingest(args)
+
+
+def _pacs(name: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports worker.pacs.commands only when the subcommand runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from worker.pacs import commands
+
+        return getattr(commands, name)(args)
+
+    return handler
+
+
 def _ops(name: str) -> Callable[[argparse.Namespace], int]:
     """A handler that imports worker.ops.commands only when the subcommand runs."""
 
@@ -59,14 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--hostname", default=None, help="Celery node name (default lungcam-gpuN@host)")
     worker.set_defaults(handler=_run_worker)
 
-    ingest = commands.add_parser("ingest", help="queue every image of a folder, s3://bucket/prefix or .csv list as one batch")
-    ingest.add_argument("source", help="folder, s3://bucket/prefix, or a .csv with a path (or uri) column")
+    ingest = commands.add_parser("ingest", help="queue every image of a folder, s3://bucket/prefix, .csv list or DICOMweb archive as one batch")
+    ingest.add_argument("source", help="folder, s3://bucket/prefix, a .csv with a path (or uri) column, or dicomweb+http(s)://host/path")
     ingest.add_argument("--name", help="batch name (default: the folder or prefix name)")
     ingest.add_argument("--reference", action="store_true", help="reference local files in place instead of uploading (workers must see the same paths)")
     ingest.add_argument("--force", action="store_true", help="re-queue scans that already exist")
     ingest.add_argument("--wait", action="store_true", help="then follow the batch until it ends")
     ingest.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
-    ingest.set_defaults(handler=_ops("run_ingest"))
+    ingest.add_argument("--filter", action="append", metavar="KEYWORD=VALUE",
+                        help="dicomweb+ sources: a QIDO-RS filter, e.g. Modality=DX or StudyDate=20200101-20201231 (repeatable)")
+    ingest.set_defaults(handler=_run_ingest)
 
     status = commands.add_parser("status", help="follow a batch with a progress bar until it ends")
     status.add_argument("batch", help="batch id (printed by ingest)")
@@ -95,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     requeue = commands.add_parser("requeue", help="re-publish scans stuck in 'queued' (e.g. after a broker was wiped)")
     requeue.add_argument("--older-than", type=float, default=3600.0, help="seconds since submission (default 3600)")
     requeue.set_defaults(handler=_ops("run_requeue"))
+
+    listen = commands.add_parser("dicom-listen", help="receive images by DICOM C-STORE (and answer C-ECHO), store, record and queue them")
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    listen.add_argument("--port", type=int, default=None, help="TCP port (default LUNGCAM_DICOM_PORT)")
+    listen.add_argument("--loglevel", default="INFO")
+    listen.set_defaults(handler=_pacs("run_listen"))
+
+    send = commands.add_parser("dicom-send", help="send done DICOM scans' results to LUNGCAM_DICOM_DESTINATION as SR + Secondary Capture")
+    send.add_argument("--once", action="store_true", help="send what is due now, then exit (exit 1 if anything failed)")
+    send.add_argument("--loglevel", default="INFO")
+    send.set_defaults(handler=_pacs("run_send"))
 
     for name, text in (("demo", "run everything on this machine and screen synthetic images (or --images DIR)"),
                        ("screen", "run everything on this machine and screen a folder with the configured models")):

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 
 from shared import db
 
-RESULT_COLUMNS = ("scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at")
-TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "error")
+RESULT_COLUMNS = ("scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at", "dicom_send")
+TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "dicom_send", "error")
 
 
 def result_rows(scans: Iterable[db.Scan]) -> list[dict[str, str]]:
@@ -18,12 +18,17 @@ def result_rows(scans: Iterable[db.Scan]) -> list[dict[str, str]]:
                 "finished_at": scan.finished_at.isoformat() if scan.finished_at else ""}
         for p in scan.predictions or [None]:
             rows.append({**base, **({"model_name": p.model_name, "model_version": p.model_version, "label": p.label,
-                                     "p_covid": f"{p.p_covid:.4f}", "overlay_key": p.overlay_key or ""} if p else {})})
+                                     "p_covid": f"{p.p_covid:.4f}", "overlay_key": p.overlay_key or "",
+                                     # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
+                                     "dicom_send": ",".join(r.state for r in scan.result_sends
+                                                            if (r.model_name, r.model_version) == (p.model_name, p.model_version)),
+                                     } if p else {})})
     return rows
 
 
 def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """A plain-text table of result rows."""
+    """A plain-text table of result rows (the dicom_send column only when some scan has DICOM results)."""
+    columns = [c for c in columns if c != "dicom_send" or any(r.get(c) for r in rows)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
