@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -39,7 +40,11 @@ from sqlalchemy.types import TypeDecorator
 from shared.errors import SchemaOutOfDate
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-STATUSES: tuple[str, ...] = (QUEUED, RUNNING, DONE, FAILED)
+# A valid image that is not a frontal chest film by its DICOM header: not classified, not a failure.
+SKIPPED = "skipped"
+STATUSES: tuple[str, ...] = (QUEUED, RUNNING, DONE, FAILED, SKIPPED)
+# The statuses a scan ends in: nothing more happens to it unless it is submitted again.
+FINISHED_STATUSES: tuple[str, ...] = (DONE, FAILED, SKIPPED)
 STAT, ROUTINE = "stat", "routine"
 PRIORITIES: tuple[str, ...] = (STAT, ROUTINE)
 # Optional scan fields of DICOM scans (add_scans accepts them; results go back to the PACS by these).
@@ -107,6 +112,19 @@ class Batch(Base):
     submitted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
     scans: Mapped[list[Scan]] = relationship(back_populates="batch", passive_deletes=True)
+
+
+class BatchModel(Base):
+    """A model version a batch was screened with (recorded by the workers that served it)."""
+
+    __tablename__ = "batch_models"
+
+    batch_id: Mapped[str] = mapped_column(String(128), ForeignKey("batches.batch_id", ondelete="CASCADE"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # True for a bundle whose manifest says it is a demonstration model (trained on synthetic images).
+    demonstration: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    recorded_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
 
 class Scan(Base):
@@ -521,6 +539,33 @@ def add_scans(
         )
         inserted.update(session.execute(statement).scalars())
     return [scan_id for scan_id in unique if scan_id in inserted]
+
+
+def record_batch_models(session: Session, batch_ids: Iterable[str], models: Iterable[tuple[str, str, bool]]) -> None:
+    """Note that these batches were screened with these (name, version, demonstration) models; idempotent."""
+    rows = [
+        {"batch_id": batch_id, "model_name": name, "model_version": version, "demonstration": demo, "recorded_at": utcnow()}
+        for batch_id in sorted(set(batch_ids))
+        for name, version, demo in models
+    ]
+    if not rows:
+        return
+    insert = _dialect_insert(session)
+    for chunk in _chunks(rows):
+        session.execute(
+            insert(BatchModel).values(list(chunk)).on_conflict_do_nothing(
+                index_elements=["batch_id", "model_name", "model_version"]
+            )
+        )
+
+
+def batch_model_versions(session: Session, batch_id: str) -> list[BatchModel]:
+    """The model versions a batch was screened with, in the order they were first recorded."""
+    return list(
+        session.scalars(
+            select(BatchModel).where(BatchModel.batch_id == batch_id).order_by(BatchModel.recorded_at, BatchModel.model_name)
+        )
+    )
 
 
 def batch_counts(session: Session, batch_id: str) -> dict[str, int]:

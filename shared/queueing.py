@@ -104,12 +104,18 @@ def submit_scans(
     batch_id: str | None = None,
     batch_name: str | None = None,
     force: bool = False,
+    rescreen: bool = False,
 ) -> SubmitResult:
-    """Record scans as queued and publish them; existing scans are re-queued only with force."""
+    """Record scans as queued and publish them; existing scans are re-queued only with force or rescreen.
+
+    force: classify again with every served model. rescreen: move existing scans into this batch and
+    queue them without force, so workers run only the served models a scan has no result from.
+    """
     result = SubmitResult()
+    move = force or rescreen
     with sessions.begin() as session:
         inserted = set(db.add_scans(session, scans, batch_id, batch_name=batch_name))
-        if force:
+        if move:
             # A forced re-submission replaces the scan's source and priority and moves it into
             # this batch, so the batch's progress and report include it.
             for scan in scans:
@@ -130,7 +136,7 @@ def submit_scans(
     # them once they have had no live message for LUNGCAM_REQUEUE_AFTER_S.
     for scan in scans:
         scan_id = scan["scan_id"]
-        if scan_id in inserted or force:
+        if scan_id in inserted or move:
             publish(app, scan_id, scan.get("priority") or db.ROUTINE, force=force and scan_id not in inserted)
             result.queued.append(scan_id)
         else:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 SCAN_KEY = "scans/{scan_id}"
-OVERLAY_KEY = "overlays/{model_name}/{model_version}/{scan_id}.png"
+OVERLAY_KEY = "overlays/{model_name}/{model_version}/{scan_id}.{extension}"
 
 # Temp files of in-flight local writes start with this; `list` hides them and keys may not use it.
 _TMP_PREFIX = ".lungcam-tmp-"
@@ -114,13 +114,14 @@ def scan_key(scan_id: str) -> str:
     return validate_key(SCAN_KEY.format(scan_id=_segment(scan_id, "scan_id")))
 
 
-def overlay_key(model_name: str, model_version: str, scan_id: str) -> str:
-    """The store key of a Grad-CAM overlay: overlays/{model}/{version}/{scan_id}.png."""
+def overlay_key(model_name: str, model_version: str, scan_id: str, extension: str = "png") -> str:
+    """The store key of a Grad-CAM overlay: overlays/{model}/{version}/{scan_id}.{png|jpg|webp}."""
     return validate_key(
         OVERLAY_KEY.format(
             model_name=_segment(model_name, "model_name"),
             model_version=_segment(model_version, "model_version"),
             scan_id=_segment(scan_id, "scan_id"),
+            extension=_segment(extension, "extension"),
         )
     )
 

@@ -124,7 +124,7 @@ class TestWithWorker:
             assert deployment.s3.get(scan_key(f"e-{scan_id}")) == data
 
         batch = _wait_batch_complete(api, submitted["batch_id"], 240)
-        assert batch["counts"] == {"queued": 0, "running": 0, "done": 20, "failed": 0}
+        assert batch["counts"] == {"queued": 0, "running": 0, "done": 20, "failed": 0, "skipped": 0}
         assert batch["total"] == 20 and batch["progress"] == 1.0 and batch["name"] == "e2e"
 
         with httpx.Client(timeout=30) as anonymous:

@@ -60,7 +60,7 @@ def test_bulk_ingest_of_500_images_shows_progress_and_ends_all_done(screened):
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     assert "queueing" in ingest.stderr and "500/500" in ingest.stderr  # the tqdm progress bars
     assert "screening" in ingest.stderr
-    assert "500 done, 0 failed of 500" in ingest.stdout
+    assert "500 done, 0 failed, 0 skipped of 500" in ingest.stdout
 
 
 def _batch_id(ingest: subprocess.CompletedProcess) -> str:
@@ -71,7 +71,7 @@ def test_status_and_results_csv(screened, tmp_path):
     env, _root, ingest = screened
     batch = _batch_id(ingest)
     status = _run(env, "status", batch, "--timeout", "30")
-    assert status.returncode == 0 and "500 done, 0 failed of 500" in status.stdout
+    assert status.returncode == 0 and "500 done, 0 failed, 0 skipped of 500" in status.stdout
     out = tmp_path / "results.csv"
     results = _run(env, "results", batch, "--csv", str(out))
     assert results.returncode == 0, results.stderr

@@ -228,8 +228,8 @@ def test_batch_counts(sessions: sessionmaker[Session]) -> None:
         db.mark_scans(session, ["b1-2"], "failed", error="boom", finished=True)
         db.mark_scans(session, ["b1-3"], "running")
         session.commit()
-        assert db.batch_counts(session, "b1") == {"queued": 2, "running": 1, "done": 2, "failed": 1, "total": 6}
-        assert db.batch_counts(session, "b2") == {"queued": 1, "running": 0, "done": 0, "failed": 0, "total": 1}
+        assert db.batch_counts(session, "b1") == {"queued": 2, "running": 1, "done": 2, "failed": 1, "skipped": 0, "total": 6}
+        assert db.batch_counts(session, "b2") == {"queued": 1, "running": 0, "done": 0, "failed": 0, "skipped": 0, "total": 1}
         assert db.batch_counts(session, "nope")["total"] == 0
 
 
@@ -283,7 +283,7 @@ def test_sqlite_concurrent_writers(tmp_path: Path) -> None:
     engine = db.make_engine(url)
     try:
         with db.make_session_factory(engine)() as session:
-            assert db.batch_counts(session, "shared") == {"queued": 0, "running": 0, "done": 200, "failed": 0, "total": 200}
+            assert db.batch_counts(session, "shared") == {"queued": 0, "running": 0, "done": 200, "failed": 0, "skipped": 0, "total": 200}
     finally:
         engine.dispose()
 
@@ -307,5 +307,36 @@ def test_alembic_command_line_from_repo_root(tmp_path: Path) -> None:
     engine = db.make_engine(url)
     try:
         assert {"batches", "scans", "predictions"} <= set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migration_0004_adds_skipped_and_keeps_every_result(db_url: str) -> None:
+    """0003 -> 0004 rebuilds scans on SQLite: predictions survive, 'skipped' is allowed, others still refused."""
+    from alembic import command
+
+    engine = db.make_engine(db_url)
+    try:
+        db.migrate(engine, "0003")
+        with engine.begin() as connection:
+            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('s1', 'scans/s1'), ('s2', 'scans/s2')"))
+            connection.execute(sa.text(
+                "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES ('s1', 'm', '1', 'covid', 0.9)"
+            ))
+        db.migrate(engine)
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE scans SET status = 'skipped', error = 'lateral view (LL)' WHERE scan_id = 's2'"))
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+            connection.execute(sa.text("UPDATE scans SET status = 'bogus' WHERE scan_id = 's1'"))
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 1
+            indexes = {index["name"] for index in sa.inspect(connection).get_indexes("scans")}
+        assert {"ix_scans_batch_id_status", "ix_scans_status"} <= indexes
+        with engine.begin() as connection:
+            command.downgrade(db.alembic_config(connection), "0003")
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 1
+            status, error = connection.execute(sa.text("SELECT status, error FROM scans WHERE scan_id = 's2'")).one()
+        assert (status, error) == ("failed", "skipped: lateral view (LL)")
     finally:
         engine.dispose()

@@ -162,7 +162,7 @@ def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
     try:
         with engine.begin() as connection:
             connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('old', 'scans/old')"))
-        db.migrate(engine)
+        db.migrate(engine, "0003")
         assert db.current_revision(engine) == "0003"
         sessions = db.make_session_factory(engine)
         with sessions.begin() as session:

@@ -12,7 +12,7 @@ import base64
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class StubBundle:
     version: str = "s1"
     input_size: int = 32
     class_names: tuple[str, ...] = ("covid", "normal")
+    manifest: dict[str, object] = field(default_factory=dict)
 
 
 class StubGradCam:
@@ -308,7 +309,9 @@ def table_lock(postgres_url) -> Iterator[TableLock]:
 def fresh_postgres(postgres_url) -> str:
     """The session's PostgreSQL schema, emptied."""
     with sa.create_engine(db.normalize_url(postgres_url)).begin() as connection:
-        connection.execute(sa.text("DROP TABLE IF EXISTS predictions, scans, batches, alembic_version CASCADE"))
+        connection.execute(sa.text(
+            "DROP TABLE IF EXISTS predictions, result_sends, batch_models, scans, batches, alembic_version CASCADE"
+        ))
     return postgres_url
 
 

@@ -35,9 +35,11 @@ def _run_ingest(args: argparse.Namespace) -> int:
         from worker.pacs.commands import run_dicomweb_ingest
 
         return run_dicomweb_ingest(args)
+    from worker.ops import exit_codes
+
     if args.filter:
         print("lungcam: error: --filter applies to dicomweb+http(s):// sources only", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_codes.ERROR
     from worker.ops.commands import run_ingest
 
     return run_ingest(args)
@@ -103,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="print a batch's results, or write them as CSV")
     results.add_argument("batch", help="batch id (printed by ingest)")
     results.add_argument("--csv", help="write to this CSV file")
+    results.add_argument("--all-models", action="store_true",
+                         help="also predictions of models the batch was not screened with (marked older_model)")
     results.set_defaults(handler=_ops("run_results"))
 
     report = commands.add_parser("report", help="write an HTML page with each scan's results and overlays")
     report.add_argument("batch", help="batch id (printed by ingest)")
     report.add_argument("--html", required=True, help="output file; thumbnails go into a sibling _files folder")
+    report.add_argument("--all-models", action="store_true",
+                        help="also predictions of models the batch was not screened with (marked as older)")
     report.set_defaults(handler=_ops("run_report"))
 
     api = commands.add_parser("api", help="run the HTTP ingestion API")
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             command.add_argument("--count", type=int, default=24, help="synthetic images to screen (without --images)")
         command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+        command.add_argument("--all-models", action="store_true",
+                             help="show earlier models' predictions for the same scans too (marked as older)")
         command.set_defaults(handler=_ops("run_demo"))
     return parser
 

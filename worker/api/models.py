@@ -18,7 +18,7 @@ S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
 MAX_BATCH_SCANS = 10_000
 
 Priority = Literal["stat", "routine"]
-Status = Literal["queued", "running", "done", "failed"]
+Status = Literal["queued", "running", "done", "failed", "skipped"]
 
 
 class ScanIn(BaseModel):
@@ -147,15 +147,23 @@ class PredictionOut(BaseModel):
     # The store key stays internal; the context's `overlay_link` turns it into overlay_url.
     overlay_key: str | None = Field(default=None, exclude=True)
     overlay_url: str | None = Field(
-        default=None, description="Grad-CAM overlay PNG; a time-limited URL that needs no bearer token."
+        default=None, description="Grad-CAM overlay image; a time-limited URL that needs no bearer token."
+    )
+    older_model: bool = Field(
+        default=False,
+        description="True for a model the scan's batch was not screened with (shown only with all_models=true).",
     )
 
     @model_validator(mode="after")
     def _link_overlay(self, info: ValidationInfo) -> PredictionOut:
-        """Fill overlay_url from the overlay key with the link maker passed in the validation context."""
-        link = (info.context or {}).get("overlay_link")
+        """Fill overlay_url and older_model from the link maker and current models in the validation context."""
+        context = info.context or {}
+        link = context.get("overlay_link")
         if self.overlay_key and link is not None and self.overlay_url is None:
             self.overlay_url = link(self.overlay_key)
+        current = context.get("current_models")
+        if current:
+            self.older_model = (self.model_name, self.model_version) not in current
         return self
 
 
@@ -176,12 +184,13 @@ class ScanOut(BaseModel):
 
 
 class StatusCounts(BaseModel):
-    """Scans per status."""
+    """Scans per status (skipped: a valid image that is not a frontal chest film; not a failure)."""
 
     queued: int
     running: int
     done: int
     failed: int
+    skipped: int
 
 
 class BatchOut(BaseModel):
@@ -192,7 +201,7 @@ class BatchOut(BaseModel):
     submitted_at: dt.datetime
     counts: StatusCounts
     total: int
-    progress: float = Field(ge=0.0, le=1.0, description="Fraction of scans done or failed.")
+    progress: float = Field(ge=0.0, le=1.0, description="Fraction of scans done, failed or skipped.")
     complete: bool = Field(description="True when no scan is queued or running.")
 
 

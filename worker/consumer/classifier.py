@@ -17,11 +17,13 @@ from shared.errors import LungcamError
 from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
-from shared.imaging import ImageDecodeError, decode_image, fit_within, preprocess, to_uint8
-from shared.overlay import overlay_png
+from shared.dicom import dicom_header, selection_reason
+from shared.imaging import ImageDecodeError, decode_reduced, pixel_count, preprocess, to_uint8
+from shared.overlay import OVERLAY_FORMATS, encode_overlay
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
+from worker.consumer.budget import PixelBudget
 from worker.consumer.leases import LeaseKeeper
 from worker.consumer.transient import describe, is_transient
 
@@ -46,6 +48,16 @@ class ServedModel:
         """Output index of the covid class."""
         return self.bundle.class_names.index("covid")
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """(name, version): what a prediction row and a batch record name the model by."""
+        return self.bundle.name, self.bundle.version
+
+    @property
+    def demonstration(self) -> bool:
+        """Whether the bundle's manifest says it is a demonstration model (trained on synthetic images)."""
+        return bool(self.bundle.manifest.get("demonstration"))
+
 
 @dataclass
 class BatchOutcome:
@@ -56,12 +68,17 @@ class BatchOutcome:
     retry: dict[str, str] = field(default_factory=dict)  # scan id -> reason (transient)
     skipped: list[str] = field(default_factory=list)  # already done, held by another lease, or unknown id
     claimed: list[str] = field(default_factory=list)  # marked running under this worker's lease
+    not_selected: dict[str, str] = field(default_factory=dict)  # scan id -> why it is not a frontal chest film
+
+
+class NotSelected(Exception):
+    """A valid image that its DICOM header says is not a frontal chest radiograph (it ends `skipped`)."""
 
 
 @dataclass
 class _Decoded:
     inputs: dict[int, np.ndarray]  # input size -> preprocessed float32 image
-    display: np.ndarray  # uint8 image, longest side <= DISPLAY_MAX_SIDE, for the overlay
+    display: np.ndarray  # uint8 image (grey or RGB), longest side <= DISPLAY_MAX_SIDE, for the overlay
 
 
 def require_models_configured(settings: Settings) -> list[str]:
@@ -108,6 +125,13 @@ class ScanClassifier:
         # other is fetched, decoded, rendered and written by the I/O threads.
         self._model_lock = threading.Lock()
         self._input_sizes = sorted({m.bundle.input_size for m in models})
+        # Decode once to the largest size anything needs: the display image or the biggest model input.
+        self._decode_side = max([DISPLAY_MAX_SIDE, *self._input_sizes])
+        self.budget = PixelBudget(settings.decode_pixel_budget)
+        self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format][2].lstrip(".")
+        # Scans that need only some of the served models (screened before with others): scan id -> models.
+        self._needed: dict[str, set[tuple[str, str]]] = {}
+        self._needed_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the I/O threads and the lease heartbeat."""
@@ -133,6 +157,9 @@ class ScanClassifier:
             self._classify_claimed(sources, outcome)
         finally:
             self.leases.release(outcome.claimed)
+            with self._needed_lock:
+                for scan_id in outcome.claimed:
+                    self._needed.pop(scan_id, None)
         return outcome
 
     def _classify_claimed(self, sources: dict[str, str], outcome: BatchOutcome) -> None:
@@ -143,6 +170,8 @@ class ScanClassifier:
         for scan_id, future in decoding.items():
             try:
                 decoded[scan_id] = future.result()
+            except NotSelected as exc:
+                outcome.not_selected[scan_id] = str(exc)
             except ImageDecodeError as exc:
                 failed[scan_id] = f"undecodable image: {exc}"
             except (ObjectNotFound, SourceNotAllowed):
@@ -183,13 +212,16 @@ class ScanClassifier:
 
     def _record_outcome(self, rows: list[dict], done: list[str], failed: dict[str, str], outcome: BatchOutcome) -> None:
         """Record in one transaction; if the database refuses it (not an outage), scan by scan."""
+        not_selected = outcome.not_selected
         try:
-            self._record(rows, done, failed)
+            self._record(rows, done, failed, not_selected)
             outcome.done, outcome.failed = done, failed
             return
         except Exception as exc:
             if is_transient(exc):
-                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in [*done, *failed]})
+                unrecorded = [*done, *failed, *not_selected]
+                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in unrecorded})
+                outcome.not_selected = {}
                 return
             log.warning("batch write refused (%s); recording %d scans one by one", type(exc).__name__, len(done))
         failed = dict(failed)
@@ -203,11 +235,14 @@ class ScanClassifier:
                 else:
                     failed[scan_id] = f"could not record result: {describe(exc)}"
         try:
-            self._record([], [], failed)
+            self._record([], [], failed, not_selected)
             outcome.failed = failed
         except Exception as exc:  # noqa: BLE001 - their leases expire and the reconciler re-queues them
             if is_transient(exc):
-                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in failed})
+                outcome.retry.update(
+                    {scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in [*failed, *not_selected]}
+                )
+                outcome.not_selected = {}
             else:
                 log.error("could not record %d failed scans: %s", len(failed), type(exc).__name__)
 
@@ -225,22 +260,33 @@ class ScanClassifier:
                 have.setdefault(scan_id, set()).add((name, version))
             now = db.utcnow()
             sources = {}
+            needed: dict[str, set[tuple[str, str]]] = {}
+            complete: list[str] = []
             unknown = 0
             for scan_id in scan_ids:
                 scan = scans.get(scan_id)
+                missing = expected - have.get(scan_id, set())
                 if scan is None:
                     unknown += 1
                     outcome.skipped.append(scan_id)
                 elif scan_id in force:
                     sources[scan_id] = scan.source_uri
-                elif scan.status == db.DONE and expected <= have.get(scan_id, set()):
-                    # A redelivered message for finished work (e.g. after a visibility timeout).
+                elif scan.status == db.SKIPPED:
+                    # Not a frontal chest film: a redelivered message changes nothing.
                     outcome.skipped.append(scan_id)
+                elif expected and not missing and scan.status in (db.DONE, db.QUEUED):
+                    # Finished work redelivered, or re-screened with models it already has: nothing to run.
+                    outcome.skipped.append(scan_id)
+                    if scan.status == db.QUEUED:
+                        complete.append(scan_id)
                 elif self._leased_elsewhere(scan, now):
                     # A duplicate message (restored or re-published) while a live worker still works on it.
                     outcome.skipped.append(scan_id)
                 else:
                     sources[scan_id] = scan.source_uri
+                    if missing != expected:
+                        # Has results from some of the served models already: run only the others.
+                        needed[scan_id] = missing
             if unknown:
                 log.warning("%d messages for unknown scan ids ignored", unknown)
             claimed = db.claim_scans(
@@ -249,6 +295,12 @@ class ScanClassifier:
             # Another worker claimed some of them since they were read: theirs now.
             mine = set(claimed)
             outcome.skipped.extend(scan_id for scan_id in sources if scan_id not in mine)
+            db.mark_scans(session, complete, db.DONE, finished=True)
+            # Which model versions each batch was screened with: what results and reports show by default.
+            batches = {scans[scan_id].batch_id for scan_id in [*claimed, *complete] if scans[scan_id].batch_id}
+            db.record_batch_models(session, batches, [(*m.key, m.demonstration) for m in self.models])
+        with self._needed_lock:
+            self._needed.update({scan_id: models for scan_id, models in needed.items() if scan_id in mine})
         return {scan_id: sources[scan_id] for scan_id in claimed}
 
     def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
@@ -258,10 +310,22 @@ class ScanClassifier:
         return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
 
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
-        image = decode_image(self.fetcher.fetch(source_uri))
-        inputs = {size: preprocess(image, size) for size in self._input_sizes}
-        display = to_uint8(fit_within(image, DISPLAY_MAX_SIDE))
-        return _Decoded(inputs, display)
+        """Fetch, check the DICOM header, decode once at reduced size under the pixel budget, derive inputs and display."""
+        data = self.fetcher.fetch(source_uri)
+        settings = self.settings
+        reason = selection_reason(
+            dicom_header(data),
+            modalities=settings.csv_list(settings.classify_modalities),
+            body_parts=settings.csv_list(settings.classify_body_parts),
+            lateral_views=settings.csv_list(settings.lateral_views),
+        )
+        if reason:
+            raise NotSelected(reason)
+        with self.budget.admit(pixel_count(data)):
+            reduced = decode_reduced(data, self._decode_side).image
+        del data  # the encoded bytes of a large film are not needed past this point
+        inputs = {size: preprocess(reduced, size) for size in self._input_sizes}
+        return _Decoded(inputs, to_uint8(reduced))
 
     def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
         rows: list[dict] = []
@@ -271,13 +335,18 @@ class ScanClassifier:
             chunk = ids[start : start + self.settings.batch_size]
             for model in self.models:
                 bundle = model.bundle
+                with self._needed_lock:
+                    chunk = [scan_id for scan_id in ids[start : start + self.settings.batch_size]
+                             if model.key in self._needed.get(scan_id, {model.key})]
+                if not chunk:
+                    continue
                 batch = np.stack([decoded[scan_id].inputs[bundle.input_size] for scan_id in chunk])
                 with self._model_lock:
                     started = time.perf_counter()
                     probabilities, cams = model.gradcam(batch)
                     elapsed_ms = (time.perf_counter() - started) * 1000.0
                 for index, scan_id in enumerate(chunk):
-                    key = overlay_key(bundle.name, bundle.version, scan_id)
+                    key = overlay_key(bundle.name, bundle.version, scan_id, self._overlay_extension)
                     uploads[(scan_id, bundle.name)] = self.executor.submit(
                         self._render_and_upload, decoded[scan_id].display, cams[index], key
                     )
@@ -296,15 +365,20 @@ class ScanClassifier:
         return rows, uploads
 
     def _render_and_upload(self, display: np.ndarray, cam: np.ndarray, key: str) -> None:
-        self.store.put(key, overlay_png(display, cam, max_side=DISPLAY_MAX_SIDE), "image/png")
+        body, content_type, _extension = encode_overlay(display, cam, self.settings.overlay_format, max_side=DISPLAY_MAX_SIDE)
+        self.store.put(key, body, content_type)
 
-    def _record(self, rows: list[dict], done: list[str], failed: dict[str, str]) -> None:
+    def _record(
+        self, rows: list[dict], done: list[str], failed: dict[str, str], not_selected: dict[str, str] | None = None
+    ) -> None:
         """Write predictions and final statuses in one transaction."""
         with self.sessions.begin() as session:
             db.upsert_predictions(session, rows)
             db.mark_scans(session, done, db.DONE, finished=True)
             for scan_id, reason in failed.items():
                 db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
+            for scan_id, reason in (not_selected or {}).items():
+                db.mark_scans(session, [scan_id], db.SKIPPED, error=reason, finished=True)
 
 
 def classifier_from_settings(settings: Settings) -> ScanClassifier:

@@ -102,7 +102,8 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
                 progress = get_batch_progress(session, batch_id)
             assert progress is not None  # batches are never deleted while followed
             bar.n = progress.finished
-            bar.set_postfix(done=progress.counts["done"], failed=progress.counts["failed"], refresh=False)
+            bar.set_postfix(done=progress.counts["done"], failed=progress.counts["failed"],
+                            skipped=progress.counts["skipped"], refresh=False)
             bar.refresh()
             if progress.complete:
                 break
@@ -110,7 +111,8 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
                 print(f"lungcam: batch {batch_id} not finished after {timeout:.0f} s", file=sys.stderr)
                 return exit_codes.TIMEOUT
             time.sleep(1.0)
-    print(f"batch {batch_id}: {progress.counts['done']} done, {progress.counts['failed']} failed of {progress.total}")
+    counts = progress.counts
+    print(f"batch {batch_id}: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped of {progress.total}")
     if progress.counts["failed"]:
         print(f"lungcam: {progress.counts['failed']} scan(s) failed; `lungcam results {batch_id}` gives each reason",
               file=sys.stderr)
@@ -127,12 +129,13 @@ def run_results(args: argparse.Namespace) -> int:
     """`lungcam results BATCH [--csv FILE]`: one row per scan and model."""
     import csv
 
-    from shared.results import list_batch_scans
+    from shared.results import batch_model_keys, list_batch_scans
     from worker.ops.tables import RESULT_COLUMNS, format_table, result_rows
 
     services = open_services()
     with services.sessions() as session:
-        rows = result_rows(list_batch_scans(session, args.batch))
+        current = batch_model_keys(session, args.batch)
+        rows = result_rows(list_batch_scans(session, args.batch, all_models=args.all_models), current)
     if not rows:
         print(f"lungcam: no scans in batch {args.batch}", file=sys.stderr)
         return exit_codes.NOT_FOUND
@@ -149,20 +152,24 @@ def run_results(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     """`lungcam report BATCH --html FILE`: a page with each scan's results and overlays."""
-    from shared.results import get_batch_progress, list_batch_scans
+    from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
     from shared.sources import SourceFetcher
     from worker.ops.report import write_report
 
     services = open_services()
     with services.sessions() as session:
         progress = get_batch_progress(session, args.batch)
-        scans = list_batch_scans(session, args.batch) if progress else []
+        scans = list_batch_scans(session, args.batch, all_models=args.all_models) if progress else []
+        current, demonstration = batch_model_keys(session, args.batch), demonstration_keys(session, args.batch)
     if progress is None:
         print(f"lungcam: no batch {args.batch}", file=sys.stderr)
         return exit_codes.NOT_FOUND
     fetcher = SourceFetcher(services.store, services.settings)
     with _progress_bar(len(scans), "report") as bar:
-        path = write_report(Path(args.html), progress, scans, store=services.store, fetcher=fetcher, on_progress=bar.update)
+        path = write_report(
+            Path(args.html), progress, scans, store=services.store, fetcher=fetcher,
+            current_models=current or None, demonstration_models=demonstration, on_progress=bar.update,
+        )
     print(f"report: {path.resolve()}")
     return 0
 
@@ -193,4 +200,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
     images = Path(args.images) if getattr(args, "images", None) else None
-    return screen(images, demo=args.command == "demo", gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout)
+    return screen(
+        images, demo=args.command == "demo", gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout,
+        all_models=args.all_models,
+    )

@@ -61,6 +61,7 @@ def ensure_demo_model(settings: Settings) -> str:
     bundle = settings.resolved_data_dir() / DEMO_MODEL_DIR
     if (bundle / "manifest.json").exists():
         _say(f"using the demonstration model in {bundle}")
+        _mark_demonstration(bundle)
         return str(bundle)
     _say("no model configured (LUNGCAM_MODELS): training a demonstration model on synthetic images")
     _say(DEMO_BANNER)
@@ -80,7 +81,19 @@ def ensure_demo_model(settings: Settings) -> str:
         freeze_backbone=False, gradcam_layer="pool3_relu", name="demo-densenet121", version="synthetic-1",
     )
     train(config, [str(data)], bundle)
+    _mark_demonstration(bundle)
     return str(bundle)
+
+
+def _mark_demonstration(bundle: Path) -> None:
+    """Say in the manifest that this is a demonstration model, so workers record it and reports show a banner."""
+    import json
+
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if manifest.get("demonstration") is not True:
+        # Only the manifest changes; the model file and its sha256 stay as they are.
+        path.write_text(json.dumps({**manifest, "demonstration": True}, indent=2, sort_keys=True))
 
 
 def demo_images(settings: Settings, count: int) -> Path:
@@ -208,7 +221,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     return items
 
 
-def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float) -> int:
+def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float, all_models: bool = False) -> int:
     """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
     import httpx
     from tqdm import tqdm
@@ -216,7 +229,7 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
     from shared import db
     from shared.embedded_redis import stop_embedded_redis
     from shared.queueing import broker_url_for, make_app
-    from shared.results import get_batch_progress, list_batch_scans
+    from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
     from shared.settings import get_settings
     from shared.sources import SourceFetcher
     from shared.store import store_from_settings
@@ -263,14 +276,14 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         store = store_from_settings(runtime)
         with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
             batch_id, _ = ingest(items, store=store, sessions=sessions, app=make_app(runtime, broker_url=broker),
-                                 batch_name=folder.name, force=True, on_progress=bar.update)
+                                 batch_name=folder.name, rescreen=True, on_progress=bar.update)
         headers = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + timeout
         with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
             while True:
                 worker.check_alive()
                 progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
-                finished = progress["counts"]["done"] + progress["counts"]["failed"]
+                finished = sum(progress["counts"].get(status, 0) for status in db.FINISHED_STATUSES)
                 bar.update(finished - bar.n)
                 if progress["complete"]:
                     break
@@ -280,14 +293,16 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
 
         with sessions() as session:
             batch_progress = get_batch_progress(session, batch_id)
-            scans = list_batch_scans(session, batch_id)
+            scans = list_batch_scans(session, batch_id, all_models=all_models)
+            current, demonstration = batch_model_keys(session, batch_id), demonstration_keys(session, batch_id)
         assert batch_progress is not None  # just created
-        print(format_table(result_rows(scans)))
-        demonstration = _demonstration_models(models, runtime)
+        print(format_table(result_rows(scans, current)))
         report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
-                              fetcher=SourceFetcher(store, runtime), demonstration_models=demonstration)
+                              fetcher=SourceFetcher(store, runtime), current_models=current or None,
+                              demonstration_models=demonstration)
         counts = batch_progress.counts
-        print(f"\n{counts['done']} done, {counts['failed']} failed of {batch_progress.total} (batch {batch_id})")
+        print(f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
+              f"of {batch_progress.total} (batch {batch_id})")
         print(f"HTML report: {report.resolve()}")
         if demonstration:
             print(DEMO_BANNER)
@@ -296,15 +311,3 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         _say(f"{counts['failed']} scan(s) failed (reasons in the table); exit code {exit_codes.SOME_FAILED}")
         return exit_codes.SOME_FAILED
     return exit_codes.OK
-
-
-def _demonstration_models(models: str, settings: Settings) -> set[tuple[str, str]]:
-    """(name, version) of the served bundles whose manifest says they are demonstration models."""
-    from shared.bundle import read_manifest
-
-    found = set()
-    for uri in [part.strip() for part in models.split(",") if part.strip()]:
-        manifest = read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        if manifest.get("demonstration") or uri.rstrip("/").endswith(DEMO_MODEL_DIR):
-            found.add((str(manifest.get("name")), str(manifest.get("version"))))
-    return found

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import db
 from shared.errors import SubmissionError
 from shared.settings import Settings
-from shared.store import ObjectStore, cached_store, scan_key
+from shared.store import ObjectNotFound, ObjectStore, cached_store, scan_key
 from shared.queueing import SubmitResult, submit_scans
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""})  # DICOM files often have no suffix
@@ -119,6 +119,14 @@ def batch_id_for(source: str, name: str) -> str:
     return hashlib.sha256(f"{where}\0{name}".encode()).hexdigest()[:32]
 
 
+def _stored_bytes(store: ObjectStore, scan_id: str) -> bytes | None:
+    """The image stored for scan_id, or None."""
+    try:
+        return store.get(scan_key(scan_id))
+    except ObjectNotFound:
+        return None
+
+
 def _existing(sessions: sessionmaker[Session], scan_ids: list[str]) -> set[str]:
     with sessions() as session:
         return set(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(scan_ids))))
@@ -134,20 +142,31 @@ def ingest(
     batch_id: str | None = None,
     reference_local: bool = False,
     force: bool = False,
+    rescreen: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[str, SubmitResult]:
     """Upload local files to the store (or reference them), queue everything as one batch; returns its id.
 
     As the API does, an existing scan keeps its stored image and stays as it is unless force is given.
+    rescreen (what `lungcam screen` does) moves existing scans into this batch so that only the served
+    models they have no result from run; a local file whose bytes differ from the stored image under
+    the same scan id is a new input, uploaded and classified again by every model.
     """
     batch_id = batch_id or uuid.uuid4().hex
     total = SubmitResult()
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
         existing = set() if force else _existing(sessions, [item.scan_id for item in chunk])
-        scans = []
+        scans, changed = [], []
         for item in chunk:
-            if item.scan_id in existing:
+            if item.scan_id in existing and rescreen and item.is_local and not reference_local:
+                data = Path(item.location).read_bytes()
+                if _stored_bytes(store, item.scan_id) != data:
+                    store.put(scan_key(item.scan_id), data)
+                    changed.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+                    continue
+                scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+            elif item.scan_id in existing:
                 # Overwriting it would silently change the input behind a finished result.
                 scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
             elif item.is_local and not reference_local:
@@ -157,7 +176,12 @@ def ingest(
                 scans.append({"scan_id": item.scan_id, "source_uri": key, "priority": item.priority})
             else:
                 scans.append({"scan_id": item.scan_id, "source_uri": item.location, "priority": item.priority})
-        result = submit_scans(sessions, app, scans, batch_id=batch_id, batch_name=batch_name, force=force)
+        result = submit_scans(
+            sessions, app, scans, batch_id=batch_id, batch_name=batch_name, force=force, rescreen=rescreen
+        )
+        if changed:
+            again = submit_scans(sessions, app, changed, batch_id=batch_id, batch_name=batch_name, force=True)
+            result.queued += again.queued
         total.queued += result.queued
         total.already += result.already
         if on_progress:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from shared import db
 
-RESULT_COLUMNS = ("scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at", "dicom_send")
-TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "dicom_send", "error")
+RESULT_COLUMNS = (
+    "scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at",
+    "dicom_send", "older_model",
+)
+TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "dicom_send", "older_model", "error")
 
 
-def result_rows(scans: Iterable[db.Scan]) -> list[dict[str, str]]:
-    """One row per scan and model (one row with empty model fields for scans without predictions)."""
+def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+    """One row per scan and model (one row with empty model fields for scans without predictions).
+
+    With `current` (the batch's model versions), a prediction of any other model is marked older_model=yes.
+    """
     rows = []
     for scan in scans:
         base = {"scan_id": scan.scan_id, "status": scan.status, "error": scan.error or "",
@@ -22,13 +28,14 @@ def result_rows(scans: Iterable[db.Scan]) -> list[dict[str, str]]:
                                      # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
                                      "dicom_send": ",".join(r.state for r in scan.result_sends
                                                             if (r.model_name, r.model_version) == (p.model_name, p.model_version)),
+                                     "older_model": "yes" if current and (p.model_name, p.model_version) not in current else "",
                                      } if p else {})})
     return rows
 
 
 def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """A plain-text table of result rows (the dicom_send column only when some scan has DICOM results)."""
-    columns = [c for c in columns if c != "dicom_send" or any(r.get(c) for r in rows)]
+    """A plain-text table of result rows (dicom_send and older_model only when some row has a value)."""
+    columns = [c for c in columns if c not in ("dicom_send", "older_model") or any(r.get(c) for r in rows)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]

@@ -56,7 +56,9 @@ def downgrade() -> None:
     """Drop result_sends and the UID columns."""
     op.drop_index("ix_result_sends_state", table_name="result_sends")
     op.drop_table("result_sends")
-    with op.batch_alter_table("scans") as batch:
+    # "never": SQLite (3.35+) drops unindexed columns in place. A rebuild would DROP TABLE scans,
+    # which with foreign_keys=ON cascades into predictions and deletes every result.
+    with op.batch_alter_table("scans", recreate="never") as batch:
         batch.drop_column("sop_instance_uid")
         batch.drop_column("series_uid")
         batch.drop_column("study_uid")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from shared.store import LocalStore, ObjectStore
 from shared import results
@@ -47,15 +47,24 @@ def submit_scan(
 
 
 @router.get("/{scan_id}", response_model=ScanOut, responses={404: {"model": ErrorOut}})
-def read_scan(scan_id: str, request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep) -> ScanOut:
-    """A scan's status, attempts, timestamps and one prediction per model with a link to its overlay."""
-    scan = results.get_scan(session, scan_id)
+def read_scan(
+    scan_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    all_models: bool = Query(False, description="Also predictions of models the scan's batch was not screened with."),
+) -> ScanOut:
+    """A scan's status, attempts, timestamps and one prediction per model of its batch, with overlay links."""
+    scan = results.get_scan(session, scan_id, all_models=all_models)
     if scan is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no scan with this scan_id")
     token = settings.api_token.get_secret_value() if settings.api_token else ""
-    return ScanOut.model_validate(
-        scan, from_attributes=True, context={"overlay_link": lambda key: overlay_url(request, store, token, key)}
-    )
+    context = {
+        "overlay_link": lambda key: overlay_url(request, store, token, key),
+        "current_models": set(results.batch_model_keys(session, scan.batch_id)),
+    }
+    return ScanOut.model_validate(scan, from_attributes=True, context=context)
 
 
 def overlay_url(request: Request, store: ObjectStore, api_token: str, key: str) -> str:
