@@ -19,7 +19,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from helpers import LUNGCAM, corrupt_scans, make_bundle
+from helpers import LUNGCAM, corrupt_scans, make_bundle, make_tiny_bundle
 from worker.ops import exit_codes
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
@@ -129,3 +129,29 @@ def test_screen_of_an_empty_folder_is_refused_before_anything_starts(tmp_path, b
     assert result.returncode == exit_codes.ERROR and "no images" in result.stderr
     assert time.monotonic() - started < 15
     assert "embedded Redis running" not in result.stderr
+
+
+def test_screening_again_with_another_model_shows_only_that_models_results(folder, bundle, tmp_path):
+    """File names are scan ids: a second screen of the same folder with model B must not show model A's verdicts."""
+    data = {"LUNGCAM_DATA_DIR": str(tmp_path / "data")}
+    first = _screen(folder, {**data, "LUNGCAM_MODELS": str(bundle)})
+    assert first.returncode == exit_codes.SOME_FAILED, first.stderr[-3000:]
+    assert "resnet50-test" in first.stdout
+    second = _screen(folder, {**data, "LUNGCAM_MODELS": str(make_tiny_bundle(tmp_path / "b", 64))})
+    assert second.returncode == exit_codes.SOME_FAILED, second.stderr[-3000:]
+    assert "tiny-test" in second.stdout and "resnet50-test" not in second.stdout  # the table
+    report = Path(re.search(r"HTML report: (\S+)", second.stdout).group(1)).read_text()
+    assert "tiny-test" in report and "resnet50-test" not in report
+    batch = re.search(r"\(batch (\w+)\)", second.stdout).group(1)
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
+    run = lambda *args: subprocess.run([LUNGCAM, *args], env={**clean, **data}, capture_output=True, text=True, timeout=300)  # noqa: E731
+    csv_path = tmp_path / "b.csv"
+    assert run("results", batch, "--csv", str(csv_path)).returncode == 0
+    import csv
+
+    models = [row["model_name"] for row in csv.DictReader(csv_path.open())]
+    assert models.count("tiny-test") == 8 and "resnet50-test" not in models
+    every = run("results", batch, "--all-models")
+    assert every.returncode == 0, every.stderr
+    older = [line for line in every.stdout.splitlines() if "resnet50-test" in line]
+    assert len(older) == 8 and all(line.rstrip().split()[-1] == "yes" or " yes " in line for line in older)
