@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import sqlalchemy as sa
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,3 +199,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = 
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def empty_schema(url: str) -> str:
+    """Drop every table of the database (schema) at url, whatever migrations have added; returns url."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url)
+    try:
+        with engine.begin() as connection:
+            tables = sa.inspect(connection).get_table_names()
+            if tables:
+                connection.execute(sa.text("DROP TABLE IF EXISTS " + ", ".join(f'"{name}"' for name in tables) + " CASCADE"))
+    finally:
+        engine.dispose()
+    return url

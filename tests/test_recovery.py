@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import func, select
 
-from helpers import make_bundle, mixed_scans, start_worker, wait_until
+from helpers import empty_schema, make_bundle, mixed_scans, start_worker, wait_until
 from shared import db
 from shared.broker_state import RedisBroker
 from shared.queueing import make_app, publish, submit_scans
@@ -347,8 +347,7 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
     run for 15 s, so its reconciler had a chance to act (a worker killed within a second of starting
     recovers nothing, and neither would any real one).
     """
-    with sa.create_engine(db.normalize_url(postgres_url)).begin() as connection:
-        connection.execute(sa.text("DROP TABLE IF EXISTS predictions, scans, batches, alembic_version CASCADE"))
+    empty_schema(postgres_url)
     sessions = _sessions(postgres_url)
     scans = _stage(tmp_path / "store", 300, seed=3)
     env = _env(kill_redis, postgres_url, tmp_path / "store", bundle)

@@ -24,7 +24,7 @@ from celery_batches import SimpleRequest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from helpers import mixed_scans
+from helpers import empty_schema, mixed_scans
 from shared import db
 from shared.queueing import CLASSIFY_TASK, make_app, submit_scans
 from shared.settings import Settings
@@ -308,11 +308,7 @@ def table_lock(postgres_url) -> Iterator[TableLock]:
 @pytest.fixture
 def fresh_postgres(postgres_url) -> str:
     """The session's PostgreSQL schema, emptied."""
-    with sa.create_engine(db.normalize_url(postgres_url)).begin() as connection:
-        connection.execute(sa.text(
-            "DROP TABLE IF EXISTS predictions, result_sends, batch_models, scans, batches, alembic_version CASCADE"
-        ))
-    return postgres_url
+    return empty_schema(postgres_url)
 
 
 def test_stat_scan_survives_two_failed_database_writes(fresh_postgres, tmp_path, broker, rigs, table_lock):
