@@ -115,6 +115,14 @@ class Settings(BaseSettings):
             "the whole budget decodes alone. Bounds a worker's memory whatever its batch holds."
         ),
     )
+    decode_processes: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Processes that decode scans per worker (unset: one per core the worker may run on; 0: decode "
+            "in the I/O threads). Decoders hold the GIL, so threads alone use one core."
+        ),
+    )
     classify_modalities: str = Field(
         default="CR,DX",
         description="DICOM Modality values that are classified; other DICOM images end `skipped` (PNG/JPEG are always classified).",

@@ -18,12 +18,13 @@ from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
 from shared.dicom import dicom_header, selection_reason
-from shared.imaging import ImageDecodeError, decode_reduced, pixel_count, preprocess, to_uint8
+from shared.imaging import ImageDecodeError, pixel_count
 from shared.overlay import OVERLAY_FORMATS, encode_overlay
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
 from worker.consumer.budget import PixelBudget
+from worker.consumer.decoding import DecodePool, available_cores
 from worker.consumer.leases import LeaseKeeper
 from worker.consumer.transient import describe, is_transient
 
@@ -128,14 +129,17 @@ class ScanClassifier:
         # Decode once to the largest size anything needs: the display image or the biggest model input.
         self._decode_side = max([DISPLAY_MAX_SIDE, *self._input_sizes])
         self.budget = PixelBudget(settings.decode_pixel_budget)
+        processes = available_cores() if settings.decode_processes is None else settings.decode_processes
+        self.decoder = DecodePool(processes)
         self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format][2].lstrip(".")
         # Scans that need only some of the served models (screened before with others): scan id -> models.
         self._needed: dict[str, set[tuple[str, str]]] = {}
         self._needed_lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop the I/O threads and the lease heartbeat."""
+        """Stop the I/O threads, the decode processes and the lease heartbeat."""
         self.executor.shutdown(wait=True)
+        self.decoder.close()
         self.leases.stop()
 
     def process(self, scan_ids: list[str], *, force: set[str] | frozenset[str] = frozenset()) -> BatchOutcome:
@@ -322,10 +326,8 @@ class ScanClassifier:
         if reason:
             raise NotSelected(reason)
         with self.budget.admit(pixel_count(data)):
-            reduced = decode_reduced(data, self._decode_side).image
-        del data  # the encoded bytes of a large film are not needed past this point
-        inputs = {size: preprocess(reduced, size) for size in self._input_sizes}
-        return _Decoded(inputs, to_uint8(reduced))
+            inputs, display = self.decoder.decode(data, self._decode_side, tuple(self._input_sizes))
+        return _Decoded(inputs, display)
 
     def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
         rows: list[dict] = []

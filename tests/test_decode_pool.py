@@ -1,0 +1,50 @@
+"""Decoding in spawned processes: the same numbers as in-thread, and a decoder that dies does not take the worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from shared.synthetic import make_dicom, synthetic_xray
+from worker.consumer.decoding import DecodePool, decode_for_models
+
+
+def _dicom() -> bytes:
+    return make_dicom(synthetic_xray(np.random.default_rng(4), 256).image.astype(np.uint16) * 16, bits_stored=12)
+
+
+def test_processes_give_exactly_what_the_thread_path_gives():
+    data = _dicom()
+    pool = DecodePool(2)
+    try:
+        inputs, display = pool.decode(data, 1024, (64, 224))
+    finally:
+        pool.close()
+    expected_inputs, expected_display = decode_for_models(data, 1024, (64, 224))
+    assert set(inputs) == {64, 224} and all(np.array_equal(inputs[s], expected_inputs[s]) for s in inputs)
+    assert np.array_equal(display, expected_display)
+
+
+def test_a_killed_decoder_process_is_replaced_and_the_scan_still_decodes():
+    """SIGKILL the child mid-decode (as the OOM killer or a native crash would): the pool is rebuilt, the call succeeds."""
+    ramp = np.linspace(0, 65535, 6000, dtype=np.float32).astype(np.uint16)
+    big = cv2.imencode(".png", np.broadcast_to(ramp, (6000, 6000)).copy())[1].tobytes()
+    pool = DecodePool(1)
+    try:
+        pool.decode(_dicom(), 256, (32,))  # the child is up
+        (child,) = list(pool._pool._processes.values())  # noqa: SLF001 - the test needs the child's pid
+        killer = threading.Timer(0.2, lambda: os.kill(child.pid, signal.SIGKILL))
+        killer.start()
+        started = time.monotonic()
+        inputs, display = pool.decode(big, 1024, (32,))
+        killer.join()
+        assert not child.is_alive()
+        assert inputs[32].shape == (32, 32, 3) and display.shape[:2] == (1024, 1024)
+        assert time.monotonic() - started < 120
+    finally:
+        pool.close()

@@ -1,0 +1,67 @@
+"""Decoding scans for the models, in worker processes of its own so that every core a worker is given decodes.
+
+pydicom and parts of the reduction hold the GIL, so decode threads share one core (measured in
+benchmarks/cpu_cost.py: 2 threads ran 0.6-1.1x as fast as 1); processes do not. They are spawned,
+never forked: a fork after TensorFlow has started is unsafe. A child imports only the decoders
+(no TensorFlow), and gets bytes and gives back the model inputs and the display image.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from shared.imaging import ImageDecodeError, decode_reduced, preprocess, to_uint8
+
+
+def decode_for_models(data: bytes, side: int, input_sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Decode once at `side`, then derive each model input size and the uint8 display image."""
+    reduced = decode_reduced(data, side).image
+    return {size: preprocess(reduced, size) for size in input_sizes}, to_uint8(reduced)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class DecodePool:
+    """Runs decode_for_models in `processes` spawned processes, or in the calling thread when processes is 0."""
+
+    def __init__(self, processes: int) -> None:
+        """Start no process yet: the pool spawns its children on first use."""
+        self.processes = processes
+        self._lock = threading.Lock()
+        self._pool = self._new_pool() if processes > 0 else None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+
+    def decode(self, data: bytes, side: int, input_sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """The model inputs and display image of one scan's bytes."""
+        if self._pool is None:
+            return decode_for_models(data, side, input_sizes)
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return pool.submit(decode_for_models, data, side, input_sizes).result()
+            except BrokenProcessPool:
+                # A decoder died (a native crash on a hostile file, or the OOM killer): the worker lives on.
+                # Every decode in flight sees this once; each is tried again in a fresh pool.
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = self._new_pool()
+        raise ImageDecodeError("the decoder crashed on this image twice", kind="corrupt")
+
+    def close(self) -> None:
+        """Stop the decode processes."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
