@@ -106,6 +106,25 @@ def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: s
         raise BundleError(f"malformed {MANIFEST_FILE} in bundle {uri}: {exc}") from exc
 
 
+# Manifest keys that may be added or replaced after publishing (the model file is untouched, so the
+# sha256 still verifies): the shortcut audit's verdict.
+UPDATABLE_MANIFEST_KEYS = frozenset({"audit"})
+
+
+def update_manifest(
+    uri: str | Path, updates: dict[str, Any], *, endpoint_url: str | None = None, region: str = "us-east-1"
+) -> dict[str, Any]:
+    """Merge `updates` (only UPDATABLE_MANIFEST_KEYS) into a published bundle's manifest and rewrite it."""
+    unknown = set(updates) - UPDATABLE_MANIFEST_KEYS
+    if unknown:
+        raise BundleError(f"manifest keys {sorted(unknown)} cannot be changed after publishing")
+    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    manifest.update(updates)
+    store = _store_for(str(uri), endpoint_url, region)
+    store.put(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode(), "application/json")
+    return manifest
+
+
 def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Bundle:
     """Load a bundle, refusing it if the model file's sha256 differs from the manifest's."""
     manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)

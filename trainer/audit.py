@@ -101,3 +101,59 @@ def audit_record(aucs: dict[str, float | None], *, n: int, n_covid: int, data: S
         "data": [str(path) for path in data],
         "split": split,
     }
+
+
+def run_audit(
+    bundle_uri: str,
+    data_paths: Sequence[str],
+    *,
+    split: str = "all",
+    write: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Audit a published bundle on data (its own test split or every image); write the verdict into its manifest."""
+    from shared.bundle import load_bundle, update_manifest
+    from shared.settings import get_settings
+    from trainer.datasets import load_datasets, split_samples
+    from trainer.evaluate import COVID_INDEX, PREDICT_BATCH_SIZE, covid_targets
+    from trainer.loading import load_images
+
+    if split not in ("test", "all"):
+        raise ValueError(f"split must be 'test' or 'all', got {split!r}")
+    settings = get_settings()
+    bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    manifest = bundle.manifest
+    training = manifest.get("training", {})
+    samples = load_datasets(data_paths, finding=training.get("finding", "COVID-19"), view=training.get("view", "PA"))
+    if split == "test":
+        params = manifest.get("dataset", {}).get("split", {})
+        _, samples = split_samples(samples, test_fraction=float(params.get("test_fraction", 0.2)),
+                                   seed=int(params.get("seed", 42)), group_by_patient=bool(params.get("group_by_patient", True)))
+    loaded = load_images(samples, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress,
+                         desc="audit images")
+    y = covid_targets(loaded.samples)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            np.asarray(bundle.model.predict_on_batch(batch[i:i + PREDICT_BATCH_SIZE]))[:, COVID_INDEX]
+            for i in range(0, len(batch), PREDICT_BATCH_SIZE)
+        ])
+
+    aucs = audit_aucs(predict, loaded.images, y)
+    record = audit_record(aucs, n=len(y), n_covid=int(y.sum()), data=data_paths, split=split)
+    if write:
+        update_manifest(bundle_uri, {"audit": record}, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    return {"bundle": {"name": bundle.name, "version": bundle.version}, "audit": record, "written": write}
+
+
+def format_audit(record: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    auc = record["auc"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return "\n".join([
+        f"shortcut audit on {record['n']} images ({record['n_covid']} covid), lung box {record['lung_box']}:",
+        f"  AUC as they are        {fmt(auc['full'])}",
+        f"  AUC lungs blanked      {fmt(auc['lungs_blanked'])}",
+        f"  AUC only lungs shown   {fmt(auc['lungs_only'])}",
+        f"verdict: {record['verdict'].upper()} - {record['reason']}",
+    ])

@@ -36,7 +36,8 @@ def build_small_cnn(input_size: int, *, widths: Sequence[int] = (16, 32, 64, 128
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_regularizer=regulariser,
                               kernel_initializer=keras.initializers.HeNormal(seed=seed + 10 * block + conv),
                               name=f"block{block}_conv{conv}")(x)
-            x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            # momentum 0.9: a few hundred steps must give usable moving statistics for validation.
+            x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
         if block < len(widths):
             x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
