@@ -246,7 +246,7 @@ def evaluate_bundle(
     origin = {id(sample): str(path) for path, part in zip(data_paths, per_path) for sample in part}
     current_hash = dataset_hash(samples)
     expected_hash = dataset_info.get("hash")
-    if split == "test" and expected_hash and current_hash != expected_hash:
+    if expected_hash and current_hash != expected_hash:
         log.warning(
             "\n%s\nDATASET HASH DIFFERS from the one this model was trained on (%s… vs %s…): the split "
             "below is not the training run's test split and the metrics are not comparable.\n%s",
