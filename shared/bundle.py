@@ -12,6 +12,7 @@ from typing import Any
 import keras
 
 import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
+from shared.calibration import OperatingPoint, audit_status
 from shared.gradcam import GradCam
 from shared.store import ObjectStore, open_store
 
@@ -51,6 +52,21 @@ class Bundle:
     def class_names(self) -> list[str]:
         """Class names in the order of the model's outputs."""
         return list(self.manifest["class_names"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The manifest's preprocessing entry, for `shared.imaging.preprocess_for_manifest` (None: version 1)."""
+        return self.manifest.get("preprocessing")
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """Temperature, threshold and indeterminate band (T=1, threshold 0.5 for bundles without calibration)."""
+        return OperatingPoint.from_manifest(self.manifest)
+
+    @property
+    def audit_warning(self) -> str | None:
+        """The warning to log at start when the bundle failed or never ran the shortcut audit, else None."""
+        return audit_status(self.manifest)
 
     def gradcam(self, *, positive_gradients_only: bool = False) -> GradCam:
         """A compiled Grad-CAM pass on the manifest's layer."""

@@ -123,8 +123,10 @@ def test_operating_point_round_trips_through_a_saved_bundle(tmp_path: Path) -> N
         "gradcam_layer": "logits", "calibration": point.to_manifest(),
     }
     save_bundle(model, manifest, tmp_path / "bundle")
-    loaded = OperatingPoint.from_manifest(load_bundle(tmp_path / "bundle").manifest)
-    assert loaded == point
+    bundle = load_bundle(tmp_path / "bundle")
+    loaded = OperatingPoint.from_manifest(bundle.manifest)
+    assert loaded == point == bundle.operating_point
+    assert bundle.preprocessing is None and "never" in bundle.audit_warning
     raw = np.array([0.05, 0.2, 0.35, 0.45, 0.9])
     calibrated, labels = loaded.predict(raw)
     assert calibrated == pytest.approx(1 / (1 + np.exp(-np.log(raw / (1 - raw)) / 2)))
