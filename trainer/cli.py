@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone (default: vgg16 for paper, small for robust)")
     train.add_argument("--weights", default=None,
                        help="initial backbone weights: imagenet (default for the zoo backbones), none, or a local weights file")
-    train.add_argument("--epochs", type=int, default=None, help="default: 15 (paper), 40 with early stopping (robust)")
+    train.add_argument("--epochs", type=int, default=None, help="default: 15 (paper: all of them; robust: the best validation-loss epoch is kept)")
     train.add_argument("--batch-size", type=int, default=None, help="default: 8 (paper), 32 (robust)")
     train.add_argument("--lr", type=float, default=None, help="initial learning rate (default: 1e-3 paper, 2e-3 robust)")
     train.add_argument("--rotation", type=float, default=None, help="max augmentation rotation in degrees (default: 15 paper, 10 robust)")
