@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.calibration import OperatingPoint, audit_status
 from shared.errors import LungcamError
 from shared.store import ObjectStore, open_store
 
@@ -53,6 +54,21 @@ class Bundle:
     def class_names(self) -> list[str]:
         """Class names in the order of the model's outputs."""
         return list(self.manifest["class_names"])
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The manifest's preprocessing entry, for `shared.imaging.preprocess_for_manifest` (None: version 1)."""
+        return self.manifest.get("preprocessing")
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """Temperature, threshold and indeterminate band (T=1, threshold 0.5 for bundles without calibration)."""
+        return OperatingPoint.from_manifest(self.manifest)
+
+    @property
+    def audit_warning(self) -> str | None:
+        """The warning to log at start when the bundle failed or never ran the shortcut audit, else None."""
+        return audit_status(self.manifest)
 
     def gradcam(self, *, positive_gradients_only: bool = False) -> GradCam:
         """A compiled Grad-CAM pass on the manifest's layer."""
@@ -108,6 +124,25 @@ def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: s
         raise BundleError(f"no {MANIFEST_FILE} in bundle {uri}") from exc
     except json.JSONDecodeError as exc:
         raise BundleError(f"malformed {MANIFEST_FILE} in bundle {uri}: {exc}") from exc
+
+
+# Manifest keys that may be added or replaced after publishing (the model file is untouched, so the
+# sha256 still verifies): the shortcut audit's verdict.
+UPDATABLE_MANIFEST_KEYS = frozenset({"audit"})
+
+
+def update_manifest(
+    uri: str | Path, updates: dict[str, Any], *, endpoint_url: str | None = None, region: str = "us-east-1"
+) -> dict[str, Any]:
+    """Merge `updates` (only UPDATABLE_MANIFEST_KEYS) into a published bundle's manifest and rewrite it."""
+    unknown = set(updates) - UPDATABLE_MANIFEST_KEYS
+    if unknown:
+        raise BundleError(f"manifest keys {sorted(unknown)} cannot be changed after publishing")
+    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    manifest.update(updates)
+    store = _store_for(str(uri), endpoint_url, region)
+    store.put(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode(), "application/json")
+    return manifest
 
 
 def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Bundle:

@@ -180,7 +180,9 @@ class Prediction(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64))
     label: Mapped[str] = mapped_column(String(64))
+    # Calibrated by the bundle's operating point; label is p_covid against threshold (NULL: rows from before 0004).
     p_covid: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
     overlay_key: Mapped[str | None] = mapped_column(Text)
     inference_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
@@ -345,8 +347,8 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[start : start + size]
 
 
-_PREDICTION_FIELDS = ("scan_id", "model_name", "model_version", "label", "p_covid", "overlay_key", "inference_ms")
-_PREDICTION_UPDATED = ("label", "p_covid", "overlay_key", "inference_ms", "created_at")
+_PREDICTION_FIELDS = ("scan_id", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "inference_ms")
+_PREDICTION_UPDATED = ("label", "p_covid", "threshold", "overlay_key", "inference_ms", "created_at")
 
 
 def upsert_predictions(session: Session, rows: list[dict[str, Any]]) -> None:

@@ -759,3 +759,137 @@ _REDUCED_DECODERS: dict[str, Callable[[bytes, int], tuple[np.ndarray, tuple[int,
     "jpeg": _reduced_jpeg,
     "dicom": _reduced_dicom,
 }
+
+# --- manifest-driven preprocessing (version 2: intensity standardisation) ------------------------
+
+# Intensity standardisation methods of preprocessing version 2 (applied to the grey image).
+INTENSITY_METHODS: tuple[str, ...] = ("none", "equalize", "clahe", "zscore", "percentile")
+
+
+def robust_preprocessing(
+    *,
+    intensity: str = "clahe",
+    working_size: int = 256,
+    crop_fraction: float = 0.0,
+    blur_sigma: float = 0.0,
+    clahe_clip_limit: float = 2.0,
+    clahe_tiles: int = 8,
+) -> dict[str, Any]:
+    """The manifest entry of a version-2 preprocessing (grey, square working size, intensity standardised).
+
+    Steps, in this order: grey = mean of the decoded RGB; crop `crop_fraction` of the side from every
+    edge (borders carry burnt-in labels, markers and collimation); resize to working_size (area when
+    shrinking, linear when enlarging); intensity standardisation; optional Gaussian blur (sigma in
+    working-size pixels, to remove sharpness and resolution cues); resize to the model's input;
+    grey replicated to RGB in [0, 1].
+    """
+    if intensity not in INTENSITY_METHODS:
+        raise ValueError(f"unknown intensity method {intensity!r}; choose one of {INTENSITY_METHODS}")
+    if working_size < 16:
+        raise ValueError(f"working size must be at least 16, got {working_size}")
+    if not 0.0 <= crop_fraction < 0.4:
+        raise ValueError(f"crop fraction must be in [0, 0.4), got {crop_fraction}")
+    if blur_sigma < 0:
+        raise ValueError(f"blur sigma must be >= 0, got {blur_sigma}")
+    return {
+        **PREPROCESSING,
+        "version": 2,
+        "steps": "grey (mean of RGB); crop; resize to working_size; intensity; blur; resize to input; grey to RGB",
+        "grey": "mean of RGB",
+        "crop_fraction": float(crop_fraction),
+        "working_size": int(working_size),
+        "intensity": intensity,
+        "clahe_clip_limit": float(clahe_clip_limit),
+        "clahe_tiles": int(clahe_tiles),
+        "clahe": "1st..99th percentile stretch, then OpenCV CLAHE on uint8 (clip limit, tiles x tiles grid)",
+        "zscore_range": "(x - mean) / std, then (z + 3) / 6 clipped to [0, 1]",
+        "percentile_range": "1st..99th percentile stretched to [0, 1]",
+        "blur_sigma": float(blur_sigma),
+    }
+
+
+def preprocess_for_manifest(image: np.ndarray, preprocessing: dict[str, Any] | None, size: int) -> np.ndarray:
+    """Preprocess a decoded image the way a bundle's manifest["preprocessing"] says, to size x size x 3.
+
+    Version 1 (or no entry, as in old bundles) is exactly `preprocess(image, size)`; version 2 is
+    described in `robust_preprocessing`. Unknown versions raise ValueError rather than guess.
+    """
+    version = int((preprocessing or {}).get("version", 1))
+    if version == 1:
+        return preprocess(image, size)
+    if version != 2:
+        raise ValueError(f"unsupported preprocessing version {version} (this code knows 1 and 2)")
+    spec = preprocessing or {}
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[2] in (1, 3):
+        grey = image.mean(axis=2) if image.shape[2] == 3 else image[:, :, 0]
+    elif image.ndim == 2:
+        grey = image
+    else:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    if 0 in grey.shape:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    grey = np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
+    crop = float(spec.get("crop_fraction", 0.0))
+    if crop > 0:
+        height, width = grey.shape
+        dy, dx = int(round(height * crop)), int(round(width * crop))
+        if height - 2 * dy >= 4 and width - 2 * dx >= 4:
+            grey = grey[dy : height - dy, dx : width - dx]
+    working = _resize_square(grey, int(spec.get("working_size", 256)))
+    working = _standardise_intensity(working, spec)
+    sigma = float(spec.get("blur_sigma", 0.0))
+    if sigma > 0:
+        working = cv2.GaussianBlur(working, (0, 0), sigmaX=sigma)
+    resized = _resize_square(working, size)
+    return np.repeat(np.clip(resized, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32, copy=False)
+
+
+def preprocessing_key(preprocessing: dict[str, Any] | None, size: int) -> str:
+    """A stable key for caching preprocessed inputs: bundles with equal keys take the same array."""
+    import json
+
+    version = int((preprocessing or {}).get("version", 1))
+    if version == 1:
+        return f"v1:{size}"
+    return f"v{version}:{size}:{json.dumps(preprocessing, sort_keys=True)}"
+
+
+def _resize_square(grey: np.ndarray, size: int) -> np.ndarray:
+    height, width = grey.shape[:2]
+    shrinking = height >= size and width >= size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(grey, (size, size), interpolation=interpolation).astype(np.float32, copy=False)
+
+
+def _standardise_intensity(grey: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    method = spec.get("intensity", "none")
+    if method == "none":
+        return grey
+    if method in ("equalize", "clahe"):
+        # CLAHE's clip limit keeps it close to identity on a flat histogram, so a dark film would
+        # stay dark: stretch the 1st..99th percentiles to the full range first.
+        pixels = to_uint8(_percentile_stretch(grey) if method == "clahe" else grey)
+        if method == "equalize":
+            out = cv2.equalizeHist(pixels)
+        else:
+            tiles = int(spec.get("clahe_tiles", 8))
+            clahe = cv2.createCLAHE(clipLimit=float(spec.get("clahe_clip_limit", 2.0)), tileGridSize=(tiles, tiles))
+            out = clahe.apply(pixels)
+        return out.astype(np.float32) / np.float32(255.0)
+    if method == "zscore":
+        std = float(grey.std())
+        z = (grey - float(grey.mean())) / std if std > 1e-6 else np.zeros_like(grey)
+        return np.clip((z + 3.0) / 6.0, 0.0, 1.0).astype(np.float32)
+    if method == "percentile":
+        return _percentile_stretch(grey)
+    raise ValueError(f"unknown intensity method {method!r}; choose one of {INTENSITY_METHODS}")
+
+
+def _percentile_stretch(grey: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(grey, [1.0, 99.0])
+    if high - low < 1e-6:
+        return np.zeros_like(grey)
+    return np.clip((grey - low) / (high - low), 0.0, 1.0).astype(np.float32)

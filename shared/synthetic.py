@@ -52,10 +52,20 @@ class SyntheticXray:
     lesion_mask: np.ndarray  # bool HxW, all False for normals
 
 
-def synthetic_xray(rng: np.random.Generator, size: int = 256, covid: bool = False) -> SyntheticXray:
-    """Draw one synthetic PA chest radiograph; `covid=True` adds ground-glass opacities."""
+CUES = ("lungs", "border")
+
+
+def synthetic_xray(rng: np.random.Generator, size: int = 256, covid: bool = False, cue: str = "lungs") -> SyntheticXray:
+    """Draw one synthetic PA chest radiograph; `covid=True` adds the class cue.
+
+    cue="lungs" (default): ground-glass opacities inside the lungs, as a real finding.
+    cue="border": no opacity at all; instead a bright burnt-in marker in a top corner of the frame,
+    outside the lung fields (a shortcut, like the labels and markers of one hospital's films).
+    """
     if size < 16:
         raise ValueError(f"size must be at least 16, got {size}")
+    if cue not in CUES:
+        raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
     # Body coordinates: the frame spans about [-0.5, 0.5]; a random shift and zoom per image
     # keeps a model from memorising pixel positions.
     pixel = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
@@ -78,7 +88,7 @@ def synthetic_xray(rng: np.random.Generator, size: int = 256, covid: bool = Fals
     image += _ribs(rng, x, y) * body
 
     lesion_mask = np.zeros((size, size), dtype=bool)
-    if covid:
+    if covid and cue == "lungs":
         opacity, lesion_mask = _opacities(rng, x, y, lung_field, zoom)
         image += opacity
 
@@ -92,7 +102,23 @@ def synthetic_xray(rng: np.random.Generator, size: int = 256, covid: bool = Fals
     image = np.clip(image, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     image = (image - 0.4) * rng.uniform(0.75, 1.25) + 0.4 + rng.uniform(-0.1, 0.1)
     pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if covid and cue == "border":
+        _burn_in_marker(rng, pixels)
     return SyntheticXray(image=pixels, lesion_mask=lesion_mask)
+
+
+def _burn_in_marker(rng: np.random.Generator, pixels: np.ndarray) -> None:
+    """A bright rectangular marker with a dark centre in the top-left or top-right corner (in place)."""
+    size = pixels.shape[0]
+    height = max(3, int(round(size * rng.uniform(0.07, 0.09))))
+    width = max(3, int(round(size * rng.uniform(0.10, 0.12))))
+    top = int(round(size * rng.uniform(0.0, 0.01)))
+    left = int(round(size * rng.uniform(0.0, 0.02)))
+    if rng.random() < 0.5:
+        left = size - left - width
+    pixels[top : top + height, left : left + width] = 250
+    if height >= 5 and width >= 5:
+        pixels[top + height // 3 : top + height - height // 3, left + width // 3 : left + width - width // 3] = 20
 
 
 def write_synthetic_dataset(
@@ -101,8 +127,12 @@ def write_synthetic_dataset(
     size: int = 256,
     seed: int = 0,
     fmt: str = "png",
+    cue: str = "lungs",
 ) -> Path:
-    """Write a folder-per-class synthetic dataset with lesion masks and a manifest.csv; return root."""
+    """Write a folder-per-class synthetic dataset with lesion masks and a manifest.csv; return root.
+
+    `cue` says where the covid class's cue is (see `synthetic_xray`): "lungs" or "border".
+    """
     if fmt not in _IMAGE_EXTENSIONS:
         raise ValueError(f"fmt must be 'png' or 'jpeg', got {fmt!r}")
     if n_per_class < 0:
@@ -122,7 +152,7 @@ def write_synthetic_dataset(
         images_left_for_patient = 0
         for index in range(n_per_class):
             rng = np.random.default_rng(seeds[1 + class_index * n_per_class + index])
-            xray = synthetic_xray(rng, size=size, covid=label == "covid")
+            xray = synthetic_xray(rng, size=size, covid=label == "covid", cue=cue)
             stem = _unique_stem(naming, stems)
             _write_image(root / label / f"{stem}{extension}", xray.image)
             if label == "covid":

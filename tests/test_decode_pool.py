@@ -10,8 +10,13 @@ import time
 import cv2
 import numpy as np
 
+from shared.imaging import robust_preprocessing
 from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, decode_for_models
+
+
+# The paper's preprocessing (version 1) at one size, the robust recipe's (version 2, CLAHE) at another.
+SPECS = (("v1:64", None, 64), ("v2:224", robust_preprocessing(), 224))
 
 
 def _dicom() -> bytes:
@@ -22,11 +27,11 @@ def test_processes_give_exactly_what_the_thread_path_gives():
     data = _dicom()
     pool = DecodePool(2)
     try:
-        inputs, display = pool.decode(data, 1024, (64, 224))
+        inputs, display = pool.decode(data, 1024, SPECS)
     finally:
         pool.close()
-    expected_inputs, expected_display = decode_for_models(data, 1024, (64, 224))
-    assert set(inputs) == {64, 224} and all(np.array_equal(inputs[s], expected_inputs[s]) for s in inputs)
+    expected_inputs, expected_display = decode_for_models(data, 1024, SPECS)
+    assert set(inputs) == {"v1:64", "v2:224"} and all(np.array_equal(inputs[k], expected_inputs[k]) for k in inputs)
     assert np.array_equal(display, expected_display)
 
 
@@ -36,15 +41,15 @@ def test_a_killed_decoder_process_is_replaced_and_the_scan_still_decodes():
     big = cv2.imencode(".png", np.broadcast_to(ramp, (6000, 6000)).copy())[1].tobytes()
     pool = DecodePool(1)
     try:
-        pool.decode(_dicom(), 256, (32,))  # the child is up
+        pool.decode(_dicom(), 256, (("v1:32", None, 32),))  # the child is up
         (child,) = list(pool._pool._processes.values())  # noqa: SLF001 - the test needs the child's pid
         killer = threading.Timer(0.2, lambda: os.kill(child.pid, signal.SIGKILL))
         killer.start()
         started = time.monotonic()
-        inputs, display = pool.decode(big, 1024, (32,))
+        inputs, display = pool.decode(big, 1024, (("v1:32", None, 32),))
         killer.join()
         assert not child.is_alive()
-        assert inputs[32].shape == (32, 32, 3) and display.shape[:2] == (1024, 1024)
+        assert inputs["v1:32"].shape == (32, 32, 3) and display.shape[:2] == (1024, 1024)
         assert time.monotonic() - started < 120
     finally:
         pool.close()

@@ -168,7 +168,9 @@ def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
         with sessions.begin() as session:
             db.add_scans(session, [{"scan_id": "1.2.3", "source_uri": "scans/1.2.3", "study_uid": "1.2", "series_uid": "1.2.9",
                                     "sop_instance_uid": "1.2.3"}], None)
-            db.upsert_predictions(session, [{"scan_id": "1.2.3", "model_name": "m", "model_version": "1", "label": "covid", "p_covid": 0.7}])
+            # Plain SQL: the ORM helpers write today's columns, and this schema is at 0003.
+            session.execute(sa.text("INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) "
+                                    "VALUES ('1.2.3', 'm', '1', 'covid', 0.7)"))
             session.add(db.ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1", state="sent"))
         with sessions() as session:
             scan = session.get(db.Scan, "1.2.3")

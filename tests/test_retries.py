@@ -46,6 +46,22 @@ class StubBundle:
     input_size: int = 32
     class_names: tuple[str, ...] = ("covid", "normal")
     manifest: dict[str, object] = field(default_factory=dict)
+    preprocessing: dict[str, object] | None = None
+
+    @property
+    def operating_point(self) -> PassThroughOperatingPoint:
+        """Threshold 0.5 with no calibration step, so the stub's impossible p = -1 reaches the database."""
+        return PassThroughOperatingPoint()
+
+
+class PassThroughOperatingPoint:
+    """An uncalibrated operating point that does not check its input (the retry rules, not calibration, are tested)."""
+
+    threshold = 0.5
+
+    def predict(self, p_covid: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """p_covid unchanged; covid at or above 0.5."""
+        return p_covid, ["covid" if p >= 0.5 else "normal" for p in p_covid]
 
 
 class StubGradCam:

@@ -1,4 +1,5 @@
-"""`lungcam-train`: train a model with the paper's recipe and publish it, or re-evaluate a published bundle."""
+"""`lungcam-train`: train a model (the paper's recipe or the robust one) and publish it, re-evaluate a
+published bundle, or audit it for shortcuts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
-ARCH_CHOICES = ("vgg16", "densenet121", "resnet50")  # shared.zoo.ARCHITECTURES, without importing Keras
+ARCH_CHOICES = ("vgg16", "densenet121", "resnet50", "small")  # shared.zoo.ARCHITECTURES + trainer.robust's, without Keras
+INTENSITY_CHOICES = ("none", "equalize", "clahe", "zscore", "percentile")  # shared.imaging.INTENSITY_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,20 +28,42 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train, evaluate on the test split and publish a bundle")
     train.add_argument("--data", action="append", required=True, metavar="PATH",
                        help="dataset folder (class folders, ieee8023 metadata.csv, or Kermany chest_xray); repeatable")
-    train.add_argument("--arch", choices=ARCH_CHOICES, default="vgg16", help="backbone (default: vgg16)")
-    train.add_argument("--weights", default="imagenet",
-                       help="initial backbone weights: imagenet (default), none, or a local weights file")
-    train.add_argument("--epochs", type=int, default=15, help="default: 15")
-    train.add_argument("--batch-size", type=int, default=8, help="default: 8")
-    train.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default: 1e-3)")
-    train.add_argument("--rotation", type=float, default=15.0, help="max augmentation rotation in degrees (default: 15)")
-    train.add_argument("--input-size", type=int, default=224, help="square input side in pixels (default: 224)")
+    train.add_argument("--recipe", choices=("paper", "robust"), default="paper",
+                       help="paper: the published recipe (default); robust: CLAHE, augmentation, small CNN, early "
+                            "stopping, calibration (see README). Options left unset take the recipe's defaults")
+    train.add_argument("--arch", choices=ARCH_CHOICES, default=None,
+                       help="backbone (default: vgg16 for paper, small for robust)")
+    train.add_argument("--weights", default=None,
+                       help="initial backbone weights: imagenet (default for the zoo backbones), none, or a local weights file")
+    train.add_argument("--epochs", type=int, default=None, help="default: 15 (paper: all of them; robust: the best validation-loss epoch is kept)")
+    train.add_argument("--batch-size", type=int, default=None, help="default: 8 (paper), 32 (robust)")
+    train.add_argument("--lr", type=float, default=None, help="initial learning rate (default: 1e-3 paper, 2e-3 robust)")
+    train.add_argument("--rotation", type=float, default=None, help="max augmentation rotation in degrees (default: 15 paper, 10 robust)")
+    train.add_argument("--input-size", type=int, default=None, help="square input side in pixels (default: 224 paper, 128 robust)")
+    train.add_argument("--intensity", choices=INTENSITY_CHOICES, default=None,
+                       help="intensity standardisation, preprocessing version 2 (default: none/version 1 paper, clahe robust)")
+    train.add_argument("--working-size", type=int, default=None, help="side the intensity step works at (default: 256)")
+    train.add_argument("--crop", dest="crop_fraction", type=float, default=None,
+                       help="fraction of each side cropped away before resizing (default: 0)")
+    train.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur at the working size (default: 0)")
+    train.add_argument("--augment", dest="augment_strength", type=float, default=None,
+                       help="strength of crop/gamma/contrast/brightness/blur/noise augmentation, 0 off (default: 0 paper, 1 robust)")
+    train.add_argument("--label-smoothing", type=float, default=None, help="default: 0 (paper), 0.1 (robust)")
+    train.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (robust; default 0.02)")
+    train.add_argument("--val-fraction", type=float, default=None,
+                       help="patient-grouped validation split from the training part, for early stopping and "
+                            "calibration (default: 0 paper, 0.15 robust)")
+    train.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (robust; default 8)")
+    train.add_argument("--target-sensitivity", type=float, default=0.90,
+                       help="the operating point: threshold chosen on validation for this sensitivity (default: 0.90)")
+    train.add_argument("--indeterminate-band", dest="indeterminate_width", type=float, default=0.0,
+                       help="width of an 'indeterminate' band of calibrated p_covid around the threshold (default: 0, none)")
     train.add_argument("--test-fraction", type=float, default=0.2, help="default: 0.2")
     train.add_argument("--seed", type=int, default=42, help="split and training seed (default: 42)")
     train.add_argument("--no-group-by-patient", dest="group_by_patient", action="store_false",
                        help="split by image exactly as the paper (default: keep each patient on one side)")
-    train.add_argument("--fine-tune", dest="fine_tune", action="store_true",
-                       help="train the backbone too (default: frozen, as the paper)")
+    train.add_argument("--fine-tune", dest="fine_tune", action="store_const", const=True, default=None,
+                       help="train the backbone too (default: frozen for paper, trained for robust)")
     train.add_argument("--gradcam-layer", default=None, help="default: the paper's layer for the architecture")
     train.add_argument("--finding", default="COVID-19",
                        help="ieee8023 metadata: keep rows whose finding contains this ('any' keeps all)")
@@ -55,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("test", "all"), default="test",
                           help="test: the bundle's own test split (default); all: every image")
     evaluate.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
+    evaluate.add_argument("--plots", default=None, metavar="DIR", help="write reliability.png and roc.png here")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    audit = commands.add_parser("audit", help="shortcut audit: AUC with the lungs blanked; verdict into the manifest")
+    audit.add_argument("--bundle", required=True, help="bundle folder or s3:// prefix")
+    audit.add_argument("--data", action="append", required=True, metavar="PATH", help="dataset folder; repeatable")
+    audit.add_argument("--split", choices=("test", "all"), default="all",
+                       help="all: every image (default); test: the bundle's own test split")
+    audit.add_argument("--no-write", dest="write", action="store_false", help="do not write the verdict into the manifest")
+    audit.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
+    audit.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return parser
 
 
@@ -67,6 +101,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from trainer.train import TrainConfig, train
 
     config = TrainConfig(
+        recipe=args.recipe,
         arch=args.arch,
         weights=args.weights,
         input_size=args.input_size,
@@ -77,7 +112,18 @@ def _run_train(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         seed=args.seed,
         group_by_patient=args.group_by_patient,
-        freeze_backbone=not args.fine_tune,
+        freeze_backbone=None if args.fine_tune is None else not args.fine_tune,
+        intensity=args.intensity,
+        working_size=args.working_size,
+        crop_fraction=args.crop_fraction,
+        blur_sigma=args.blur_sigma,
+        augment_strength=args.augment_strength,
+        label_smoothing=args.label_smoothing,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        patience=args.patience,
+        target_sensitivity=args.target_sensitivity,
+        indeterminate_width=args.indeterminate_width,
         gradcam_layer=args.gradcam_layer,
         name=args.name,
         version=args.version,
@@ -96,12 +142,33 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         # Anything a library prints while we work goes to stderr, so the JSON line is the only
         # thing machine readers must parse on stdout.
         with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate_bundle(args.bundle, args.data, split=args.split, progress=args.progress)
+            result = evaluate_bundle(args.bundle, args.data, split=args.split, progress=args.progress, plots_dir=args.plots)
     else:
-        result = evaluate_bundle(args.bundle, args.data, split=args.split, progress=args.progress)
-    print(format_metrics_table(result["metrics"], title=f"{result['bundle']['name']} {result['bundle']['version']}, {args.split} split"))
+        result = evaluate_bundle(args.bundle, args.data, split=args.split, progress=args.progress, plots_dir=args.plots)
+    point = result["operating_point"]
+    print(f"operating point: temperature {point['temperature']:.3f}, threshold {point['threshold']:.4f}"
+          f"{'' if point['calibrated'] else ' (uncalibrated bundle: argmax)'}")
+    for path, metrics in result.get("metrics_by_dataset", {}).items():
+        print(format_metrics_table(metrics, title=f"{path}, {args.split} split"))
+    title = "pooled" if result.get("metrics_by_dataset") else f"{args.split} split"
+    print(format_metrics_table(result["metrics"], title=f"{result['bundle']['name']} {result['bundle']['version']}, {title}"))
     if len(result["metrics_by_source"]) > 1:
         print(format_by_source(result["metrics_by_source"]))
+    for path in result.get("plots", []):
+        print(f"wrote {path}")
+    if args.json:
+        print(json.dumps(result, sort_keys=True), flush=True)
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from trainer.audit import format_audit, run_audit
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = run_audit(args.bundle, args.data, split=args.split, write=args.write, progress=args.progress)
+    print(format_audit(result["audit"]))
+    if result["written"]:
+        print(f"verdict written into {args.bundle}'s manifest")
     if args.json:
         print(json.dumps(result, sort_keys=True), flush=True)
     return 0
@@ -125,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shared.tensorflow_quiet import import_tensorflow
 
     import_tensorflow(verbose=args.verbose)  # first, so CUDA probing on a CPU-only machine stays quiet
-    run = _run_train if args.command == "train" else _run_evaluate
+    run = {"train": _run_train, "evaluate": _run_evaluate, "audit": _run_audit}[args.command]
     try:
         return run(args)
     except _expected_errors() as exc:

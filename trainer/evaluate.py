@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
+from shared.calibration import OperatingPoint, brier_score, expected_calibration_error
 from shared.zoo import CLASS_NAMES
 from trainer.datasets import Sample, dataset_hash, load_datasets, split_samples
 from trainer.loading import load_images, to_float
@@ -22,11 +32,51 @@ COVID_INDEX = CLASS_NAMES.index("covid")
 THRESHOLD = 0.5
 PREDICT_BATCH_SIZE = 32
 UNKNOWN_SOURCE = "unknown"
-METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "auc", "ece", "brier")
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+SPECIFICITY_POINTS = (0.90, 0.95)
 
 
-def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """Accuracy, precision, recall, specificity, F1, ROC AUC and the confusion matrix, covid positive.
+def bootstrap_auc_ci(
+    y_true: np.ndarray, scores: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> list[float] | None:
+    """Percentile 95% interval of the ROC AUC over bootstrap resamples of the images (fixed seed)."""
+    y = np.asarray(y_true, dtype=int)
+    if y.min() == y.max():
+        return None
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(y), len(y))
+        yy = y[rows]
+        n_pos = int(yy.sum())
+        if n_pos == 0 or n_pos == len(yy):
+            continue
+        ranks = rankdata(scores[rows])
+        aucs.append((ranks[yy == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(yy) - n_pos)))
+    if not aucs:
+        return None
+    low, high = np.percentile(aucs, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def sensitivity_at_specificity(y_true: np.ndarray, scores: np.ndarray, specificity: float) -> float | None:
+    """The highest sensitivity of any threshold whose specificity is at least `specificity`."""
+    y = np.asarray(y_true, dtype=int)
+    if y.min() == y.max():
+        return None
+    fpr, tpr, _ = roc_curve(y, scores, pos_label=1)
+    allowed = fpr <= 1.0 - specificity + 1e-12
+    return float(tpr[allowed].max()) if allowed.any() else 0.0
+
+
+def compute_metrics(
+    y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[float] | np.ndarray, threshold: float = THRESHOLD
+) -> dict[str, Any]:
+    """Accuracy, precision, recall, specificity, F1, ROC AUC (with a bootstrap 95% interval), sensitivity
+    at 0.90 and 0.95 specificity, expected calibration error, Brier score and the confusion matrix, covid
+    positive; labels are p_covid >= threshold (the bundle's operating point; 0.5 is two-class argmax).
 
     A metric whose denominator is zero (e.g. precision with no covid prediction, or AUC with one
     class) is None, with the reason under "notes".
@@ -40,7 +90,7 @@ def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[
     if not set(np.unique(y_true)) <= {0, 1}:
         raise ValueError("y_true_covid must be 0/1")
     # Two-class softmax: argmax picks covid exactly when p_covid >= 0.5 (ties go to index 0, covid).
-    y_pred = (scores >= THRESHOLD).astype(int)
+    y_pred = (scores >= threshold).astype(int)
     # sklearn orders labels ascending; [1, 0] puts covid (positive) first: [[TP, FN], [FP, TN]].
     matrix = confusion_matrix(y_true, y_pred, labels=[1, 0])
     (tp, fn), (fp, tn) = matrix.tolist()
@@ -63,7 +113,7 @@ def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[
         "n": int(len(y_true)),
         "n_covid": int(positives),
         "n_normal": int(negatives),
-        "threshold": THRESHOLD,
+        "threshold": float(threshold),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "precision": _defined("precision", precision, "no image predicted covid" if tp + fp == 0 else None),
         "recall": _defined("recall", recall, "no covid image in the set" if positives == 0 else None),
@@ -74,6 +124,13 @@ def compute_metrics(y_true_covid: Sequence[int] | np.ndarray, p_covid: Sequence[
             roc_auc_score(y_true, scores) if not one_class else nan,
             f"only one class present ({'covid' if negatives == 0 else 'normal'}); ROC AUC is undefined" if one_class else None,
         ),
+        "auc_ci95": None if one_class else bootstrap_auc_ci(y_true, scores),
+        "sensitivity_at_specificity": {
+            f"{point:.2f}": None if one_class else sensitivity_at_specificity(y_true, scores, point)
+            for point in SPECIFICITY_POINTS
+        },
+        "ece": expected_calibration_error(y_true, np.clip(scores, 0.0, 1.0)),
+        "brier": brier_score(y_true, np.clip(scores, 0.0, 1.0)),
         "confusion_matrix": {
             "labels": ["covid", "normal"],
             "rows": "true label",
@@ -92,7 +149,14 @@ def format_metrics_table(metrics: dict[str, Any], title: str = "test split") -> 
     lines = [f"{title}: {metrics['n']} images ({metrics['n_covid']} covid, {metrics['n_normal']} normal)"]
     for name in METRIC_NAMES:
         value = metrics.get(name)
-        lines.append(f"  {name:<{width}} {'n/a' if value is None else f'{value:.4f}'}")
+        extra = ""
+        if name == "auc" and metrics.get("auc_ci95"):
+            extra = f"  (95% CI {metrics['auc_ci95'][0]:.4f}-{metrics['auc_ci95'][1]:.4f}, bootstrap)"
+        lines.append(f"  {name:<{width}} {'n/a' if value is None else f'{value:.4f}'}{extra}")
+    for point, value in (metrics.get("sensitivity_at_specificity") or {}).items():
+        label = f"sens@spec{point}"
+        lines.append(f"  {label:<{width}} {'n/a' if value is None else f'{value:.4f}'}")
+    lines.append(f"  {'threshold':<{width}} {metrics.get('threshold', THRESHOLD):.4f}")
     (tp, fn), (fp, tn) = metrics["confusion_matrix"]["matrix"]
     lines += [
         "  confusion matrix (rows true, columns predicted):",
@@ -135,21 +199,34 @@ def covid_targets(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([1 if sample.label == "covid" else 0 for sample in samples], dtype=int)
 
 
-def metrics_by_source(samples: Sequence[Sample], p_covid: np.ndarray) -> dict[str, dict[str, Any]]:
+def metrics_by_source(
+    samples: Sequence[Sample], p_covid: np.ndarray, threshold: float = THRESHOLD
+) -> dict[str, dict[str, Any]]:
     """compute_metrics per source (images without a known source grouped as "unknown")."""
     indices: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
         indices[sample.source or UNKNOWN_SOURCE].append(index)
     targets = covid_targets(samples)
     return {
-        source: compute_metrics(targets[rows], np.asarray(p_covid)[rows]) for source, rows in sorted(indices.items())
+        source: compute_metrics(targets[rows], np.asarray(p_covid)[rows], threshold)
+        for source, rows in sorted(indices.items())
     }
 
 
 def evaluate_bundle(
-    bundle_uri: str | Path, data_paths: Sequence[str | Path], split: str = "test", *, progress: bool = True
+    bundle_uri: str | Path,
+    data_paths: Sequence[str | Path],
+    split: str = "test",
+    *,
+    progress: bool = True,
+    plots_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Reload a bundle, rebuild its dataset and split from the manifest, and compute the metrics again."""
+    """Reload a bundle, rebuild its dataset and split from the manifest, and compute the metrics again.
+
+    Images go through the bundle's own preprocessing and operating point (calibrated p_covid,
+    threshold). With several data paths, "metrics" is the pooled result and "metrics_by_dataset"
+    gives each path alone. `plots_dir` receives reliability.png and roc.png.
+    """
     from shared.bundle import load_bundle
 
     if split not in ("test", "all"):
@@ -159,12 +236,14 @@ def evaluate_bundle(
     settings = get_settings()
     bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     manifest = bundle.manifest
+    operating_point = OperatingPoint.from_manifest(manifest)
     training = manifest.get("training", {})
     dataset_info = manifest.get("dataset", {})
     split_params = dataset_info.get("split", {})
-    samples = load_datasets(
-        data_paths, finding=training.get("finding", "COVID-19"), view=training.get("view", "PA")
-    )
+    finding, view = training.get("finding", "COVID-19"), training.get("view", "PA")
+    per_path = [load_datasets([path], finding=finding, view=view) for path in data_paths]
+    samples = [sample for part in per_path for sample in part]
+    origin = {id(sample): str(path) for path, part in zip(data_paths, per_path) for sample in part}
     current_hash = dataset_hash(samples)
     expected_hash = dataset_info.get("hash")
     if expected_hash and current_hash != expected_hash:
@@ -182,17 +261,44 @@ def evaluate_bundle(
         )
     else:
         chosen = list(samples)
-    loaded = load_images(chosen, bundle.input_size, progress=progress, desc=f"{split} images")
+    loaded = load_images(
+        chosen, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress, desc=f"{split} images"
+    )
     probabilities = predict_probabilities(bundle.model, loaded.images)
-    p_covid = probabilities[:, COVID_INDEX]
+    p_covid = operating_point.calibrate(probabilities[:, COVID_INDEX])
     targets = covid_targets(loaded.samples)
-    return {
+    threshold = operating_point.threshold
+    result: dict[str, Any] = {
         "bundle": {"name": bundle.name, "version": bundle.version},
         "split": split,
         "n_images": len(loaded.samples),
         "n_skipped": len(loaded.skipped),
         "dataset_hash": current_hash,
         "dataset_hash_matches": expected_hash == current_hash if expected_hash else None,
-        "metrics": compute_metrics(targets, p_covid),
-        "metrics_by_source": metrics_by_source(loaded.samples, p_covid),
+        "operating_point": {
+            "temperature": operating_point.temperature,
+            "threshold": threshold,
+            "indeterminate_band": list(operating_point.indeterminate_band) if operating_point.indeterminate_band else None,
+            "calibrated": "calibration" in manifest,
+        },
+        "metrics": compute_metrics(targets, p_covid, threshold),
+        "metrics_by_source": metrics_by_source(loaded.samples, p_covid, threshold),
     }
+    if len(data_paths) > 1:
+        by_dataset: dict[str, dict[str, Any]] = {}
+        for path in map(str, data_paths):
+            rows = [i for i, sample in enumerate(loaded.samples) if origin.get(id(sample)) == path]
+            if rows:
+                by_dataset[path] = compute_metrics(targets[rows], p_covid[rows], threshold)
+        result["metrics_by_dataset"] = by_dataset
+    if plots_dir is not None:
+        from trainer import plots
+
+        folder = Path(plots_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "reliability.png").write_bytes(
+            plots.reliability_png(targets, p_covid, title=f"{bundle.name} {bundle.version}, {split}")
+        )
+        (folder / "roc.png").write_bytes(plots.roc_png(targets, p_covid, result["metrics"]["auc"]))
+        result["plots"] = [str(folder / "reliability.png"), str(folder / "roc.png")]
+    return result

@@ -12,11 +12,12 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from shared.imaging import ImageDecodeError, load_image, preprocess, to_uint8
+from shared.imaging import ImageDecodeError, load_image, preprocess_for_manifest, to_uint8
 from trainer.datasets import Sample
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,18 @@ class LoadedImages:
 
 
 def load_images(
-    samples: Sequence[Sample], size: int, *, threads: int | None = None, progress: bool = True, desc: str = "images"
+    samples: Sequence[Sample],
+    size: int,
+    *,
+    preprocessing: dict[str, Any] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    desc: str = "images",
 ) -> LoadedImages:
-    """Decode + preprocess each sample to size x size RGB uint8; undecodable files are skipped with a warning."""
+    """Decode + preprocess each sample to size x size RGB uint8; undecodable files are skipped with a warning.
+
+    `preprocessing` is a manifest's "preprocessing" entry (None: version 1, `shared.imaging.preprocess`).
+    """
     # uint8 holds a 224 px image in 150 KB instead of 600 KB as float32: the full Kermany + ieee8023
     # set fits in memory. Values go back to [0,1] float in the tf.data pipeline / predict batches.
     images = np.zeros((len(samples), size, size, 3), dtype=np.uint8)
@@ -43,7 +53,7 @@ def load_images(
     def _one(index: int) -> None:
         sample = samples[index]
         try:
-            images[index] = to_uint8(preprocess(load_image(sample.path), size))
+            images[index] = to_uint8(preprocess_for_manifest(load_image(sample.path), preprocessing, size))
             ok[index] = True
         except (ImageDecodeError, OSError) as exc:
             # The relative file name, never the patient id: logs are not the place for patient data.

@@ -89,3 +89,27 @@ def gradcam_grid_png(images: np.ndarray, cams: np.ndarray, true_labels: Sequence
             axis.set_title(f"true {true_labels[index]}, p_covid {p_covid[index]:.2f}", fontsize=9)
     figure.suptitle("Grad-CAM on test images")
     return _png(figure)
+
+
+def reliability_png(y_true_covid: np.ndarray, p_covid: np.ndarray, *, title: str = "reliability", n_bins: int = 10) -> bytes:
+    """Reliability diagram: observed covid fraction against mean p_covid per bin, with counts, ECE and Brier."""
+    from shared.calibration import brier_score, expected_calibration_error, reliability_bins
+
+    y = np.asarray(y_true_covid, dtype=int)
+    p = np.clip(np.asarray(p_covid, dtype=np.float64), 0.0, 1.0)
+    bins = reliability_bins(y, p, n_bins)
+    figure, (axis, counts) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    if bins:
+        axis.plot([b["mean_predicted"] for b in bins], [b["fraction_covid"] for b in bins], marker="o", label="model")
+        counts.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["n"] for b in bins], width=1.0 / n_bins * 0.9)
+    ece = expected_calibration_error(y, p, n_bins) if len(p) else float("nan")
+    brier = brier_score(y, p) if len(p) else float("nan")
+    axis.set_ylabel("observed covid fraction")
+    axis.set_title(f"{title}\nECE {ece:.3f}, Brier {brier:.3f}")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(loc="upper left")
+    counts.set_xlabel("predicted p_covid")
+    counts.set_ylabel("images")
+    return _png(figure)

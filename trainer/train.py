@@ -18,10 +18,12 @@ import tensorflow as tf
 
 from shared.errors import LungcamError
 from shared.bundle import save_bundle
+from shared.calibration import DEFAULT_TARGET_SENSITIVITY, OperatingPoint, fit_operating_point
 from shared.gradcam import GradCam
-from shared.imaging import PREPROCESSING
+from shared.imaging import INTENSITY_METHODS, PREPROCESSING, robust_preprocessing
 from shared.zoo import ARCHITECTURES, CLASS_NAMES, build_model, resolve_weights
 from trainer import plots
+from trainer.robust import SMALL_ARCH, SMALL_GRADCAM_LAYER, build_small_cnn, fit_robust
 from trainer.datasets import (
     DEFAULT_FINDING,
     DEFAULT_VIEW,
@@ -57,21 +59,80 @@ def utc_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+RECIPES = ("paper", "robust")
+# What `--recipe robust` sets for every knob left unset (None). Chosen by leave-one-source-out
+# validation (benchmarks/leave_one_source_out.py, benchmarks/results/loso.md), not by the dev split.
+ROBUST_DEFAULTS: dict[str, Any] = {
+    "arch": SMALL_ARCH,
+    "input_size": 128,
+    # 15 epochs as measured in LOSO; early stopping keeps the best validation-loss weights.
+    "epochs": 15,
+    "batch_size": 32,
+    "learning_rate": 2e-3,
+    "rotation_degrees": 10.0,
+    "freeze_backbone": False,
+    "intensity": "clahe",
+    "working_size": 256,
+    "crop_fraction": 0.0,
+    "blur_sigma": 0.0,
+    "augment_strength": 1.0,
+    "label_smoothing": 0.1,
+    "weight_decay": 0.02,
+    "val_fraction": 0.15,
+    "patience": 8,
+}
+# The paper's recipe: the values TrainConfig had before recipes existed.
+PAPER_DEFAULTS: dict[str, Any] = {
+    "arch": "vgg16",
+    "input_size": 224,
+    "epochs": 15,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "rotation_degrees": 15.0,
+    "freeze_backbone": True,
+    "intensity": None,  # preprocessing version 1
+    "working_size": 256,
+    "crop_fraction": 0.0,
+    "blur_sigma": 0.0,
+    "augment_strength": 0.0,
+    "label_smoothing": 0.0,
+    "weight_decay": 0.0,
+    "val_fraction": 0.0,  # the paper validates on the test split
+    "patience": 0,
+}
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a training run; the defaults are the paper's recipe."""
+    """Every knob of a training run; None means "the recipe's default" (PAPER_DEFAULTS / ROBUST_DEFAULTS)."""
 
-    arch: str = "vgg16"
-    weights: str = "imagenet"  # "imagenet", "none", or a local weights file
-    input_size: int = 224
-    epochs: int = 15
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    rotation_degrees: float = 15.0
+    recipe: str = "paper"
+    arch: str | None = None
+    # "imagenet", "none", or a local weights file; None: imagenet, except "none" for the small CNN.
+    weights: str | None = None
+    input_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    rotation_degrees: float | None = None
     test_fraction: float = 0.2
     seed: int = 42
     group_by_patient: bool = True
-    freeze_backbone: bool = True
+    freeze_backbone: bool | None = None
+    # Preprocessing: intensity None keeps version 1 (the paper's); anything else is version 2.
+    intensity: str | None = None
+    working_size: int | None = None
+    crop_fraction: float | None = None
+    blur_sigma: float | None = None
+    # The robust recipe's training: augmentation, regularisation, early stopping on a validation split.
+    augment_strength: float | None = None
+    label_smoothing: float | None = None
+    weight_decay: float | None = None
+    val_fraction: float | None = None
+    patience: int | None = None
+    # Operating point, fitted on the validation split (robust recipe; the paper keeps argmax).
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    indeterminate_width: float = 0.0
     gradcam_layer: str | None = None  # None: the paper's layer for the architecture
     name: str | None = None  # None: f"{arch}-covid"
     version: str | None = None  # None: UTC timestamp
@@ -81,9 +142,35 @@ class TrainConfig:
     progress: bool = field(default=True, compare=False)
 
     def resolved(self) -> TrainConfig:
-        """A copy with the defaults that depend on other fields filled in, checked for sense."""
-        if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        """A copy with the recipe's defaults and the fields that depend on others filled in, checked for sense."""
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {RECIPES}")
+        defaults = ROBUST_DEFAULTS if self.recipe == "robust" else PAPER_DEFAULTS
+        config = TrainConfig(**asdict(self))
+        for name, value in defaults.items():
+            if getattr(config, name) is None:
+                setattr(config, name, value)
+        if config.weights is None:
+            config.weights = "none" if config.arch == SMALL_ARCH else "imagenet"
+        return config._checked()
+
+    def _checked(self) -> TrainConfig:
+        if self.arch not in ARCHITECTURES and self.arch != SMALL_ARCH:
+            raise ConfigError(
+                f"unknown architecture {self.arch!r}; choose one of {sorted([*ARCHITECTURES, SMALL_ARCH])}"
+            )
+        if self.intensity is not None and self.intensity not in INTENSITY_METHODS:
+            raise ConfigError(f"unknown intensity method {self.intensity!r}; choose one of {INTENSITY_METHODS}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.recipe == "robust" and self.val_fraction == 0:
+            raise ConfigError("the robust recipe needs a validation split (--val-fraction > 0)")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(f"target sensitivity must be in (0, 1], got {self.target_sensitivity}")
+        if not 0.0 <= self.indeterminate_width < 1.0:
+            raise ConfigError(f"indeterminate band width must be in [0, 1), got {self.indeterminate_width}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
         for name in ("input_size", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -94,7 +181,8 @@ class TrainConfig:
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test fraction must be between 0 and 1, got {self.test_fraction}")
         config = TrainConfig(**asdict(self))
-        config.gradcam_layer = self.gradcam_layer or ARCHITECTURES[self.arch].gradcam_layer
+        default_layer = SMALL_GRADCAM_LAYER if self.arch == SMALL_ARCH else ARCHITECTURES[self.arch].gradcam_layer
+        config.gradcam_layer = self.gradcam_layer or default_layer
         config.name = self.name or f"{self.arch}-covid"
         config.version = self.version or utc_version()
         return config
@@ -172,6 +260,60 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     )
 
 
+def preprocessing_for(config: TrainConfig) -> dict[str, Any]:
+    """The manifest's preprocessing entry: version 1 (the paper's) unless an intensity method is set."""
+    if config.intensity is None:
+        return dict(PREPROCESSING)
+    return robust_preprocessing(
+        intensity=config.intensity,
+        working_size=config.working_size,
+        crop_fraction=config.crop_fraction,
+        blur_sigma=config.blur_sigma,
+    )
+
+
+def build_for(config: TrainConfig, weights: str | None) -> keras.Model:
+    """The small CNN or a zoo backbone with the paper's head, as the (resolved) config says."""
+    if config.arch == SMALL_ARCH:
+        if weights is not None:
+            raise ConfigError("the small CNN has no pretrained weights; use --weights none with --arch small")
+        return build_small_cnn(config.input_size, seed=config.seed, weight_decay=0.0)
+    return build_model(config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone)
+
+
+def fit_on_arrays(
+    config: TrainConfig,
+    model: keras.Model,
+    train_images: np.ndarray,
+    train_labels: Sequence[str],
+    val_images: np.ndarray,
+    val_labels: Sequence[str],
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> keras.callbacks.History:
+    """Train `model` on uint8 images with the (resolved) config's recipe; `val_*` is validation data.
+
+    The paper's recipe trains a fixed number of epochs and only reports the validation curves; the
+    robust recipe stops early on the validation loss and keeps the best weights.
+    """
+    if config.recipe == "paper":
+        compile_model(model, config)
+        train_data = make_dataset(train_images, one_hot(train_labels), config.batch_size, shuffle=True,
+                                  rotation_degrees=config.rotation_degrees, seed=config.seed)
+        val_data = make_dataset(val_images, one_hot(val_labels), config.batch_size, shuffle=False,
+                                rotation_degrees=0, seed=config.seed)
+        # shuffle=False: the tf.data pipeline already shuffles (with the run's seed).
+        return model.fit(train_data, validation_data=val_data, epochs=config.epochs, shuffle=False, verbose=0,
+                         callbacks=list(callbacks))
+    return fit_robust(
+        model, train_images, one_hot(train_labels), val_images, one_hot(val_labels),
+        epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, label_smoothing=config.label_smoothing, patience=config.patience,
+        seed=config.seed, augment_strength=config.augment_strength, rotation_degrees=config.rotation_degrees,
+        callbacks=callbacks,
+    )
+
+
 def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """Train, evaluate on the test split, write plots and publish the bundle to `out`; return the manifest."""
     config = config.resolved()
@@ -185,9 +327,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         raise DatasetError(f"training needs images of both classes; none of class {', '.join(missing)} in the data given")
     # Build the model before reading any pixels: unavailable ImageNet weights or an unknown
     # --gradcam-layer should fail in seconds, not after minutes of decoding.
-    model = build_model(
-        config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone
-    )
+    model = build_for(config, weights)
     try:
         model.get_layer(config.gradcam_layer)
     except ValueError as exc:
@@ -195,49 +335,61 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     train_samples, test_samples = split_samples(
         samples, test_fraction=config.test_fraction, seed=config.seed, group_by_patient=config.group_by_patient
     )
+    val_samples: list = []
+    if config.val_fraction > 0:
+        # Early stopping and calibration get their own patient-grouped split, carved from the training
+        # part: the test split stays untouched until the end.
+        train_samples, val_samples = split_samples(
+            train_samples, test_fraction=config.val_fraction, seed=config.seed + 1, group_by_patient=config.group_by_patient
+        )
     print(
         f"dataset: {len(samples)} images ({', '.join(f'{n} {label}' for label, n in counts.items())}); "
-        f"train {len(train_samples)}, test {len(test_samples)}",
+        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)} ({config.recipe} recipe)",
         file=sys.stderr,
     )
     data_hash = dataset_hash(samples)
-    train_images = load_images(train_samples, config.input_size, progress=config.progress, desc="train images")
-    test_images = load_images(test_samples, config.input_size, progress=config.progress, desc="test images")
-    for part, loaded in (("training", train_images), ("test", test_images)):
+    preprocessing = preprocessing_for(config)
+
+    def _load(part: list, desc: str) -> LoadedImages:
+        return load_images(part, config.input_size, preprocessing=preprocessing, progress=config.progress, desc=desc)
+
+    train_images = _load(train_samples, "train images")
+    test_images = _load(test_samples, "test images")
+    val_images = _load(val_samples, "validation images") if val_samples else None
+    parts = [("training", train_images), ("test", test_images)] + ([("validation", val_images)] if val_images else [])
+    for part, loaded in parts:
         if len(loaded.samples) == 0 or min(count_labels(loaded.samples).values()) == 0:
             raise DatasetError(f"the {part} split has no decodable images of some class: {count_labels(loaded.samples)}")
 
-    compile_model(model, config)
-    train_data = make_dataset(
-        train_images.images,
-        one_hot([s.label for s in train_images.samples]),
-        config.batch_size,
-        shuffle=True,
-        rotation_degrees=config.rotation_degrees,
-        seed=config.seed,
-    )
-    # Validation on the test split every epoch, as in the paper's training-curve figure.
-    test_data = make_dataset(
-        test_images.images,
-        one_hot([s.label for s in test_images.samples]),
-        config.batch_size,
-        shuffle=False,
-        rotation_degrees=0,
-        seed=config.seed,
-    )
+    # The paper validates on the test split every epoch (its training-curve figure); the robust
+    # recipe on its own validation split.
+    monitor = val_images if val_images is not None else test_images
     epoch_log = EpochLog(config.epochs)
     started = time.perf_counter()
-    # shuffle=False: the tf.data pipeline already shuffles (with the run's seed).
-    history = model.fit(
-        train_data, validation_data=test_data, epochs=config.epochs, shuffle=False, verbose=0, callbacks=[epoch_log]
+    history = fit_on_arrays(
+        config, model, train_images.images, [s.label for s in train_images.samples],
+        monitor.images, [s.label for s in monitor.samples], callbacks=[epoch_log],
     )
     training_seconds = time.perf_counter() - started
 
+    operating_point = OperatingPoint()
+    if val_images is not None:
+        p_val = predict_probabilities(model, val_images.images)[:, COVID_INDEX]
+        operating_point = fit_operating_point(
+            covid_targets(val_images.samples), p_val, target_sensitivity=config.target_sensitivity,
+            indeterminate_width=config.indeterminate_width, split="validation (patient-grouped, from the training part)",
+        )
+        print(
+            f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
+            f"{operating_point.threshold:.4f} for sensitivity >= {config.target_sensitivity:.2f}",
+            file=sys.stderr,
+        )
+
     probabilities = predict_probabilities(model, test_images.images)
-    p_covid = probabilities[:, COVID_INDEX]
+    p_covid = operating_point.calibrate(probabilities[:, COVID_INDEX])
     targets = covid_targets(test_images.samples)
-    metrics = compute_metrics(targets, p_covid)
-    by_source = metrics_by_source(test_images.samples, p_covid)
+    metrics = compute_metrics(targets, p_covid, threshold=operating_point.threshold)
+    by_source = metrics_by_source(test_images.samples, p_covid, threshold=operating_point.threshold)
     print(format_metrics_table(metrics))
     if len(by_source) > 1:
         print(format_by_source(by_source))
@@ -248,6 +400,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         "plots/training_curves.png": plots.training_curves_png(history_record),
         "plots/roc.png": plots.roc_png(targets, p_covid, metrics["auc"]),
         "plots/confusion_matrix.png": plots.confusion_matrix_png(metrics["confusion_matrix"]),
+        "plots/reliability.png": plots.reliability_png(targets, p_covid, title="test split, calibrated p_covid"),
         "plots/gradcam_grid.png": _gradcam_grid(model, config.gradcam_layer, test_images),
         "history.json": json.dumps(history_record, indent=2).encode(),
     }
@@ -257,30 +410,39 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         "architecture": config.arch,
         "input_size": config.input_size,
         "class_names": list(CLASS_NAMES),
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing,
         "gradcam_layer": config.gradcam_layer,
         "weights": _weights_label(weights),
-        "training": {**{k: v for k, v in asdict(config).items() if k != "progress"}, "seconds": round(training_seconds, 1)},
+        "recipe": config.recipe,
+        "training": {
+            **{k: v for k, v in asdict(config).items() if k != "progress"},
+            "seconds": round(training_seconds, 1),
+            "epochs_run": len(history_record.get("loss", [])),
+        },
         "metrics": metrics,
         "metrics_by_source": by_source,
         "dataset": {
             "hash": data_hash,
             "n_images": len(samples),
             "n_by_label": counts,
-            "n_skipped": len(train_images.skipped) + len(test_images.skipped),
+            "n_skipped": sum(len(loaded.skipped) for _, loaded in parts),
             "data_paths": [str(path) for path in data_paths],
             "split": {
                 "test_fraction": config.test_fraction,
+                "val_fraction": config.val_fraction,
                 "seed": config.seed,
                 "group_by_patient": config.group_by_patient,
                 "method": split_method(samples, config.group_by_patient),
                 "n_patients_known": len({s.patient_id for s in samples if s.patient_id}),
                 "n_train": len(train_images.samples),
+                "n_val": len(val_images.samples) if val_images is not None else 0,
                 "n_test": len(test_images.samples),
             },
         },
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if val_images is not None:
+        manifest["calibration"] = operating_point.to_manifest()
     from shared.settings import get_settings
 
     settings = get_settings()  # an s3:// --out goes to LUNGCAM_S3_ENDPOINT_URL (MinIO, moto) when set

@@ -141,8 +141,9 @@ class PredictionOut(BaseModel):
 
     model_name: str
     model_version: str
-    label: str
-    p_covid: float
+    label: str = Field(description="covid, normal, or indeterminate (inside the bundle's band).")
+    p_covid: float = Field(description="Calibrated by the bundle's temperature; label compares it with threshold.")
+    threshold: float | None = Field(default=None, description="The bundle's operating point (None: before calibration was recorded).")
     inference_ms: float | None
     # The store key stays internal; the context's `overlay_link` turns it into overlay_url.
     overlay_key: str | None = Field(default=None, exclude=True)

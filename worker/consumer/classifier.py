@@ -18,7 +18,7 @@ from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
 from shared.dicom import dicom_header, selection_reason
-from shared.imaging import ImageDecodeError, pixel_count
+from shared.imaging import ImageDecodeError, pixel_count, preprocessing_key
 from shared.overlay import OVERLAY_FORMATS, encode_overlay
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
@@ -50,6 +50,11 @@ class ServedModel:
         return self.bundle.class_names.index("covid")
 
     @property
+    def input_key(self) -> str:
+        """Which preprocessed input this model takes (bundles with the same key share one array)."""
+        return preprocessing_key(self.bundle.preprocessing, self.bundle.input_size)
+
+    @property
     def key(self) -> tuple[str, str]:
         """(name, version): what a prediction row and a batch record name the model by."""
         return self.bundle.name, self.bundle.version
@@ -78,7 +83,7 @@ class NotSelected(Exception):
 
 @dataclass
 class _Decoded:
-    inputs: dict[int, np.ndarray]  # input size -> preprocessed float32 image
+    inputs: dict[str, np.ndarray]  # input key (preprocessing and size) -> preprocessed float32 image
     display: np.ndarray  # uint8 image (grey or RGB), longest side <= DISPLAY_MAX_SIDE, for the overlay
 
 
@@ -100,6 +105,9 @@ def load_served_models(settings: Settings) -> list[ServedModel]:
         started = time.perf_counter()
         gradcam.warm_up(settings.batch_size)
         log.info("model %s/%s ready (warm-up %.1f s)", bundle.name, bundle.version, time.perf_counter() - started)
+        warning = bundle.audit_warning
+        if warning:
+            log.warning("model %s/%s: %s", bundle.name, bundle.version, warning)
         served.append(ServedModel(bundle, gradcam))
     return served
 
@@ -125,9 +133,12 @@ class ScanClassifier:
         # One model pass at a time: with two batches in flight, one runs on the device while the
         # other is fetched, decoded, rendered and written by the I/O threads.
         self._model_lock = threading.Lock()
-        self._input_sizes = sorted({m.bundle.input_size for m in models})
+        # One preprocessed input per distinct (preprocessing, size) among the served bundles.
+        self._input_specs = tuple(
+            {m.input_key: (m.input_key, m.bundle.preprocessing, m.bundle.input_size) for m in models}.values()
+        )
         # Decode once to the largest size anything needs: the display image or the biggest model input.
-        self._decode_side = max([DISPLAY_MAX_SIDE, *self._input_sizes])
+        self._decode_side = max([DISPLAY_MAX_SIDE, *(size for _key, _spec, size in self._input_specs)])
         self.budget = PixelBudget(settings.decode_pixel_budget)
         processes = available_cores() if settings.decode_processes is None else settings.decode_processes
         self.decoder = DecodePool(processes)
@@ -326,7 +337,7 @@ class ScanClassifier:
         if reason:
             raise NotSelected(reason)
         with self.budget.admit(pixel_count(data)):
-            inputs, display = self.decoder.decode(data, self._decode_side, tuple(self._input_sizes))
+            inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
         return _Decoded(inputs, display)
 
     def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
@@ -342,24 +353,28 @@ class ScanClassifier:
                              if model.key in self._needed.get(scan_id, {model.key})]
                 if not chunk:
                     continue
-                batch = np.stack([decoded[scan_id].inputs[bundle.input_size] for scan_id in chunk])
+                batch = np.stack([decoded[scan_id].inputs[model.input_key] for scan_id in chunk])
                 with self._model_lock:
                     started = time.perf_counter()
                     probabilities, cams = model.gradcam(batch)
                     elapsed_ms = (time.perf_counter() - started) * 1000.0
+                # The bundle's operating point decides: calibrated p_covid against its threshold (and band),
+                # not argmax (a bundle without calibration has T=1 and threshold 0.5, which is argmax).
+                operating_point = bundle.operating_point
+                p_calibrated, labels = operating_point.predict(probabilities[:, model.covid_index])
                 for index, scan_id in enumerate(chunk):
                     key = overlay_key(bundle.name, bundle.version, scan_id, self._overlay_extension)
                     uploads[(scan_id, bundle.name)] = self.executor.submit(
                         self._render_and_upload, decoded[scan_id].display, cams[index], key
                     )
-                    p_covid = float(probabilities[index, model.covid_index])
                     rows.append(
                         {
                             "scan_id": scan_id,
                             "model_name": bundle.name,
                             "model_version": bundle.version,
-                            "label": bundle.class_names[int(np.argmax(probabilities[index]))],
-                            "p_covid": p_covid,
+                            "label": labels[index],
+                            "p_covid": float(p_calibrated[index]),
+                            "threshold": float(operating_point.threshold),
                             "overlay_key": key,
                             "inference_ms": elapsed_ms / len(chunk),
                         }

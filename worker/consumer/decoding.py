@@ -13,16 +13,21 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
-from shared.imaging import ImageDecodeError, decode_reduced, preprocess, to_uint8
+from shared.imaging import ImageDecodeError, decode_reduced, preprocess_for_manifest, to_uint8
 
 
-def decode_for_models(data: bytes, side: int, input_sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """Decode once at `side`, then derive each model input size and the uint8 display image."""
+# (key, the bundle's manifest["preprocessing"], input size): bundles with equal keys share one input.
+InputSpec = tuple[str, dict[str, Any] | None, int]
+
+
+def decode_for_models(data: bytes, side: int, specs: tuple[InputSpec, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Decode once at `side`, then derive each model input (as its bundle's manifest says) and the uint8 display image."""
     reduced = decode_reduced(data, side).image
-    return {size: preprocess(reduced, size) for size in input_sizes}, to_uint8(reduced)
+    return {key: preprocess_for_manifest(reduced, spec, size) for key, spec, size in specs}, to_uint8(reduced)
 
 
 def available_cores() -> int:
@@ -45,14 +50,14 @@ class DecodePool:
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
 
-    def decode(self, data: bytes, side: int, input_sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    def decode(self, data: bytes, side: int, specs: tuple[InputSpec, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The model inputs and display image of one scan's bytes."""
         if self._pool is None:
-            return decode_for_models(data, side, input_sizes)
+            return decode_for_models(data, side, specs)
         for attempt in (1, 2):
             pool = self._pool
             try:
-                return pool.submit(decode_for_models, data, side, input_sizes).result()
+                return pool.submit(decode_for_models, data, side, specs).result()
             except BrokenProcessPool:
                 # A decoder died (a native crash on a hostile file, or the OOM killer): the worker lives on.
                 # Every decode in flight sees this once; each is tried again in a fresh pool.

@@ -107,6 +107,7 @@ def write_report(
     def prepare(scan: db.Scan) -> _Row:
         predictions = [
             {"model_name": p.model_name, "model_version": p.model_version, "label": p.label, "p_covid": p.p_covid,
+             "threshold": p.threshold,
              "older": current is not None and (p.model_name, p.model_version) not in current}
             for p in scan.predictions
         ]

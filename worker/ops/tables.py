@@ -7,10 +7,10 @@ from collections.abc import Collection, Iterable, Sequence
 from shared import db
 
 RESULT_COLUMNS = (
-    "scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "overlay_key", "finished_at",
+    "scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "finished_at",
     "dicom_send", "older_model",
 )
-TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "dicom_send", "older_model", "error")
+TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "threshold", "dicom_send", "older_model", "error")
 
 
 def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
@@ -25,6 +25,7 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
         for p in scan.predictions or [None]:
             rows.append({**base, **({"model_name": p.model_name, "model_version": p.model_version, "label": p.label,
                                      "p_covid": f"{p.p_covid:.4f}", "overlay_key": p.overlay_key or "",
+                                     "threshold": f"{p.threshold:.4f}" if p.threshold is not None else "",
                                      # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
                                      "dicom_send": ",".join(r.state for r in scan.result_sends
                                                             if (r.model_name, r.model_version) == (p.model_name, p.model_version)),

@@ -1,4 +1,5 @@
-"""Scans can end `skipped` (a valid image that is not a frontal chest film); batches record their model versions.
+"""Scans can end `skipped` (a valid image that is not a frontal chest film); batches record their model versions;
+predictions keep the threshold their label was decided by (the bundle's operating point).
 
 Revision ID: 0004
 Revises: 0003
@@ -67,8 +68,11 @@ def _set_status_check(statuses: str) -> None:
 
 
 def upgrade() -> None:
-    """Allow status 'skipped'; add batch_models (which model versions a batch was screened with)."""
+    """Allow status 'skipped'; add batch_models (which model versions a batch was screened with) and predictions.threshold."""
     _set_status_check(NEW_STATUSES)
+    # A nullable column is a plain ALTER TABLE on SQLite too: "never" forbids a rebuild (which would cascade).
+    with op.batch_alter_table("predictions", recreate="never") as batch:
+        batch.add_column(sa.Column("threshold", sa.Float(), nullable=True))
     op.create_table(
         "batch_models",
         sa.Column("batch_id", sa.String(128), nullable=False),
@@ -86,6 +90,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drop batch_models; skipped scans become failed (with their reason) so the old constraint holds."""
     op.drop_table("batch_models")
+    with op.batch_alter_table("predictions", recreate="never") as batch:
+        batch.drop_column("threshold")
     op.execute(
         "UPDATE scans SET status = 'failed', error = 'skipped: ' || COALESCE(error, '') WHERE status = 'skipped'"
     )
