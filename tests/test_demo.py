@@ -68,6 +68,8 @@ def _check_output(result: subprocess.CompletedProcess) -> Path:
     report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1))
     assert report.is_file() and report.read_text().count("<img") == 8 * 2
     assert "stopped" in result.stderr
+    # CPU-only: no CUDA probing messages on the terminal.
+    assert "cuInit" not in result.stdout + result.stderr and "cuda" not in (result.stdout + result.stderr).lower()
     return report
 
 
