@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import logging
 import os
 import shutil
@@ -334,6 +335,15 @@ def _last_json_line(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert lines, "no output on stdout"
     return json.loads(lines[-1])
+
+
+def test_cli_train_shows_progress_per_epoch_and_after_the_last(trained_run: TrainedRun) -> None:
+    """A bar per epoch with batches, loss and ETA, then what happens after the last epoch, on stderr."""
+    err = trained_run.stderr
+    assert re.search(r"epoch 1/\d+: +\d+%.*batch", err) and "loss=" in err and "<" in err  # tqdm: bar, loss, ETA
+    steps = ["evaluating on the test split", "drawing the plots", "publishing the bundle"]
+    positions = [err.index(step) for step in steps]
+    assert positions == sorted(positions) and err.rindex("epoch ") < positions[0]
 
 
 def test_cli_train_publishes_a_complete_bundle(trained_run: TrainedRun) -> None:

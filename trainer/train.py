@@ -189,18 +189,35 @@ class TrainConfig:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """One line per epoch on stderr: loss, accuracy, val_loss, val_accuracy, seconds."""
+    """A progress bar per epoch (batches, loss, ETA) and one summary line per epoch on stderr."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int, *, progress: bool = True):
         super().__init__()
         self.epochs = epochs
+        self.progress = progress
         self.seconds: list[float] = []
         self._start = 0.0
+        self._bar: Any = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
+        if self.progress:
+            from tqdm import tqdm
+
+            steps = (self.params or {}).get("steps")
+            self._bar = tqdm(total=steps, desc=f"training epoch {epoch + 1}/{self.epochs}", unit="batch", file=sys.stderr,
+                             dynamic_ncols=True, leave=False)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if logs and "loss" in logs:
+                self._bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         elapsed = time.perf_counter() - self._start
         self.seconds.append(elapsed)
         logs = logs or {}
@@ -208,6 +225,11 @@ class EpochLog(keras.callbacks.Callback):
             f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs
         )
         print(f"epoch {epoch + 1}/{self.epochs}  {values}  {elapsed:.1f}s", file=sys.stderr, flush=True)
+
+
+def _step(message: str) -> None:
+    """Say what training does after the last epoch (these steps take a minute on a CPU)."""
+    print(f"lungcam-train: {message}", file=sys.stderr, flush=True)
 
 
 def one_hot(samples_labels: Sequence[str]) -> np.ndarray:
@@ -364,7 +386,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     # The paper validates on the test split every epoch (its training-curve figure); the robust
     # recipe on its own validation split.
     monitor = val_images if val_images is not None else test_images
-    epoch_log = EpochLog(config.epochs)
+    epoch_log = EpochLog(config.epochs, progress=config.progress)
     started = time.perf_counter()
     history = fit_on_arrays(
         config, model, train_images.images, [s.label for s in train_images.samples],
@@ -374,6 +396,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
 
     operating_point = OperatingPoint()
     if val_images is not None:
+        _step(f"calibrating on the validation split ({len(val_images.samples)} images)")
         p_val = predict_probabilities(model, val_images.images)[:, COVID_INDEX]
         operating_point = fit_operating_point(
             covid_targets(val_images.samples), p_val, target_sensitivity=config.target_sensitivity,
@@ -385,6 +408,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
             file=sys.stderr,
         )
 
+    _step(f"evaluating on the test split ({len(test_images.samples)} images)")
     probabilities = predict_probabilities(model, test_images.images)
     p_covid = operating_point.calibrate(probabilities[:, COVID_INDEX])
     targets = covid_targets(test_images.samples)
@@ -394,6 +418,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     if len(by_source) > 1:
         print(format_by_source(by_source))
 
+    _step("drawing the plots and the Grad-CAM grid")
     history_record = {key: [float(v) for v in values] for key, values in history.history.items()}
     history_record["epoch_seconds"] = epoch_log.seconds
     extra_files = {
@@ -446,6 +471,7 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     from shared.settings import get_settings
 
     settings = get_settings()  # an s3:// --out goes to LUNGCAM_S3_ENDPOINT_URL (MinIO, moto) when set
+    _step(f"publishing the bundle to {out}")
     published = save_bundle(
         model, manifest, out, extra_files=extra_files, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
     )

@@ -16,6 +16,9 @@ from shared.settings import Settings
 from shared.store import ObjectStore
 from worker.ops import exit_codes
 
+# A batch with queued scans and none running for this long gets a line saying what it waits for.
+IDLE_NOTICE_S = 15.0
+
 
 @dataclass
 class Services:
@@ -96,11 +99,21 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
         print(f"lungcam: no batch {batch_id}", file=sys.stderr)
         return exit_codes.NOT_FOUND
     deadline = time.monotonic() + timeout if timeout else None
+    idle_since, said_at = time.monotonic(), 0.0
     with _progress_bar(progress.total, "screening") as bar:
         while True:
             with sessions() as session:
                 progress = get_batch_progress(session, batch_id)
             assert progress is not None  # batches are never deleted while followed
+            now = time.monotonic()
+            if progress.finished != bar.n or progress.counts["running"]:
+                idle_since = now
+            elif now - idle_since >= IDLE_NOTICE_S and now - said_at >= IDLE_NOTICE_S:
+                # Nothing running and nothing finishing: say what the wait is for instead of a frozen bar.
+                bar.write(f"lungcam: waiting for a worker: {progress.counts['queued']} queued, none running for "
+                          f"{now - idle_since:.0f} s (is a `lungcam worker` consuming this broker? still loading models?)",
+                          file=sys.stderr)
+                said_at = now
             bar.n = progress.finished
             bar.set_postfix(done=progress.counts["done"], failed=progress.counts["failed"],
                             skipped=progress.counts["skipped"], refresh=False)
