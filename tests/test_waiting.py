@@ -38,3 +38,16 @@ def test_status_without_a_worker_says_it_is_waiting_for_one_and_times_out(tmp_pa
     assert ingest.returncode == exit_codes.TIMEOUT, ingest.stderr[-2000:]
     assert "waiting for a worker: 3 queued, none running for" in ingest.stderr
     assert "not finished after 20 s" in ingest.stderr
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("LUNGCAM_DATABASE_URL", "not-a-url"), ("LUNGCAM_BATCH_SIZE", "many")],
+)
+def test_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path, variable: str, value: str):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+           "LUNGCAM_DATA_DIR": str(tmp_path / "data"), variable: value}
+    result = subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == exit_codes.ERROR
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("lungcam: error:") and variable in line and "Traceback" not in result.stderr
