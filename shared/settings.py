@@ -119,8 +119,9 @@ class Settings(BaseSettings):
         default=None,
         ge=0,
         description=(
-            "Processes that decode scans per worker (unset: one per core the worker may run on; 0: decode "
-            "in the I/O threads). Decoders hold the GIL, so threads alone use one core."
+            "Processes that decode scans per worker (unset: one per core on a GPU worker, none on a CPU-only "
+            "one, whose cores run the model; 0: decode in the I/O threads). Decoders hold the GIL, so threads "
+            "alone use one core."
         ),
     )
     classify_modalities: str = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,8 +141,7 @@ class ScanClassifier:
         # Decode once to the largest size anything needs: the display image or the biggest model input.
         self._decode_side = max([DISPLAY_MAX_SIDE, *(size for _key, _spec, size in self._input_specs)])
         self.budget = PixelBudget(settings.decode_pixel_budget)
-        processes = available_cores() if settings.decode_processes is None else settings.decode_processes
-        self.decoder = DecodePool(processes)
+        self.decoder = DecodePool(decode_processes(settings))
         self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format][2].lstrip(".")
         # Scans that need only some of the served models (screened before with others): scan id -> models.
         self._needed: dict[str, set[tuple[str, str]]] = {}
@@ -398,6 +398,19 @@ class ScanClassifier:
                 db.mark_scans(session, [scan_id], db.SKIPPED, error=reason, finished=True)
 
 
+def decode_processes(settings: Settings) -> int:
+    """LUNGCAM_DECODE_PROCESSES, or by default one per core on a GPU worker and none on a CPU-only one.
+
+    Measured (benchmarks/throughput.py, 2 cores, CPU-only): decode processes compete with the model
+    for the same cores and cost IPC, so the pipeline ran 10% slower with them; on a GPU host the
+    cores are free for decoding, which holds the GIL, so processes are what use them.
+    """
+    if settings.decode_processes is not None:
+        return settings.decode_processes
+    on_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+    return available_cores() if on_gpu else 0
+
+
 def classifier_from_settings(settings: Settings) -> ScanClassifier:
     """Check the configuration and the database schema (cheap, so first), then load the served models."""
     from shared.store import store_from_settings
@@ -405,4 +418,6 @@ def classifier_from_settings(settings: Settings) -> ScanClassifier:
     require_models_configured(settings)
     engine = db.make_engine(settings.resolved_database_url())
     db.require_current_schema(engine)
-    return ScanClassifier(load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings)
+    classifier = ScanClassifier(load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings)
+    classifier.decoder.warm_up()
+    return classifier

@@ -30,7 +30,7 @@ def decode_for_models(data: bytes, side: int, specs: tuple[InputSpec, ...]) -> t
     return {key: preprocess_for_manifest(reduced, spec, size) for key, spec, size in specs}, to_uint8(reduced)
 
 
-def available_cores() -> int:
+def available_cores(*_ignored: object) -> int:
     """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -65,6 +65,11 @@ class DecodePool:
                     if self._pool is pool:
                         self._pool = self._new_pool()
         raise ImageDecodeError("the decoder crashed on this image twice", kind="corrupt")
+
+    def warm_up(self) -> None:
+        """Start every decode process now (a spawn costs a second or two), not inside the first batch."""
+        if self._pool is not None:
+            list(self._pool.map(available_cores, range(self.processes)))
 
     def close(self) -> None:
         """Stop the decode processes."""
