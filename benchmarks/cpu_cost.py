@@ -193,6 +193,9 @@ def measure_pipeline(data: bytes, n: int, broker: str, batch_size: int = 16) -> 
             path.write_bytes(data)
             files.append(path)
         bundle = make_tiny_bundle(tmp / "bundle", INPUT_SIZE)
+        # The near-zero-cost model leaves the cores to decoding, as on a GPU host: decode processes
+        # per core, as a GPU worker uses by default (a CPU-only worker decodes in threads instead).
+        os.environ.setdefault("LUNGCAM_DECODE_PROCESSES", str(len(os.sched_getaffinity(0))))
         return pipeline(bundle, files, batch_size, "local", tmp, broker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
