@@ -52,4 +52,12 @@ def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    # Gone only once the kernel has removed it: callers (and tests) check that nothing is left behind.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
