@@ -41,23 +41,24 @@ def stop_embedded_redis() -> None:
 
 
 def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a process to exit, then SIGKILL it if it has not."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+    """Wait for a process to exit, then SIGKILL it and wait until the kernel has removed it."""
+    if _gone_within(pid, timeout):
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     # Gone only once the kernel has removed it: callers (and tests) check that nothing is left behind.
+    _gone_within(pid, timeout)
+
+
+def _gone_within(pid: int, timeout: float) -> bool:
+    """Poll until pid no longer exists; False if it still does after timeout seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         time.sleep(0.1)
+    return False

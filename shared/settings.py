@@ -171,7 +171,7 @@ class Settings(BaseSettings):
 
     def stat_ae_title_list(self) -> list[str]:
         """The AE titles whose associations are stat."""
-        return [part.strip() for part in self.dicom_stat_ae_titles.split(",") if part.strip()]
+        return self.csv_list(self.dicom_stat_ae_titles)
 
     def resolved_data_dir(self) -> Path:
         """The data folder, created if missing."""
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
 
     def allowed_source_list(self) -> list[str]:
         """The entries of allowed_sources, in order."""
-        return [part.strip() for part in self.allowed_sources.split(",") if part.strip()]
+        return self.csv_list(self.allowed_sources)
 
     @staticmethod
     def csv_list(value: str) -> list[str]:
@@ -210,7 +210,7 @@ class Settings(BaseSettings):
 
     def model_uris(self) -> list[str]:
         """The model bundle locations to serve, in order."""
-        return [part.strip() for part in self.models.split(",") if part.strip()]
+        return self.csv_list(self.models)
 
 
 def load_settings(**overrides: object) -> Settings:

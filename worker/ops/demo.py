@@ -212,7 +212,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     items = discover(str(folder), settings)
     if not items:
         raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
-    for uri in [part.strip() for part in models.split(",") if part.strip()]:
+    for uri in Settings.csv_list(models):
         read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
@@ -247,7 +247,7 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         models = ensure_demo_model(settings)
     folder = images if images is not None else demo_images(settings, count)
     items = _precheck(settings, models, folder)
-    n_models = len([part for part in models.split(",") if part.strip()])
+    n_models = len(Settings.csv_list(models))
 
     with ExitStack() as cleanup:
         broker = broker_url_for(settings)
