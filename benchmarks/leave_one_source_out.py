@@ -10,7 +10,10 @@ So LOSO measures only whether the covid side transfers to an unseen collection; 
 share a source with the training normals, which flatters every model. Two further columns help:
 `blanked` is the AUC with the central lung region blanked (the shortcut audit, trainer/audit.py;
 near 0.5 is good, near the full AUC means the model reads outside the lungs) and `lungs` the AUC
-with everything but the lungs blanked.
+with everything but the lungs blanked. `styled` stands in for normals from another hospital: the
+test normals re-cut to the held-out source's file geometry and format (each takes a random covid
+file's aspect ratio, size and JPEG/PNG format), so a model that tells the classes apart by
+geometry, resolution or compression loses AUC there.
 
     nice -n 19 python benchmarks/leave_one_source_out.py --data ../shared/data/cxr-dev \\
         --candidates paper-resnet50,robust-small-clahe --results benchmarks/results/loso.json
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +52,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "robust-small-clahe-crop": {"recipe": "robust", "crop_fraction": 0.10},
     "robust-small-clahe-blur": {"recipe": "robust", "blur_sigma": 2.0},
     "robust-small-clahe-crop-blur": {"recipe": "robust", "crop_fraction": 0.10, "blur_sigma": 2.0},
+    "robust-small-clahe-square": {"recipe": "robust", "square": "centre_crop"},
+    "robust-small-clahe-square-blur": {"recipe": "robust", "square": "centre_crop", "blur_sigma": 2.0},
     "robust-small-clahe-64": {"recipe": "robust", "input_size": 64},
     "robust-small-clahe-nols": {"recipe": "robust", "label_smoothing": 0.0, "weight_decay": 0.0},
     "robust-resnet50-clahe-96": {"recipe": "robust", "arch": "resnet50", "weights": "none", "input_size": 96,
@@ -74,6 +80,38 @@ def folds(samples: list, seed: int) -> list[tuple[str, list, list]]:
         test = [s for s in covid if s.source == source] + normal_test
         out.append((source, train, test))
     return out
+
+
+def styled_normals(normals: list, covid: list, out_dir: Path, seed: int) -> list:
+    """Copies of `normals` re-cut to the geometry and file format of randomly drawn `covid` files."""
+    import cv2
+
+    from trainer.datasets import Sample
+
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    styled = []
+    for index, normal in enumerate(normals):
+        model_file = covid[int(rng.integers(len(covid)))]
+        target = cv2.imread(str(model_file.path), cv2.IMREAD_GRAYSCALE)
+        image = cv2.imread(str(normal.path), cv2.IMREAD_GRAYSCALE)
+        aspect = target.shape[0] / target.shape[1]  # height / width
+        height, width = image.shape
+        if aspect < height / width:  # wider than the normal: cut rows
+            rows = max(8, int(round(width * aspect)))
+            top = (height - rows) // 2
+            image = image[top:top + rows]
+        else:  # taller: cut columns
+            columns = max(8, int(round(height / aspect)))
+            left = (width - columns) // 2
+            image = image[:, left:left + columns]
+        image = cv2.resize(image, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
+        jpeg = model_file.path.suffix.lower() in (".jpg", ".jpeg")
+        path = out_dir / f"styled-{index}{'.jpg' if jpeg else '.png'}"
+        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 85] if jpeg else [])
+        styled.append(Sample(path=path, label="normal", patient_id=None, source="styled",
+                             relative_path=f"styled/{path.name}"))
+    return styled
 
 
 def run_candidate(name: str, overrides: dict[str, Any], samples: list, seed: int, cache: dict, progress: bool) -> dict:
@@ -121,8 +159,20 @@ def run_candidate(name: str, overrides: dict[str, Any], samples: list, seed: int
                                    for i in range(0, len(batch), 32)])
 
         audit = audit_aucs(predict, test_images, y)
+        test_covid = [s for s in test if s.label == "covid"]
+        styled_key = json.dumps([source, preprocessing, config.input_size], sort_keys=True)
+        if styled_key not in cache:
+            normals = [s for s in test if s.label == "normal"]
+            with tempfile.TemporaryDirectory() as folder:
+                styled = styled_normals(normals, test_covid, Path(folder), seed)
+                cache[styled_key] = load_images(styled, config.input_size, preprocessing=preprocessing,
+                                                progress=False).images
+        styled_images = np.concatenate([stack(test_covid), cache[styled_key]])
+        styled_y = np.concatenate([np.ones(len(test_covid)), np.zeros(len(cache[styled_key]))])
         result["folds"][source] = {
             "auc": float(roc_auc_score(y, p)),
+            "auc_styled_normals": float(roc_auc_score(
+                styled_y, predict_probabilities(model, styled_images)[:, COVID_INDEX])),
             "auc_lungs_blanked": audit["lungs_blanked"],
             "auc_lungs_only": audit["lungs_only"],
             "n_covid": int(y.sum()),
@@ -136,6 +186,7 @@ def run_candidate(name: str, overrides: dict[str, Any], samples: list, seed: int
     result["mean_auc"] = float(np.mean(aucs))
     result["mean_auc_lungs_blanked"] = float(np.mean([f["auc_lungs_blanked"] for f in result["folds"].values()]))
     result["mean_auc_lungs_only"] = float(np.mean([f["auc_lungs_only"] for f in result["folds"].values()]))
+    result["mean_auc_styled_normals"] = float(np.mean([f["auc_styled_normals"] for f in result["folds"].values()]))
     return result
 
 
@@ -149,21 +200,25 @@ def render_markdown(results: dict[str, dict]) -> str:
         "one covid source; test = that source's covid + the same 25% of normals (patient-grouped) in every fold.",
         "**All dev normals come from one source (NIH via muhammedtalo/COVID-19)**, so these AUCs measure only",
         "the covid side's transfer. blanked = AUC with the central lung box blanked (shortcut indicator: near",
-        "0.5 is good); lungs = AUC with everything but the lung box blanked.",
+        "0.5 is good); lungs = AUC with everything but the lung box blanked; styled = AUC against the test",
+        "normals re-cut to the held-out covid files' aspect ratio, size and format (a stand-in for another",
+        "hospital's normals; a model reading geometry or compression drops here). n/a: run before that column.",
         "",
-        "| candidate | " + " | ".join(f"{short[s]} AUC (blanked / lungs)" for s in sources)
-        + " | mean AUC | mean blanked | mean lungs | s/fold |",
-        "|---|" + "---|" * (len(sources) + 4),
+        "| candidate | " + " | ".join(f"{short[s]} AUC (styled / blanked / lungs)" for s in sources)
+        + " | mean AUC | mean styled | mean blanked | mean lungs | s/fold |",
+        "|---|" + "---|" * (len(sources) + 5),
     ]
     for name, r in sorted(results.items(), key=lambda item: -item[1]["mean_auc"]):
         cells = []
         for s in sources:
             f = r["folds"].get(s)
             cells.append("n/a" if f is None else
-                         f"{f['auc']:.3f} ({f['auc_lungs_blanked']:.3f} / {f['auc_lungs_only']:.3f})")
+                         f"{f['auc']:.3f} ({_optional(f.get('auc_styled_normals'))} / {f['auc_lungs_blanked']:.3f}"
+                         f" / {f['auc_lungs_only']:.3f})")
         seconds = np.mean([f["seconds"] for f in r["folds"].values()])
         lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {r['mean_auc']:.3f} | {r['mean_auc_lungs_blanked']:.3f} | {r['mean_auc_lungs_only']:.3f}"
+                     + f" | {r['mean_auc']:.3f} | {_optional(r.get('mean_auc_styled_normals'))}"
+                     + f" | {r['mean_auc_lungs_blanked']:.3f} | {r['mean_auc_lungs_only']:.3f}"
                      + f" | {seconds:.0f} |")
     lines += ["", "Fold sizes (test covid / test normal): " + ", ".join(
         f"{short[s]} {f['n_covid']}/{f['n_normal']}" for s, f in next(iter(results.values()))["folds"].items())]
@@ -171,6 +226,10 @@ def render_markdown(results: dict[str, dict]) -> str:
     for name in sorted(results):
         lines.append(f"- `{name}`: `{json.dumps(CANDIDATES.get(name, {}), sort_keys=True)}`")
     return "\n".join(lines) + "\n"
+
+
+def _optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -760,10 +760,14 @@ _REDUCED_DECODERS: dict[str, Callable[[bytes, int], tuple[np.ndarray, tuple[int,
     "dicom": _reduced_dicom,
 }
 
-# --- manifest-driven preprocessing (version 2: intensity standardisation) ------------------------
+# --- manifest-driven preprocessing (version 2: intensity standardisation; 3: aspect kept) ------
 
-# Intensity standardisation methods of preprocessing version 2 (applied to the grey image).
+# Intensity standardisation methods of preprocessing versions 2 and 3 (applied to the grey image).
 INTENSITY_METHODS: tuple[str, ...] = ("none", "equalize", "clahe", "zscore", "percentile")
+# How a non-square film becomes square: "stretch" (version 2) distorts the anatomy, and a model
+# learns the distortion (in cxr-dev every normal is 512x512 and most covid films are not);
+# "centre_crop" (version 3) keeps the anatomy's proportions by cutting the longer side.
+SQUARE_METHODS: tuple[str, ...] = ("stretch", "centre_crop")
 
 
 def robust_preprocessing(
@@ -772,16 +776,18 @@ def robust_preprocessing(
     working_size: int = 256,
     crop_fraction: float = 0.0,
     blur_sigma: float = 0.0,
+    square: str = "stretch",
     clahe_clip_limit: float = 2.0,
     clahe_tiles: int = 8,
 ) -> dict[str, Any]:
-    """The manifest entry of a version-2 preprocessing (grey, square working size, intensity standardised).
+    """The manifest entry of a version-2 (stretch) or version-3 (centre crop) preprocessing.
 
     Steps, in this order: grey = mean of the decoded RGB; crop `crop_fraction` of the side from every
-    edge (borders carry burnt-in labels, markers and collimation); resize to working_size (area when
-    shrinking, linear when enlarging); intensity standardisation; optional Gaussian blur (sigma in
-    working-size pixels, to remove sharpness and resolution cues); resize to the model's input;
-    grey replicated to RGB in [0, 1].
+    edge (borders carry burnt-in labels, markers and collimation); make it square (`square`: stretch
+    in the resize, or cut the longer side to the shorter about the centre); resize to working_size
+    (area when shrinking, linear when enlarging); intensity standardisation; optional Gaussian blur
+    (sigma in working-size pixels, to remove sharpness and resolution cues); resize to the model's
+    input; grey replicated to RGB in [0, 1].
     """
     if intensity not in INTENSITY_METHODS:
         raise ValueError(f"unknown intensity method {intensity!r}; choose one of {INTENSITY_METHODS}")
@@ -791,10 +797,16 @@ def robust_preprocessing(
         raise ValueError(f"crop fraction must be in [0, 0.4), got {crop_fraction}")
     if blur_sigma < 0:
         raise ValueError(f"blur sigma must be >= 0, got {blur_sigma}")
+    if square not in SQUARE_METHODS:
+        raise ValueError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
+    centre_crop = {"square": square} if square == "centre_crop" else {}
     return {
         **PREPROCESSING,
-        "version": 2,
-        "steps": "grey (mean of RGB); crop; resize to working_size; intensity; blur; resize to input; grey to RGB",
+        "version": 3 if centre_crop else 2,
+        "steps": ("grey (mean of RGB); crop; centre crop to square; resize to working_size; intensity; blur; "
+                  "resize to input; grey to RGB") if centre_crop else
+                 "grey (mean of RGB); crop; resize to working_size; intensity; blur; resize to input; grey to RGB",
+        **centre_crop,
         "grey": "mean of RGB",
         "crop_fraction": float(crop_fraction),
         "working_size": int(working_size),
@@ -811,15 +823,18 @@ def robust_preprocessing(
 def preprocess_for_manifest(image: np.ndarray, preprocessing: dict[str, Any] | None, size: int) -> np.ndarray:
     """Preprocess a decoded image the way a bundle's manifest["preprocessing"] says, to size x size x 3.
 
-    Version 1 (or no entry, as in old bundles) is exactly `preprocess(image, size)`; version 2 is
-    described in `robust_preprocessing`. Unknown versions raise ValueError rather than guess.
+    Version 1 (or no entry, as in old bundles) is exactly `preprocess(image, size)`; versions 2 and 3
+    are described in `robust_preprocessing`. Unknown versions raise ValueError rather than guess.
     """
     version = int((preprocessing or {}).get("version", 1))
     if version == 1:
         return preprocess(image, size)
-    if version != 2:
-        raise ValueError(f"unsupported preprocessing version {version} (this code knows 1 and 2)")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported preprocessing version {version} (this code knows 1, 2 and 3)")
     spec = preprocessing or {}
+    square = spec.get("square", "stretch") if version == 3 else "stretch"
+    if square not in SQUARE_METHODS:
+        raise ValueError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     image = np.asarray(image, dtype=np.float32)
@@ -838,6 +853,8 @@ def preprocess_for_manifest(image: np.ndarray, preprocessing: dict[str, Any] | N
         dy, dx = int(round(height * crop)), int(round(width * crop))
         if height - 2 * dy >= 4 and width - 2 * dx >= 4:
             grey = grey[dy : height - dy, dx : width - dx]
+    if square == "centre_crop":
+        grey = _centre_square(grey)
     working = _resize_square(grey, int(spec.get("working_size", 256)))
     working = _standardise_intensity(working, spec)
     sigma = float(spec.get("blur_sigma", 0.0))
@@ -855,6 +872,13 @@ def preprocessing_key(preprocessing: dict[str, Any] | None, size: int) -> str:
     if version == 1:
         return f"v1:{size}"
     return f"v{version}:{size}:{json.dumps(preprocessing, sort_keys=True)}"
+
+
+def _centre_square(grey: np.ndarray) -> np.ndarray:
+    height, width = grey.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return grey[top : top + side, left : left + side]
 
 
 def _resize_square(grey: np.ndarray, size: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -185,3 +186,29 @@ def test_version_2_preprocessing_standardises_exposure(intensity: str) -> None:
     else:  # an affine exposure change all but disappears
         assert gap < 0.08, gap
     assert preprocessing_key(spec, 48) != preprocessing_key(None, 48) == preprocessing_key(PREPROCESSING, 48)
+
+
+def test_version_3_keeps_the_anatomy_in_proportion_on_a_non_square_film() -> None:
+    """A disc on a landscape film stays round with the centre crop; stretching makes it an ellipse
+    (the geometry a model could tell sources apart by)."""
+    film = np.zeros((300, 400), np.float32)
+    cv2.circle(film, (200, 150), 100, 1.0, thickness=-1)
+    image = np.repeat(film[:, :, None], 3, axis=2)
+
+    def extent(spec: dict) -> tuple[int, int]:
+        disc = preprocess_for_manifest(image, spec, 60)[:, :, 0] > 0.5
+        rows, columns = np.nonzero(disc)
+        return int(np.ptp(rows)) + 1, int(np.ptp(columns)) + 1
+
+    cropped = robust_preprocessing(intensity="none", working_size=120, square="centre_crop")
+    stretched = robust_preprocessing(intensity="none", working_size=120)
+    assert cropped["version"] == 3 and cropped["square"] == "centre_crop" and stretched["version"] == 2
+    height, width = extent(cropped)
+    assert abs(height - width) <= 2 and height == pytest.approx(40, abs=3)  # radius 100 of 300 -> 20 of 60
+    height, width = extent(stretched)
+    assert height - width >= 8  # 40 rows, 30 columns
+    assert preprocessing_key(cropped, 60) != preprocessing_key(stretched, 60)
+    with pytest.raises(ValueError, match="square"):
+        robust_preprocessing(square="pad")
+    with pytest.raises(ValueError, match="square"):
+        preprocess_for_manifest(image, {**cropped, "square": "pad"}, 60)

@@ -15,8 +15,10 @@ from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, decode_for_models
 
 
-# The paper's preprocessing (version 1) at one size, the robust recipe's (version 2, CLAHE) at another.
-SPECS = (("v1:64", None, 64), ("v2:224", robust_preprocessing(), 224))
+# The paper's preprocessing (version 1) at one size, CLAHE with stretch (version 2) and with a
+# centre crop (version 3, the robust recipe's) at others.
+SPECS = (("v1:64", None, 64), ("v2:224", robust_preprocessing(), 224),
+         ("v3:96", robust_preprocessing(square="centre_crop"), 96))
 
 
 def _dicom() -> bytes:
@@ -31,7 +33,7 @@ def test_processes_give_exactly_what_the_thread_path_gives():
     finally:
         pool.close()
     expected_inputs, expected_display = decode_for_models(data, 1024, SPECS)
-    assert set(inputs) == {"v1:64", "v2:224"} and all(np.array_equal(inputs[k], expected_inputs[k]) for k in inputs)
+    assert set(inputs) == {"v1:64", "v2:224", "v3:96"} and all(np.array_equal(inputs[k], expected_inputs[k]) for k in inputs)
     assert np.array_equal(display, expected_display)
 
 

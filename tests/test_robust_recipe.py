@@ -44,6 +44,11 @@ def test_recipe_defaults() -> None:
         TrainConfig(recipe="robust", val_fraction=0.0).resolved()
     with pytest.raises(ConfigError):
         TrainConfig(recipe="nonsense").resolved()
+    with pytest.raises(ConfigError, match="square"):
+        TrainConfig(recipe="robust", square="pad").resolved()
+    with pytest.raises(ConfigError, match="--intensity"):  # version 1 has no centre crop
+        TrainConfig(recipe="paper", square="centre_crop").resolved()
+    assert TrainConfig(recipe="paper", square="centre_crop", intensity="none").resolved().square == "centre_crop"
 
 
 def test_augmentation_keeps_shape_range_and_varies() -> None:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--working-size", type=int, default=None, help="side the intensity step works at (default: 256)")
     train.add_argument("--crop", dest="crop_fraction", type=float, default=None,
                        help="fraction of each side cropped away before resizing (default: 0)")
+    train.add_argument("--square", choices=("stretch", "centre_crop"), default=None,
+                       help="how a non-square film becomes square: stretch it, or cut the longer side about the "
+                            "centre (preprocessing version 3; needs --intensity) (default: stretch)")
     train.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur at the working size (default: 0)")
     train.add_argument("--augment", dest="augment_strength", type=float, default=None,
                        help="strength of crop/gamma/contrast/brightness/blur/noise augmentation, 0 off (default: 0 paper, 1 robust)")
@@ -117,6 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
         working_size=args.working_size,
         crop_fraction=args.crop_fraction,
         blur_sigma=args.blur_sigma,
+        square=args.square,
         augment_strength=args.augment_strength,
         label_smoothing=args.label_smoothing,
         weight_decay=args.weight_decay,

@@ -20,7 +20,7 @@ from shared.errors import LungcamError
 from shared.bundle import save_bundle
 from shared.calibration import DEFAULT_TARGET_SENSITIVITY, OperatingPoint, fit_operating_point
 from shared.gradcam import GradCam
-from shared.imaging import INTENSITY_METHODS, PREPROCESSING, robust_preprocessing
+from shared.imaging import INTENSITY_METHODS, PREPROCESSING, SQUARE_METHODS, robust_preprocessing
 from shared.zoo import ARCHITECTURES, CLASS_NAMES, build_model, resolve_weights
 from trainer import plots
 from trainer.robust import SMALL_ARCH, SMALL_GRADCAM_LAYER, build_small_cnn, fit_robust
@@ -75,6 +75,8 @@ ROBUST_DEFAULTS: dict[str, Any] = {
     "working_size": 256,
     "crop_fraction": 0.0,
     "blur_sigma": 0.0,
+    # Centre crop measured worse in LOSO (styled normals 0.935 vs 0.970, lungs blanked 0.950 vs 0.906).
+    "square": "stretch",
     "augment_strength": 1.0,
     "label_smoothing": 0.1,
     "weight_decay": 0.02,
@@ -94,6 +96,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "working_size": 256,
     "crop_fraction": 0.0,
     "blur_sigma": 0.0,
+    "square": "stretch",
     "augment_strength": 0.0,
     "label_smoothing": 0.0,
     "weight_decay": 0.0,
@@ -124,6 +127,7 @@ class TrainConfig:
     working_size: int | None = None
     crop_fraction: float | None = None
     blur_sigma: float | None = None
+    square: str | None = None
     # The robust recipe's training: augmentation, regularisation, early stopping on a validation split.
     augment_strength: float | None = None
     label_smoothing: float | None = None
@@ -161,6 +165,10 @@ class TrainConfig:
             )
         if self.intensity is not None and self.intensity not in INTENSITY_METHODS:
             raise ConfigError(f"unknown intensity method {self.intensity!r}; choose one of {INTENSITY_METHODS}")
+        if self.square not in SQUARE_METHODS:
+            raise ConfigError(f"unknown square method {self.square!r}; choose one of {SQUARE_METHODS}")
+        if self.square != "stretch" and self.intensity is None:
+            raise ConfigError("--square centre_crop needs preprocessing version 3: set --intensity too")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
         if self.recipe == "robust" and self.val_fraction == 0:
@@ -291,6 +299,7 @@ def preprocessing_for(config: TrainConfig) -> dict[str, Any]:
         working_size=config.working_size,
         crop_fraction=config.crop_fraction,
         blur_sigma=config.blur_sigma,
+        square=config.square,
     )
 
 
