@@ -764,9 +764,10 @@ _REDUCED_DECODERS: dict[str, Callable[[bytes, int], tuple[np.ndarray, tuple[int,
 
 # Intensity standardisation methods of preprocessing versions 2 and 3 (applied to the grey image).
 INTENSITY_METHODS: tuple[str, ...] = ("none", "equalize", "clahe", "zscore", "percentile")
-# How a non-square film becomes square: "stretch" (version 2) distorts the anatomy, and a model
-# learns the distortion (in cxr-dev every normal is 512x512 and most covid films are not);
-# "centre_crop" (version 3) keeps the anatomy's proportions by cutting the longer side.
+# How a non-square film becomes square: "stretch" (version 2) distorts the anatomy, which a model
+# could learn (in cxr-dev every normal is 512x512 and most covid films are not); "centre_crop"
+# (version 3) keeps the proportions by cutting the longer side. Measured in benchmarks/results/
+# loso.md: centre_crop leaned more on the area outside the lungs, so the robust recipe stretches.
 SQUARE_METHODS: tuple[str, ...] = ("stretch", "centre_crop")
 
 
