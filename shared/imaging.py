@@ -800,14 +800,15 @@ def robust_preprocessing(
         raise ValueError(f"blur sigma must be >= 0, got {blur_sigma}")
     if square not in SQUARE_METHODS:
         raise ValueError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
-    centre_crop = {"square": square} if square == "centre_crop" else {}
+    # Version 2 manifests stay exactly as they were: no "square" key, no extra step.
+    centre_crop = square == "centre_crop"
+    steps = ["grey (mean of RGB)", "crop", *(["centre crop to square"] if centre_crop else []),
+             "resize to working_size", "intensity", "blur", "resize to input", "grey to RGB"]
     return {
         **PREPROCESSING,
         "version": 3 if centre_crop else 2,
-        "steps": ("grey (mean of RGB); crop; centre crop to square; resize to working_size; intensity; blur; "
-                  "resize to input; grey to RGB") if centre_crop else
-                 "grey (mean of RGB); crop; resize to working_size; intensity; blur; resize to input; grey to RGB",
-        **centre_crop,
+        "steps": "; ".join(steps),
+        **({"square": square} if centre_crop else {}),
         "grey": "mean of RGB",
         "crop_fraction": float(crop_fraction),
         "working_size": int(working_size),

@@ -15,8 +15,8 @@ from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, decode_for_models
 
 
-# The paper's preprocessing (version 1) at one size, CLAHE with stretch (version 2) and with a
-# centre crop (version 3, the robust recipe's) at others.
+# The paper's preprocessing (version 1) at one size, CLAHE with stretch (version 2, the robust
+# recipe's) and with a centre crop (version 3) at others.
 SPECS = (("v1:64", None, 64), ("v2:224", robust_preprocessing(), 224),
          ("v3:96", robust_preprocessing(square="centre_crop"), 96))
 

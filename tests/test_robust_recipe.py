@@ -51,6 +51,14 @@ def test_recipe_defaults() -> None:
     assert TrainConfig(recipe="paper", square="centre_crop", intensity="none").resolved().square == "centre_crop"
 
 
+def test_cli_choices_match_the_preprocessing_methods() -> None:
+    """The CLI spells the choices out (no image code imported for --help); they must not drift."""
+    from shared.imaging import INTENSITY_METHODS, SQUARE_METHODS
+    from trainer import cli
+
+    assert cli.INTENSITY_CHOICES == INTENSITY_METHODS and cli.SQUARE_CHOICES == SQUARE_METHODS
+
+
 def test_augmentation_keeps_shape_range_and_varies() -> None:
     import tensorflow as tf
 

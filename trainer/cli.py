@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 EXIT_USAGE = 2
 ARCH_CHOICES = ("vgg16", "densenet121", "resnet50", "small")  # shared.zoo.ARCHITECTURES + trainer.robust's, without Keras
 INTENSITY_CHOICES = ("none", "equalize", "clahe", "zscore", "percentile")  # shared.imaging.INTENSITY_METHODS
+SQUARE_CHOICES = ("stretch", "centre_crop")  # shared.imaging.SQUARE_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--working-size", type=int, default=None, help="side the intensity step works at (default: 256)")
     train.add_argument("--crop", dest="crop_fraction", type=float, default=None,
                        help="fraction of each side cropped away before resizing (default: 0)")
-    train.add_argument("--square", choices=("stretch", "centre_crop"), default=None,
+    train.add_argument("--square", choices=SQUARE_CHOICES, default=None,
                        help="how a non-square film becomes square: stretch it, or cut the longer side about the "
                             "centre (preprocessing version 3; needs --intensity) (default: stretch)")
     train.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur at the working size (default: 0)")
