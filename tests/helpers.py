@@ -212,3 +212,12 @@ def empty_schema(url: str) -> str:
     finally:
         engine.dispose()
     return url
+
+
+def insert_scans_at_old_revision(connection: sa.Connection, scan_ids: list[str]) -> None:
+    """Scans plus one covid prediction for the first, in raw SQL (the ORM knows only the newest schema)."""
+    connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES (:scan_id, :uri)"),
+                       [{"scan_id": scan_id, "uri": f"scans/{scan_id}"} for scan_id in scan_ids])
+    connection.execute(sa.text(
+        "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES (:scan_id, 'm', '1', 'covid', 0.9)"
+    ), {"scan_id": scan_ids[0]})

@@ -17,6 +17,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from helpers import insert_scans_at_old_revision
 from shared import db
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -319,10 +320,7 @@ def test_migration_0004_adds_skipped_and_keeps_every_result(db_url: str) -> None
     try:
         db.migrate(engine, "0003")
         with engine.begin() as connection:
-            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('s1', 'scans/s1'), ('s2', 'scans/s2')"))
-            connection.execute(sa.text(
-                "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES ('s1', 'm', '1', 'covid', 0.9)"
-            ))
+            insert_scans_at_old_revision(connection, ["s1", "s2"])
         db.migrate(engine)
         with engine.begin() as connection:
             connection.execute(sa.text("UPDATE scans SET status = 'skipped', error = 'lateral view (LL)' WHERE scan_id = 's2'"))

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import func, select
 
-from helpers import empty_schema, make_bundle, mixed_scans, start_worker, wait_until
+from helpers import empty_schema, insert_scans_at_old_revision, make_bundle, mixed_scans, start_worker, wait_until
 from shared import db
 from shared.broker_state import RedisBroker
 from shared.queueing import make_app, publish, submit_scans
@@ -164,10 +164,7 @@ def test_migration_0002_round_trip_keeps_results(db_url):
     try:
         db.migrate(engine, "0001")
         with engine.begin() as connection:
-            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('s1', 'scans/s1')"))
-            connection.execute(sa.text(
-                "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES ('s1', 'm', '1', 'covid', 0.9)"
-            ))
+            insert_scans_at_old_revision(connection, ["s1"])
         db.migrate(engine)
         assert {"lease_expires_at", "published_at"} <= {c["name"] for c in sa.inspect(engine).get_columns("scans")}
         with engine.begin() as connection:
