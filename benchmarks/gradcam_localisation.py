@@ -2,6 +2,7 @@
 
     python benchmarks/gradcam_localisation.py [--arch densenet121] [--input-size 64] [--layer pool3_relu]
         [--epochs 4] [--lr 1e-3] [--n-per-class 100] [--seed 42] [--frozen] [--bundle DIR]
+    python benchmarks/gradcam_localisation.py --recipe frozen --input-size 224   # the packaged VGG16
 
 Trains with the trainer on synthetic data (or loads --bundle), then, on held-out synthetic positives
 that the model classifies correctly, counts peaks inside the lesion mask for plain Grad-CAM
@@ -33,6 +34,9 @@ from trainer.train import TrainConfig, train  # noqa: E402
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options; the defaults are the test suite's configuration."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("paper", "frozen"), default="paper",
+                        help="frozen: the recommended recipe (packaged hed-vgg16, lung box, linear head); its "
+                             "defaults replace --arch, --layer, --epochs and --lr")
     parser.add_argument("--arch", default="densenet121")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--layer", default="pool3_relu", help="Grad-CAM layer")
@@ -55,15 +59,20 @@ def main(argv: list[str]) -> int:
         bundle_path = args.bundle
         if bundle_path is None:
             data = write_synthetic_dataset(work / "data", args.n_per_class, size=args.input_size, seed=args.data_seed)
-            config = TrainConfig(
-                arch=args.arch, weights="none", input_size=args.input_size, epochs=args.epochs,
-                learning_rate=args.lr, seed=args.seed, freeze_backbone=args.frozen, gradcam_layer=args.layer,
-                progress=False,
-            )
+            if args.recipe == "frozen":
+                config = TrainConfig(recipe="frozen", input_size=args.input_size, seed=args.seed, progress=False,
+                                     feature_cache=str(work / "features"))
+            else:
+                config = TrainConfig(
+                    arch=args.arch, weights="none", input_size=args.input_size, epochs=args.epochs,
+                    learning_rate=args.lr, seed=args.seed, freeze_backbone=args.frozen, gradcam_layer=args.layer,
+                    progress=False,
+                )
             bundle_path = work / "bundle"
             train(config, [data], bundle_path)
         bundle = load_bundle(bundle_path)
-        images, masks = synthetic_positives(work / "held-out", args.held_out, bundle.input_size, args.data_seed + 100)
+        images, masks = synthetic_positives(work / "held-out", args.held_out, bundle.input_size, args.data_seed + 100,
+                                            preprocessing=bundle.preprocessing)
         probabilities, plain = bundle.gradcam()(images)
         _, positive = bundle.gradcam(positive_gradients_only=True)(images)
         correct = probabilities[:, COVID_INDEX] >= 0.5

@@ -84,6 +84,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _store_for(uri: str, endpoint_url: str | None, region: str) -> ObjectStore:
     return open_store(str(uri), endpoint_url=endpoint_url, region=region)
 
@@ -103,6 +112,7 @@ def save_bundle(
             raise BundleError(f"manifest lacks {required!r}")
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / MODEL_FILE
+        # A bundle naming its frozen backbone stores only the head; the caller passes the head.
         model.save(model_path)
         model_bytes = model_path.read_bytes()
     full_manifest = {**manifest, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_sha256": sha256_bytes(model_bytes)}
@@ -145,6 +155,28 @@ def update_manifest(
     return manifest
 
 
+def copy_bundle(
+    source: str | Path, dest: str | Path, manifest: dict[str, Any], *, endpoint_url: str | None = None,
+    region: str = "us-east-1",
+) -> dict[str, Any]:
+    """Publish a new version of a bundle: every file of `source` copied unchanged, then `manifest` at `dest`.
+
+    The model file is not touched, so the manifest's model_sha256 still verifies it.
+    """
+    if str(source).rstrip("/") == str(dest).rstrip("/"):
+        raise BundleError(f"the new bundle must go to another place than {source}")
+    source_store = _store_for(str(source), endpoint_url, region)
+    dest_store = _store_for(str(dest), endpoint_url, region)
+    if dest_store.exists(MANIFEST_FILE):
+        raise BundleError(f"{dest} already holds a bundle; choose an empty destination")
+    for key in source_store.list():
+        if key != MANIFEST_FILE:
+            dest_store.put(key, source_store.get(key))
+    # The manifest goes last: a reader that sees it can trust the other files are complete.
+    dest_store.put(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode(), "application/json")
+    return manifest
+
+
 def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Bundle:
     """Load a bundle, refusing it if the model file's sha256 differs from the manifest's."""
     manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
@@ -168,4 +200,34 @@ def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str
         import shared.zoo  # noqa: F401  (registers the custom layers load_model needs)
 
         model = keras.saving.load_model(model_path, compile=False)
+    backbone = named_backbone(manifest)
+    if backbone is not None:
+        model = _with_named_backbone(model, backbone, manifest, uri)
     return Bundle(model=model, manifest=manifest, uri=str(uri))
+
+
+def named_backbone(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's "backbone" entry when the bundle names its frozen backbone instead of embedding it."""
+    entry = manifest.get("backbone")
+    if not entry or entry.get("embedded", True):
+        return None
+    for key in ("weights", "sha256", "output_layer"):
+        if not entry.get(key):
+            raise BundleError(f"manifest 'backbone' lacks {key!r}")
+    return entry
+
+
+def _with_named_backbone(head: keras.Model, backbone: dict[str, Any], manifest: dict[str, Any], uri: str | Path
+                         ) -> keras.Model:
+    """The bundle's head on the packaged backbone it names, refused if the installed file's sha256 differs."""
+    from shared.pretrained import PretrainedWeightsError
+    from shared.zoo import attach_head, build_packaged_backbone
+
+    try:
+        built = build_packaged_backbone(
+            manifest["architecture"], backbone["weights"], int(manifest["input_size"]), backbone["output_layer"],
+            expected_sha256=backbone["sha256"],
+        )
+    except PretrainedWeightsError as exc:
+        raise BundleError(f"bundle {uri}: {exc}") from exc
+    return attach_head(built, head)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import LungcamError
+
 COVID, NORMAL, INDETERMINATE = "covid", "normal", "indeterminate"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TARGET_SENSITIVITY = 0.90
@@ -31,7 +33,7 @@ _EPS = 1e-7
 _TEMPERATURE_BOUNDS = (0.05, 100.0)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LungcamError, ValueError):
     """Calibration that cannot be fitted (one class only, no images) or a malformed manifest entry."""
 
 

@@ -12,7 +12,7 @@ anything downstream needs while the pixels are still integers (see docs/decoding
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -769,6 +769,13 @@ INTENSITY_METHODS: tuple[str, ...] = ("none", "equalize", "clahe", "zscore", "pe
 # (version 3) keeps the proportions by cutting the longer side. Measured in benchmarks/results/
 # loso.md: centre_crop leaned more on the area outside the lungs, so the robust recipe stretches.
 SQUARE_METHODS: tuple[str, ...] = ("stretch", "centre_crop")
+# (x0, y0, x1, y1) as fractions of the model input: where both lung fields lie on a PA/AP film that
+# fills the frame (and on shared.synthetic's films). The shortcut audit blanks it; preprocessing
+# version 4 keeps only it, so a model never sees borders, burnt-in labels or collimation.
+LUNG_BOX: tuple[float, float, float, float] = (0.15, 0.10, 0.85, 0.85)
+# What version 4 puts outside the lung box: mid-grey, the same constant for every image.
+LUNG_MASK_FILL = 0.5
+PREPROCESSING_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 
 
 def robust_preprocessing(
@@ -778,17 +785,18 @@ def robust_preprocessing(
     crop_fraction: float = 0.0,
     blur_sigma: float = 0.0,
     square: str = "stretch",
+    lung_mask: bool = False,
     clahe_clip_limit: float = 2.0,
     clahe_tiles: int = 8,
 ) -> dict[str, Any]:
-    """The manifest entry of a version-2 (stretch) or version-3 (centre crop) preprocessing.
+    """The manifest entry of a version-2 (stretch), version-3 (centre crop) or version-4 (lung mask) preprocessing.
 
     Steps, in this order: grey = mean of the decoded RGB; crop `crop_fraction` of the side from every
     edge (borders carry burnt-in labels, markers and collimation); make it square (`square`: stretch
     in the resize, or cut the longer side to the shorter about the centre); resize to working_size
     (area when shrinking, linear when enlarging); intensity standardisation; optional Gaussian blur
     (sigma in working-size pixels, to remove sharpness and resolution cues); resize to the model's
-    input; grey replicated to RGB in [0, 1].
+    input; (version 4) everything outside LUNG_BOX set to LUNG_MASK_FILL; grey replicated to RGB in [0, 1].
     """
     if intensity not in INTENSITY_METHODS:
         raise ValueError(f"unknown intensity method {intensity!r}; choose one of {INTENSITY_METHODS}")
@@ -803,12 +811,16 @@ def robust_preprocessing(
     # Version 2 manifests stay exactly as they were: no "square" key, no extra step.
     centre_crop = square == "centre_crop"
     steps = ["grey (mean of RGB)", "crop", *(["centre crop to square"] if centre_crop else []),
-             "resize to working_size", "intensity", "blur", "resize to input", "grey to RGB"]
+             "resize to working_size", "intensity", "blur", "resize to input",
+             *(["keep only the lung box"] if lung_mask else []), "grey to RGB"]
+    version = 4 if lung_mask else 3 if centre_crop else 2
+    mask = {"lung_box": list(LUNG_BOX), "lung_mask_fill": LUNG_MASK_FILL} if lung_mask else {}
     return {
         **PREPROCESSING,
-        "version": 3 if centre_crop else 2,
+        "version": version,
         "steps": "; ".join(steps),
-        **({"square": square} if centre_crop else {}),
+        **({"square": square} if centre_crop or lung_mask else {}),
+        **mask,
         "grey": "mean of RGB",
         "crop_fraction": float(crop_fraction),
         "working_size": int(working_size),
@@ -825,16 +837,16 @@ def robust_preprocessing(
 def preprocess_for_manifest(image: np.ndarray, preprocessing: dict[str, Any] | None, size: int) -> np.ndarray:
     """Preprocess a decoded image the way a bundle's manifest["preprocessing"] says, to size x size x 3.
 
-    Version 1 (or no entry, as in old bundles) is exactly `preprocess(image, size)`; versions 2 and 3
+    Version 1 (or no entry, as in old bundles) is exactly `preprocess(image, size)`; versions 2 to 4
     are described in `robust_preprocessing`. Unknown versions raise ValueError rather than guess.
     """
     version = int((preprocessing or {}).get("version", 1))
     if version == 1:
         return preprocess(image, size)
-    if version not in (2, 3):
-        raise ValueError(f"unsupported preprocessing version {version} (this code knows 1, 2 and 3)")
+    if version not in PREPROCESSING_VERSIONS:
+        raise ValueError(f"unsupported preprocessing version {version} (this code knows {PREPROCESSING_VERSIONS})")
     spec = preprocessing or {}
-    square = spec.get("square", "stretch") if version == 3 else "stretch"
+    square = spec.get("square", "stretch") if version >= 3 else "stretch"
     if square not in SQUARE_METHODS:
         raise ValueError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
     if size <= 0:
@@ -862,8 +874,19 @@ def preprocess_for_manifest(image: np.ndarray, preprocessing: dict[str, Any] | N
     sigma = float(spec.get("blur_sigma", 0.0))
     if sigma > 0:
         working = cv2.GaussianBlur(working, (0, 0), sigmaX=sigma)
-    resized = _resize_square(working, size)
-    return np.repeat(np.clip(resized, 0.0, 1.0)[:, :, None], 3, axis=2).astype(np.float32, copy=False)
+    resized = np.clip(_resize_square(working, size), 0.0, 1.0)
+    if version == 4:
+        inside = lung_box_mask(size, spec.get("lung_box", LUNG_BOX))
+        resized[~inside] = float(spec.get("lung_mask_fill", LUNG_MASK_FILL))
+    return np.repeat(resized[:, :, None], 3, axis=2).astype(np.float32, copy=False)
+
+
+def lung_box_mask(size: int, box: Sequence[float] = LUNG_BOX) -> np.ndarray:
+    """Boolean size x size mask, True inside the box (fractions x0, y0, x1, y1 of the side)."""
+    x0, y0, x1, y1 = (int(round(float(v) * size)) for v in box)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
 
 
 def preprocessing_key(preprocessing: dict[str, Any] | None, size: int) -> str:

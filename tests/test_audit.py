@@ -17,7 +17,8 @@ import pytest
 
 from shared.calibration import OperatingPoint, audit_status
 from shared.synthetic import write_synthetic_dataset
-from trainer.audit import LUNG_BOX, blanked, box_mask, verdict
+from shared.imaging import LUNG_BOX, lung_box_mask
+from trainer.audit import blanked, verdict
 
 TRAIN_CLI = [sys.executable, "-m", "trainer.cli"]
 SIZE = 64
@@ -52,7 +53,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, P
 def test_blanking_touches_only_its_region() -> None:
     images = np.full((2, 40, 40, 3), 200, np.uint8)
     images[:, 0, 0] = 0
-    mask = box_mask(40)
+    mask = lung_box_mask(40)
     lungs_blanked = blanked(images, "lungs_blanked", fill=0.25)
     lungs_only = blanked(images, "lungs_only", fill=0.25)
     assert np.all(lungs_blanked[:, mask] == 0.25) and np.allclose(lungs_blanked[:, ~mask][:, 1:], 200 / 255)

