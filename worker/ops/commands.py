@@ -51,12 +51,13 @@ def _progress_bar(total: int, description: str) -> Any:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest SOURCE`: queue every image of a folder, s3:// prefix or CSV list as one batch."""
-    from worker.ops.ingest import batch_id_for, discover, ingest
+    from worker.ops.ingest import batch_id_for, ingest, survey
 
     services = open_services()
-    items = discover(args.source, services.settings)
+    found = survey(args.source, services.settings)
+    items = found.items
     if not items:
-        print(f"lungcam: no images found in {args.source}", file=sys.stderr)
+        print(f"lungcam: no images found in {args.source} ({found.summary()})", file=sys.stderr)
         return exit_codes.NOT_FOUND
     _check_referenced_sources(items, services.settings, reference_local=args.reference)
     name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
@@ -67,6 +68,7 @@ def run_ingest(args: argparse.Namespace) -> int:
             reference_local=args.reference, force=args.force, on_progress=bar.update,
         )
     print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
+    print(f"ingest: {found.summary(queued=len(result.queued))}")
     print(batch_id)
     if args.wait:
         return follow(services.sessions, batch_id, args.timeout)

@@ -205,13 +205,15 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     from shared import db
     from shared.bundle import read_manifest
     from shared.store import store_from_settings
-    from worker.ops.ingest import discover
+    from worker.ops.ingest import survey
 
     if not folder.is_dir():
         raise DemoError(f"no folder {folder}")
-    items = discover(str(folder), settings)
+    found = survey(str(folder), settings)
+    items = found.items
     if not items:
-        raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
+        raise DemoError(f"no images (PNG, JPEG, TIFF, DICOM) in {folder} ({found.summary()})")
+    _say(f"{folder}: {found.summary()}")
     for uri in Settings.csv_list(models):
         read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
