@@ -55,6 +55,21 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         default=100 * 1024 * 1024, ge=1, description="Largest HTTP request body the API reads; larger ones get 413."
     )
+    api_unauthenticated_max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description=(
+            "Largest body a request without the bearer token may declare: such a request is answered (401, "
+            "or 413 on an open path) from its headers, and a larger body is never read."
+        ),
+    )
+    public_url: str | None = Field(
+        default=None,
+        description=(
+            "The API's base URL as browsers reach it (https://lungcam.example.org); signed /v1/files links "
+            "are built on it, never on the request's Host header. Unset: links are relative (/v1/files/...)."
+        ),
+    )
     batch_size: int = Field(default=16, ge=1, description="Scans a worker classifies in one model pass.")
     batch_flush_ms: int = Field(default=500, ge=1, description="Flush a partial batch after this many milliseconds.")
     visibility_timeout_s: int = Field(

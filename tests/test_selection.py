@@ -115,7 +115,7 @@ def test_a_lateral_dx_and_a_ct_slice_are_skipped_and_a_frontal_cr_is_classified(
         assert api.post("/v1/scans", json=body).status_code == 202
         wait_until(lambda: api.get("/v1/scans/upload-lateral").json()["status"] == "skipped", 120, message="the upload")
         assert "lateral view (RL)" in api.get("/v1/scans/upload-lateral").json()["error"]
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = api.get("/metrics").text
     assert 'lungcam_scans{status="skipped"} 3.0' in metrics
 
 

@@ -265,7 +265,8 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         cleanup.callback(_stop, worker.process, "worker")
         port = _free_port()
         api_args = ["api", "--port", str(port), "--loglevel", "WARNING"]
-        api = _Child("API", _start(api_args, env, logs / "api.log"), logs / "api.log")
+        api_env = {**env, "LUNGCAM_PUBLIC_URL": settings.public_url or f"http://127.0.0.1:{port}"}
+        api = _Child("API", _start(api_args, api_env, logs / "api.log"), logs / "api.log")
         cleanup.callback(_stop, api.process, "API")
         base_url = f"http://127.0.0.1:{port}"
         _say(f"starting a worker (--gpu {gpu}, {n_models} model(s)) and the API ({base_url}/docs); logs in {logs}")
