@@ -200,12 +200,14 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_requeue(args: argparse.Namespace) -> int:
-    """`lungcam requeue --older-than S`: re-publish scans still queued after S seconds."""
+    """`lungcam requeue --older-than S`: re-send scans still queued after S seconds that have no live message."""
     from shared.queueing import requeue_stale
 
     services = open_services()
-    ids = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
-    print(f"re-published {len(ids)} scan(s) still queued after {args.older_than:.0f} s")
+    result = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
+    print(f"re-published {len(result.published)} scan(s) still queued after {args.older_than:.0f} s without a "
+          f"live message; moved {len(result.restored)} held too long back to their queue; left "
+          f"{len(result.live)} with a live message alone")
     return 0
 
 
