@@ -130,6 +130,8 @@ def submit_scans(
                 }
                 if batch_id is not None:
                     values["batch_id"] = batch_id
+                # An instance received over DICOM replacing the scan brings its UIDs (its provenance) along.
+                values.update({name: scan[name] for name in db.DICOM_UID_FIELDS if scan.get(name)})
                 session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
             db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
     # Rows are committed before messages go out, so a worker never sees an id it cannot find.

@@ -24,7 +24,7 @@ from worker.api.limits import BodySizeLimitMiddleware
 from worker.api.logs import install_access_log_redaction
 from worker.api.metrics import make_registry
 from worker.api.routes import batches, files, health, scans
-from worker.api.submission import ImageTooLarge
+from worker.api.submission import ImageTooLarge, ReceivedOverDicom
 from shared.queueing import make_app
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ async def _image_too_large(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
+async def _received_over_dicom(request: Request, exc: Exception) -> JSONResponse:
+    """409 for a submission naming a scan received over DICOM: its image is replaced only by the DICOM path."""
+    return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.CONFLICT)
+
+
 async def _source_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     """403 for a source_uri outside the allowed locations; the body says the same for every refusal."""
     return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.FORBIDDEN)
@@ -139,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ImageTooLarge, _image_too_large)
+    app.add_exception_handler(ReceivedOverDicom, _received_over_dicom)
     app.add_exception_handler(SourceNotAllowed, _source_not_allowed)
     app.add_exception_handler(StoreError, _store_unavailable)
     app.add_exception_handler(BrokerError, _broker_unavailable)

@@ -202,6 +202,26 @@ def _existing(sessions: sessionmaker[Session], scan_ids: list[str]) -> set[str]:
         return set(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(scan_ids))))
 
 
+def _refuse_replacing_dicom(
+    items: list[IngestItem], *, store: ObjectStore, sessions: sessionmaker[Session], force: bool, reference_local: bool
+) -> None:
+    """Raise SubmissionError, before anything is stored, if an item would replace a scan received over DICOM."""
+    with sessions() as session:
+        received = db.dicom_received_ids(session, [item.scan_id for item in items])
+    replacing = [
+        item for item in items if item.scan_id in received and (
+            # rescreen replaces only a local upload whose bytes differ from the stored image.
+            force or (item.is_local and not reference_local
+                      and _stored_bytes(store, item.scan_id) != Path(item.location).read_bytes())
+        )
+    ]
+    if replacing:
+        raise SubmissionError(
+            f"{Path(replacing[0].location).name} (and {len(replacing) - 1} more) would replace an image received over "
+            "DICOM, which only the DICOM path (C-STORE or a DICOMweb pull) may replace: nothing was queued"
+        )
+
+
 def ingest(
     items: list[IngestItem],
     *,
@@ -223,6 +243,8 @@ def ingest(
     the same scan id is a new input, uploaded and classified again by every model.
     """
     batch_id = batch_id or uuid.uuid4().hex
+    if force or rescreen:
+        _refuse_replacing_dicom(items, store=store, sessions=sessions, force=force, reference_local=reference_local)
     total = SubmitResult()
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]

@@ -20,7 +20,7 @@ router = APIRouter(prefix="/batches", tags=["batches"])
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchSubmitted,
-    responses={403: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={403: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
 )
 def submit_batch(
     batch: BatchIn,

@@ -28,6 +28,7 @@ OVERLAY_URL_TTL_S = 3600
     responses={
         200: {"model": ScanSubmitted, "description": "Already known and not forced: not queued again."},
         403: {"model": ErrorOut, "description": "source_uri is not in an allowed location."},
+        409: {"model": ErrorOut, "description": "The scan was received over DICOM; only the DICOM path replaces it."},
         413: {"model": ErrorOut},
         503: {"model": ErrorOut},
     },
