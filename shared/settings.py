@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     dicom_send_backoff_s: float = Field(
         default=10.0, gt=0, description="First retry delay of a failed send; doubles per attempt, capped at one hour."
     )
+    dicomweb_max_part_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Largest instance a DICOMweb pull reads from one WADO-RS answer part; a larger one is refused, not read.",
+    )
     dicomweb_username: str | None = Field(default=None, description="HTTP basic user for DICOMweb (ingest and STOW-RS).")
     dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")
     dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for DICOMweb (instead of user and password).")

@@ -12,7 +12,8 @@ import redis
 
 from shared import db
 from shared.broker_state import decode_message
-from shared.queueing import QUEUES, make_app, publish, requeue_stale
+from shared.queueing import QUEUES, make_app, publish
+from shared.requeue import requeue_stale
 from shared.settings import Settings
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_REQUEUE_REDIS_URL", "redis://127.0.0.1:6379/14")

@@ -201,7 +201,7 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def run_requeue(args: argparse.Namespace) -> int:
     """`lungcam requeue --older-than S`: re-send scans still queued after S seconds that have no live message."""
-    from shared.queueing import requeue_stale
+    from shared.requeue import requeue_stale
 
     services = open_services()
     result = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
