@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     )
     public_url: str | None = Field(
         default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
         description=(
             "The API's base URL as browsers reach it (https://lungcam.example.org); signed /v1/files links "
             "are built on it, never on the request's Host header. Unset: links are relative (/v1/files/...)."
