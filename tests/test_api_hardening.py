@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -183,3 +184,25 @@ def test_sixteen_concurrent_93_mb_unauthenticated_posts_get_401_within_a_second_
     print(f"API RSS idle {idle / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB (+{grown / 2**20:.1f} MB); "
           f"slowest 401 {max(a for a, _ in answers) * 1000:.0f} ms")
     assert grown < 500 * 2**20
+
+
+def _headers_only(url: str, request: str) -> bytes:
+    """Send only the request head (no body) and read the answer: what the server says from the headers alone."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(request.encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    return received
+
+
+def test_answers_come_from_the_headers_before_any_body_byte(api: Api):
+    big = "Content-Length: 10000000\r\n\r\n"
+    assert _headers_only(api.url, f"POST /v1/batches HTTP/1.1\r\nHost: x\r\n{big}").startswith(b"HTTP/1.1 401")
+    assert _headers_only(api.url, "POST /v1/scans HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 401")
+    assert _headers_only(api.url, f"POST /healthz HTTP/1.1\r\nHost: x\r\n{big}").startswith(b"HTTP/1.1 413")
+    assert _headers_only(api.url, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n").startswith(b"HTTP/1.1 401")

@@ -63,13 +63,13 @@ class AuthenticateFirstMiddleware:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        declared = _declared_length(headers)
-        small = declared is not None and declared <= self.limit and b"transfer-encoding" not in headers
+        # A chunked body has no declared length: it counts as too large to read.
+        too_large = (_declared_length(headers) or 0) > self.limit or b"transfer-encoding" in headers
         if is_protected(scope.get("path", "")):
-            await _answer(send, receive if small else None, HTTPStatus.UNAUTHORIZED, problem,
+            await _answer(send, None if too_large else receive, HTTPStatus.UNAUTHORIZED, problem,
                           [(b"www-authenticate", b"Bearer")])
             return
-        if not small and (declared is None and b"transfer-encoding" in headers or (declared or 0) > self.limit):
+        if too_large:
             detail = (f"an unauthenticated request body may be at most {self.limit} bytes "
                       "(LUNGCAM_API_UNAUTHENTICATED_MAX_BODY_BYTES)")
             await _answer(send, None, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, detail, [])
