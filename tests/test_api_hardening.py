@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from apiserver import AUTH, Api, b64, png_bytes, redis_client, running_api
+from apiserver import Api, b64, png_bytes, redis_client, running_api
 from helpers import LUNGCAM, REPO
 from shared import db
 from shared.store import overlay_key
