@@ -497,6 +497,14 @@ def ensure_batch(session: Session, batch_id: str, name: str | None = None) -> bo
     return session.execute(statement).first() is not None
 
 
+def dicom_received_ids(session: Session, scan_ids: Sequence[str]) -> set[str]:
+    """The subset of scan_ids received over DICOM (listener or DICOMweb pull): rows that carry a SOP Instance UID."""
+    found: set[str] = set()
+    for chunk in _chunks(list(scan_ids)):
+        found.update(session.scalars(select(Scan.scan_id).where(Scan.scan_id.in_(chunk), Scan.sop_instance_uid.is_not(None))))
+    return found
+
+
 def add_scans(
     session: Session, scans: list[dict[str, Any]], batch_id: str | None, *, batch_name: str | None = None
 ) -> list[str]:

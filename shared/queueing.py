@@ -5,12 +5,11 @@ The API, the operator tools and the consumer all publish through here; nothing h
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu import Exchange, Queue
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
@@ -129,6 +128,8 @@ def submit_scans(
                 }
                 if batch_id is not None:
                     values["batch_id"] = batch_id
+                # An instance received over DICOM replacing the scan brings its UIDs (its provenance) along.
+                values.update({name: scan[name] for name in db.DICOM_UID_FIELDS if scan.get(name)})
                 session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
             db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
     # Rows are committed before messages go out, so a worker never sees an id it cannot find.
@@ -142,15 +143,3 @@ def submit_scans(
         else:
             result.already.append(scan_id)
     return result
-
-
-def requeue_stale(sessions: sessionmaker[Session], app: Celery, *, older_than_s: float) -> list[str]:
-    """Re-publish scans still `queued` after older_than_s seconds (lost messages); the task is idempotent."""
-    cutoff = db.utcnow() - dt.timedelta(seconds=older_than_s)
-    with sessions() as session:
-        stale = session.execute(
-            select(db.Scan.scan_id, db.Scan.priority).where(db.Scan.status == db.QUEUED, db.Scan.submitted_at < cutoff)
-        ).all()
-    for scan_id, priority in stale:
-        publish(app, scan_id, priority)
-    return [scan_id for scan_id, _ in stale]

@@ -59,6 +59,22 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         default=100 * 1024 * 1024, ge=1, description="Largest HTTP request body the API reads; larger ones get 413."
     )
+    api_unauthenticated_max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=0,
+        description=(
+            "Largest body a request without the bearer token may declare: such a request is answered (401, "
+            "or 413 on an open path) from its headers, and a larger body is never read."
+        ),
+    )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description=(
+            "The API's base URL as browsers reach it (https://lungcam.example.org); signed /v1/files links "
+            "are built on it, never on the request's Host header. Unset: links are relative (/v1/files/...)."
+        ),
+    )
     batch_size: int = Field(default=16, ge=1, description="Scans a worker classifies in one model pass.")
     batch_flush_ms: int = Field(default=500, ge=1, description="Flush a partial batch after this many milliseconds.")
     visibility_timeout_s: int = Field(
@@ -168,6 +184,11 @@ class Settings(BaseSettings):
     dicom_send_max_attempts: int = Field(default=8, ge=1, description="Sends of one result before it is marked failed.")
     dicom_send_backoff_s: float = Field(
         default=10.0, gt=0, description="First retry delay of a failed send; doubles per attempt, capped at one hour."
+    )
+    dicomweb_max_part_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Largest instance a DICOMweb pull reads from one WADO-RS answer part; a larger one is refused, not read.",
     )
     dicomweb_username: str | None = Field(default=None, description="HTTP basic user for DICOMweb (ingest and STOW-RS).")
     dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")

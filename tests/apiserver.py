@@ -55,6 +55,9 @@ def serve(settings: Settings, *, migrate: bool = True) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    if settings.public_url is None:
+        # Links are built on the configured public URL (never the Host header): this server's own.
+        settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{port}"})
     config = uvicorn.Config(create_app(settings), lifespan="on", log_config=None, access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

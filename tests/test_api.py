@@ -125,7 +125,7 @@ def test_readyz_503_when_the_bucket_is_missing(broker: redis.Redis, moto_server:
 
 
 def test_metrics_report_scans_per_status_and_inference_time(fresh_api: Api):
-    """/metrics (open) has lungcam_scans per status computed from the database, and inference time per model."""
+    """/metrics (bearer token) has lungcam_scans per status computed from the database, and inference time per model."""
     ids = [_new_id() for _ in range(4)]
     response = fresh_api.client.post("/v1/batches", json={"scans": [_scan(scan_id) for scan_id in ids]})
     assert response.status_code == 202, response.text
@@ -140,7 +140,8 @@ def test_metrics_report_scans_per_status_and_inference_time(fresh_api: Api):
         db.mark_scans(session, [ids[1]], db.FAILED, error="undecodable image", finished=True)
         db.mark_scans(session, [ids[2]], db.RUNNING)
 
-    response = httpx.get(f"{fresh_api.url}/metrics")
+    assert httpx.get(f"{fresh_api.url}/metrics").status_code == 401
+    response = httpx.get(f"{fresh_api.url}/metrics", headers=AUTH)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     lines = set(response.text.splitlines())

@@ -145,5 +145,5 @@ class TestWithWorker:
                 assert response.status_code == 200, response.text[:300]
                 _assertpng_bytes(response.content)
 
-        metrics = httpx.get(f"{api.url}/metrics").text
+        metrics = api.client.get("/metrics").text
         assert 'lungcam_inference_seconds_count{model_name="resnet50-test",model_version="t1"}' in metrics

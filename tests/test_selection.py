@@ -100,22 +100,22 @@ def test_a_lateral_dx_and_a_ct_slice_are_skipped_and_a_frontal_cr_is_classified(
     results = site.run("results", batch_id)
     assert results.returncode == 0, results.stderr
     rows = {line.split()[0]: line for line in results.stdout.splitlines()[2:]}
-    assert " skipped " in rows["lateral"] and "lateral view (LL)" in rows["lateral"]
-    assert " skipped " in rows["ct"] and "modality CT" in rows["ct"]
-    assert " done " in rows["frontal"] and "tiny-test" in rows["frontal"]
+    assert " skipped " in rows["lateral.dcm"] and "lateral view (LL)" in rows["lateral.dcm"]
+    assert " skipped " in rows["ct.dcm"] and "modality CT" in rows["ct.dcm"]
+    assert " done " in rows["frontal.dcm"] and "tiny-test" in rows["frontal.dcm"]
 
     lateral_upload = make_dicom(_film(4), bits_stored=12, modality="DX", view_position="RL")
     with serve(site.settings()) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as api:
         batch = api.get(f"/v1/batches/{batch_id}").json()
         assert batch["counts"] == {"queued": 0, "running": 0, "done": 1, "failed": 0, "skipped": 2}
         assert batch["complete"] is True and batch["progress"] == 1.0
-        ct = api.get("/v1/scans/ct").json()
+        ct = api.get("/v1/scans/ct.dcm").json()
         assert ct["status"] == "skipped" and "modality CT" in ct["error"] and ct["predictions"] == []
         body = {"scan_id": "upload-lateral", "image_base64": base64.b64encode(lateral_upload).decode()}
         assert api.post("/v1/scans", json=body).status_code == 202
         wait_until(lambda: api.get("/v1/scans/upload-lateral").json()["status"] == "skipped", 120, message="the upload")
         assert "lateral view (RL)" in api.get("/v1/scans/upload-lateral").json()["error"]
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = api.get("/metrics").text
     assert 'lungcam_scans{status="skipped"} 3.0' in metrics
 
 

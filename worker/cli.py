@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     ingest.add_argument("--filter", action="append", metavar="KEYWORD=VALUE",
                         help="dicomweb+ sources: a QIDO-RS filter, e.g. Modality=DX or StudyDate=20200101-20201231 (repeatable)")
+    ingest.add_argument("--deadline", type=float, default=24 * 3600.0, metavar="SECONDS",
+                        help="dicomweb+ sources: stop the whole pull after this many seconds (default 86400); "
+                             "running it again continues")
+    ingest.add_argument("--max-pages", type=int, default=200,
+                        help="dicomweb+ sources: refuse a search that needs more pages of 500 instances (default 200)")
     ingest.set_defaults(handler=_run_ingest)
 
     status = commands.add_parser("status", help="follow a batch with a progress bar until it ends")

@@ -19,11 +19,12 @@ from shared.settings import Settings, get_settings
 from shared.sources import SourceNotAllowed, SourcePolicy
 from shared.store import StoreError, store_from_settings
 from worker.api.deps import Resources, require_token
+from worker.api.gate import AuthenticateFirstMiddleware
 from worker.api.limits import BodySizeLimitMiddleware
 from worker.api.logs import install_access_log_redaction
 from worker.api.metrics import make_registry
 from worker.api.routes import batches, files, health, scans
-from worker.api.submission import ImageTooLarge
+from worker.api.submission import ImageTooLarge, ReceivedOverDicom
 from shared.queueing import make_app
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ API_PREFIX = "/v1"
 DESCRIPTION = """\
 Submit chest X-rays for COVID-19 screening and read back the results with Grad-CAM overlays.
 
-Every `/v1` route except `/v1/files` needs `Authorization: Bearer <LUNGCAM_API_TOKEN>`. A server started
+Every `/v1` route except `/v1/files`, and `/metrics`, needs `Authorization: Bearer <LUNGCAM_API_TOKEN>`;
+a request without it is answered 401 from its headers, before its body is read. A server started
 without `LUNGCAM_API_TOKEN` refuses every `/v1` request with 401. `/v1/files` links come signed and
-expiring inside `overlay_url`, so an `<img src>` works without the header. `/healthz`, `/readyz` and
-`/metrics` are open.
+expiring inside `overlay_url`, built on `LUNGCAM_PUBLIC_URL` (never on the Host header), so an
+`<img src>` works without the header. `/healthz` and `/readyz` are open.
 """
 
 
@@ -84,6 +86,11 @@ async def _image_too_large(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
+async def _received_over_dicom(request: Request, exc: Exception) -> JSONResponse:
+    """409 for a submission naming a scan received over DICOM: its image is replaced only by the DICOM path."""
+    return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.CONFLICT)
+
+
 async def _source_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     """403 for a source_uri outside the allowed locations; the body says the same for every refusal."""
     return JSONResponse(_error_body(str(exc)), status_code=HTTPStatus.FORBIDDEN)
@@ -129,8 +136,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="lungcam", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    # Added last, so it runs first: a request without the token is refused before any body is read.
+    app.add_middleware(
+        AuthenticateFirstMiddleware,
+        api_token=settings.api_token.get_secret_value() if settings.api_token else "",
+        unauthenticated_max_body_bytes=settings.api_unauthenticated_max_body_bytes,
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ImageTooLarge, _image_too_large)
+    app.add_exception_handler(ReceivedOverDicom, _received_over_dicom)
     app.add_exception_handler(SourceNotAllowed, _source_not_allowed)
     app.add_exception_handler(StoreError, _store_unavailable)
     app.add_exception_handler(BrokerError, _broker_unavailable)

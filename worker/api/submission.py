@@ -29,6 +29,17 @@ class ImageTooLarge(SubmissionError):
         )
 
 
+class ReceivedOverDicom(SubmissionError):
+    """A submission names a scan received from a modality or PACS: only the DICOM path may replace it."""
+
+    def __init__(self, count: int) -> None:
+        """Say how many (not which: ids may be linked to a patient and messages may reach logs)."""
+        super().__init__(
+            f"{count} of the submitted scan ids belong to images received over DICOM (C-STORE or a DICOMweb "
+            "pull); they can be replaced only by the DICOM path, not through the API (with or without force)"
+        )
+
+
 def check_image_sizes(scans: Sequence[ScanIn], limit: int, *, in_batch: bool) -> None:
     """Raise ImageTooLarge for the first upload whose decoded size exceeds limit."""
     for index, scan in enumerate(scans):
@@ -73,6 +84,10 @@ def submit(
                 sources.check(scan.source_uri)
     with sessions() as session:
         existing = existing_scan_ids(session, [scan.scan_id for scan in scans])
+        received = db.dicom_received_ids(session, sorted(existing))
+    if received:
+        # Replacing it would change the image behind results filed in the PACS under its patient and study.
+        raise ReceivedOverDicom(len(received))
     # An existing scan's image is left alone unless forced: overwriting it would silently change
     # the input behind a finished result.
     uploads = [scan for scan in scans if scan.image is not None and (scan.scan_id not in existing or scan.force)]

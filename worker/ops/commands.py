@@ -51,12 +51,13 @@ def _progress_bar(total: int, description: str) -> Any:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest SOURCE`: queue every image of a folder, s3:// prefix or CSV list as one batch."""
-    from worker.ops.ingest import batch_id_for, discover, ingest
+    from worker.ops.ingest import batch_id_for, ingest, survey
 
     services = open_services()
-    items = discover(args.source, services.settings)
+    found = survey(args.source, services.settings)
+    items = found.items
     if not items:
-        print(f"lungcam: no images found in {args.source}", file=sys.stderr)
+        print(f"lungcam: no images found in {args.source} ({found.summary()})", file=sys.stderr)
         return exit_codes.NOT_FOUND
     _check_referenced_sources(items, services.settings, reference_local=args.reference)
     name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
@@ -67,6 +68,7 @@ def run_ingest(args: argparse.Namespace) -> int:
             reference_local=args.reference, force=args.force, on_progress=bar.update,
         )
     print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
+    print(f"ingest: {found.summary(queued=len(result.queued))}")
     print(batch_id)
     if args.wait:
         return follow(services.sessions, batch_id, args.timeout)
@@ -198,12 +200,14 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_requeue(args: argparse.Namespace) -> int:
-    """`lungcam requeue --older-than S`: re-publish scans still queued after S seconds."""
-    from shared.queueing import requeue_stale
+    """`lungcam requeue --older-than S`: re-send scans still queued after S seconds that have no live message."""
+    from shared.requeue import requeue_stale
 
     services = open_services()
-    ids = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
-    print(f"re-published {len(ids)} scan(s) still queued after {args.older_than:.0f} s")
+    result = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
+    print(f"re-published {len(result.published)} scan(s) still queued after {args.older_than:.0f} s without a "
+          f"live message; moved {len(result.restored)} held too long back to their queue; left "
+          f"{len(result.live)} with a live message alone")
     return 0
 
 

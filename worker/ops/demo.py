@@ -205,13 +205,15 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     from shared import db
     from shared.bundle import read_manifest
     from shared.store import store_from_settings
-    from worker.ops.ingest import discover
+    from worker.ops.ingest import survey
 
     if not folder.is_dir():
         raise DemoError(f"no folder {folder}")
-    items = discover(str(folder), settings)
+    found = survey(str(folder), settings)
+    items = found.items
     if not items:
-        raise DemoError(f"no images (PNG, JPEG, DICOM) in {folder}")
+        raise DemoError(f"no images (PNG, JPEG, TIFF, DICOM) in {folder} ({found.summary()})")
+    _say(f"{folder}: {found.summary()}")
     for uri in Settings.csv_list(models):
         read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
@@ -263,7 +265,8 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
         cleanup.callback(_stop, worker.process, "worker")
         port = _free_port()
         api_args = ["api", "--port", str(port), "--loglevel", "WARNING"]
-        api = _Child("API", _start(api_args, env, logs / "api.log"), logs / "api.log")
+        api_env = {**env, "LUNGCAM_PUBLIC_URL": settings.public_url or f"http://127.0.0.1:{port}"}
+        api = _Child("API", _start(api_args, api_env, logs / "api.log"), logs / "api.log")
         cleanup.callback(_stop, api.process, "API")
         base_url = f"http://127.0.0.1:{port}"
         _say(f"starting a worker (--gpu {gpu}, {n_models} model(s)) and the API ({base_url}/docs); logs in {logs}")

@@ -6,8 +6,9 @@ import csv
 import hashlib
 import re
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
@@ -16,13 +17,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
 from shared.errors import SubmissionError
+from shared.scan_ids import SCAN_ID_RULE, is_valid_scan_id
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, cached_store, scan_key
 from shared.queueing import SubmitResult, submit_scans
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""})  # DICOM files often have no suffix
-SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Every file suffix shared.imaging decodes (PNG, JPEG, TIFF, DICOM); DICOM files often have no suffix.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""})
 CHUNK = 200
+# Ids are cut to this many characters plus '-' and a 12-hex-digit hash of the whole relative path.
+_LONG_ID = 100
 
 
 @dataclass(frozen=True)
@@ -39,21 +43,54 @@ class IngestItem:
         return "://" not in self.location
 
 
+@dataclass
+class Discovery:
+    """What a source holds: the images to queue, how many entries were seen, and those skipped by reason."""
+
+    items: list[IngestItem] = field(default_factory=list)
+    seen: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        """Count one entry left out, under a reason a person understands."""
+        self.skipped[reason] += 1
+
+    def summary(self, queued: int | None = None) -> str:
+        """One line: files seen, scans queued (when known), files skipped with the reasons."""
+        parts = [f"{self.seen} file(s) seen"]
+        if queued is not None:
+            parts.append(f"{queued} scan(s) queued")
+        else:
+            parts.append(f"{len(self.items)} image(s)")
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+        parts.append(f"{skipped} skipped" + (f" ({reasons})" if reasons else ""))
+        return ", ".join(parts)
+
+
 def scan_id_for(relative: str) -> str:
-    """A safe scan id from a relative path: separators become '_', long names keep a hash suffix."""
-    stem = relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
-    candidate = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "_")).strip("._-") or "scan"
-    candidate = candidate.replace("..", "_")
-    if len(candidate) > 100 or not SCAN_ID_PATTERN.match(candidate):
+    """The scan id of a file: its relative path with the extension kept, '/' and unsafe characters as '_'.
+
+    Keeping the extension means a.png and a.jpg are two scans; long or odd names get a hash of the
+    whole path. Two paths that still map to one id are refused by discover(), never renumbered.
+    """
+    candidate = re.sub(r"[^A-Za-z0-9._-]+", "_", relative.replace("\\", "/").replace("/", "_"))
+    candidate = re.sub(r"\.{2,}", ".", candidate).lstrip("._-") or "scan"
+    if len(candidate) > _LONG_ID or not is_valid_scan_id(candidate):
         digest = hashlib.sha256(relative.encode()).hexdigest()[:12]
-        candidate = f"{candidate[:100].strip('._-') or 'scan'}-{digest}"
+        candidate = f"{candidate[:_LONG_ID].rstrip('._-') or 'scan'}-{digest}"
     return candidate
 
 
 def discover(source: str, settings: Settings) -> list[IngestItem]:
     """The images a source names: a folder (recursive), s3://bucket/prefix, or a CSV list."""
+    return survey(source, settings).items
+
+
+def survey(source: str, settings: Settings) -> Discovery:
+    """discover() with the count of entries seen and of those skipped, by reason."""
     if source.startswith("s3://"):
-        return list(_from_s3(source, settings))
+        return _from_s3(source, settings)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".csv":
         return _from_csv(path)
@@ -62,54 +99,87 @@ def discover(source: str, settings: Settings) -> list[IngestItem]:
     raise SubmissionError(f"no folder, .csv list or s3:// prefix at {source}")
 
 
-def _from_folder(root: Path) -> list[IngestItem]:
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.suffix.lower() != ".csv"
-    )
-    return _unique([IngestItem(scan_id_for(str(p.relative_to(root))), str(p.resolve())) for p in files])
+def _suffix_reason(name: str) -> str | None:
+    """Why a file name is not ingested, or None if it is an image name."""
+    suffix = Path(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return f"not an image suffix ({suffix})"
+    return None
 
 
-def _from_s3(uri: str, settings: Settings) -> Iterator[IngestItem]:
+def _from_folder(root: Path) -> Discovery:
+    found = Discovery()
+    labels: list[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        found.seen += 1
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            found.skip("hidden")
+            continue
+        reason = _suffix_reason(path.name)
+        if reason:
+            found.skip(reason)
+            continue
+        found.items.append(IngestItem(scan_id_for(relative.as_posix()), str(path.resolve())))
+        labels.append(relative.as_posix())
+    _refuse_duplicates(found.items, labels)
+    return found
+
+
+def _from_s3(uri: str, settings: Settings) -> Discovery:
     bucket_url, _, prefix = uri[len("s3://"):].partition("/")
     store = cached_store(f"s3://{bucket_url}", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    keys = [key for key in store.list(prefix) if Path(key).suffix.lower() in IMAGE_SUFFIXES]
-    yield from _unique([IngestItem(scan_id_for(key[len(prefix):].lstrip("/") or key), f"s3://{bucket_url}/{key}") for key in keys])
+    found = Discovery()
+    for key in store.list(prefix):
+        found.seen += 1
+        reason = _suffix_reason(key)
+        if reason:
+            found.skip(reason)
+            continue
+        found.items.append(IngestItem(scan_id_for(key[len(prefix):].lstrip("/") or key), f"s3://{bucket_url}/{key}"))
+    _refuse_duplicates(found.items, [item.location for item in found.items])
+    return found
 
 
-def _from_csv(path: Path) -> list[IngestItem]:
+def _from_csv(path: Path) -> Discovery:
     """Rows with a `path` (or `uri`) column and optional `scan_id` and `priority` columns."""
+    found = Discovery()
+    labels: list[str] = []
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         location_column = "path" if "path" in columns else "uri" if "uri" in columns else None
         if location_column is None:
             raise SubmissionError(f"{path.name}: needs a 'path' or 'uri' column (has {sorted(columns)})")
-        items = []
         for line, row in enumerate(reader, start=2):
+            found.seen += 1
             location = (row.get(location_column) or "").strip()
             if not location:
                 raise SubmissionError(f"{path.name}:{line}: empty {location_column}")
             if "://" not in location:
                 location = str((path.parent / location).resolve())
             scan_id = (row.get("scan_id") or "").strip() or scan_id_for(Path(location).name)
-            if not SCAN_ID_PATTERN.match(scan_id) or ".." in scan_id:
-                raise SubmissionError(f"{path.name}:{line}: scan_id must match {SCAN_ID_PATTERN.pattern}")
+            if not is_valid_scan_id(scan_id):
+                raise SubmissionError(f"{path.name}:{line}: scan_id must be {SCAN_ID_RULE}")
             priority = (row.get("priority") or "routine").strip()
             if priority not in ("stat", "routine"):
                 raise SubmissionError(f"{path.name}:{line}: priority must be stat or routine")
-            items.append(IngestItem(scan_id, location, priority))
-    return _unique(items)
+            labels.append(f"{path.name}:{line} ({Path(location).name})")
+            found.items.append(IngestItem(scan_id, location, priority))
+    _refuse_duplicates(found.items, labels)
+    return found
 
 
-def _unique(items: list[IngestItem]) -> list[IngestItem]:
-    seen: dict[str, int] = {}
-    out = []
-    for item in items:
-        count = seen.get(item.scan_id, 0)
-        seen[item.scan_id] = count + 1
-        out.append(item if count == 0 else IngestItem(f"{item.scan_id}-{count}", item.location, item.priority))
-    return out
+def _refuse_duplicates(items: list[IngestItem], labels: list[str]) -> None:
+    """Raise SubmissionError naming both entries (labels[i] names items[i]) when two would become one scan id."""
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        other = first.setdefault(item.scan_id, index)
+        if other != index:
+            raise SubmissionError(
+                f"{labels[other]} and {labels[index]} would both be scan id {item.scan_id!r}: "
+                "rename one of them (or give scan_id in a CSV list); nothing was queued"
+            )
 
 
 def batch_id_for(source: str, name: str) -> str:
@@ -130,6 +200,26 @@ def _stored_bytes(store: ObjectStore, scan_id: str) -> bytes | None:
 def _existing(sessions: sessionmaker[Session], scan_ids: list[str]) -> set[str]:
     with sessions() as session:
         return set(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(scan_ids))))
+
+
+def _refuse_replacing_dicom(
+    items: list[IngestItem], *, store: ObjectStore, sessions: sessionmaker[Session], force: bool, reference_local: bool
+) -> None:
+    """Raise SubmissionError, before anything is stored, if an item would replace a scan received over DICOM."""
+    with sessions() as session:
+        received = db.dicom_received_ids(session, [item.scan_id for item in items])
+    replacing = [
+        item for item in items if item.scan_id in received and (
+            # rescreen replaces only a local upload whose bytes differ from the stored image.
+            force or (item.is_local and not reference_local
+                      and _stored_bytes(store, item.scan_id) != Path(item.location).read_bytes())
+        )
+    ]
+    if replacing:
+        raise SubmissionError(
+            f"{Path(replacing[0].location).name} (and {len(replacing) - 1} more) would replace an image received over "
+            "DICOM, which only the DICOM path (C-STORE or a DICOMweb pull) may replace: nothing was queued"
+        )
 
 
 def ingest(
@@ -153,6 +243,8 @@ def ingest(
     the same scan id is a new input, uploaded and classified again by every model.
     """
     batch_id = batch_id or uuid.uuid4().hex
+    if force or rescreen:
+        _refuse_replacing_dicom(items, store=store, sessions=sessions, force=force, reference_local=reference_local)
     total = SubmitResult()
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 EXIT_NOT_FOUND = 1
+EXIT_SOME_FAILED = 4  # as worker.ops.exit_codes (this program does not import the operator tools)
 
 
 def run_listen(args: argparse.Namespace) -> int:
@@ -24,10 +25,8 @@ def run_send(args: argparse.Namespace) -> int:
 
 def run_dicomweb_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest dicomweb+http(s)://host/path [--filter K=V ...]`: pull by QIDO-RS / WADO-RS, one batch."""
-    import requests
     from tqdm import tqdm
 
-    from shared.errors import SubmissionError
     from worker.pacs.dicomweb import base_url, parse_filters, pull
     from worker.pacs.services import open_services
 
@@ -35,6 +34,8 @@ def run_dicomweb_ingest(args: argparse.Namespace) -> int:
     services = open_services()
     assert services.app is not None
     name = args.name or base_url(args.source).rsplit("/", 1)[-1] or "dicomweb"
+    # PullError (a LungcamError) ends the pull in one line saying what the server did; whatever was stored
+    # before it has its row and message, and running the same command again retrieves the rest.
     try:
         with tqdm(total=0, desc="pulling", unit="instance", file=sys.stderr, dynamic_ncols=True) as bar:
             def on_total(total: int) -> None:
@@ -43,27 +44,20 @@ def run_dicomweb_ingest(args: argparse.Namespace) -> int:
 
             result = pull(args.source, filters, settings=services.settings, sessions=services.sessions,
                           store=services.store, app=services.app, batch_name=name, force=args.force,
+                          deadline_s=args.deadline, max_pages=args.max_pages,
                           on_total=on_total, on_progress=bar.update)
-    except requests.RequestException as exc:
-        # One line for the operator; what was queued before the failure stays queued, and a re-run skips it.
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        raise SubmissionError(
-            f"the DICOMweb service at {base_url(args.source)} "
-            + (f"answered HTTP {status}" if status else f"cannot be reached ({type(exc).__name__})")
-            + (" (credentials: LUNGCAM_DICOMWEB_USERNAME / LUNGCAM_DICOMWEB_PASSWORD or LUNGCAM_DICOMWEB_TOKEN)"
-               if status in (401, 403) else "")
-        ) from None
     finally:
         services.engine.dispose()
     if not result.found:
-        print(f"lungcam: no image instances match at {base_url(args.source)}", file=sys.stderr)
+        refused = f" ({result.refused} search records refused: a UID that is not a UID)" if result.refused else ""
+        print(f"lungcam: no image instances match at {base_url(args.source)}{refused}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    print(f"batch {result.batch_id}: {len(result.queued)} queued, {len(result.already)} already known"
-          + (f", {result.skipped} lungcam results skipped" if result.skipped else ""))
+    print(result.summary())
     print(result.batch_id)
+    code = 0
     if args.wait and result.queued:
-        return _follow(args, result.batch_id)
-    return 0
+        code = _follow(args, result.batch_id)
+    return EXIT_SOME_FAILED if code == 0 and result.failed else code
 
 
 def _follow(args: argparse.Namespace, batch_id: str) -> int:

@@ -91,11 +91,14 @@ class Receiver:
         ref = log_ref(scan_id)
         try:
             with self.sessions() as session:
-                status = session.scalar(select(db.Scan.status).where(db.Scan.scan_id == scan_id))
+                known = session.execute(
+                    select(db.Scan.status, db.Scan.sop_instance_uid).where(db.Scan.scan_id == scan_id)
+                ).first()
+            status, received = known if known is not None else (None, None)
         except Exception as exc:  # noqa: BLE001 - any database failure is "out of resources" to the sender
             log.warning("scan %s: database unavailable (%s): answering 0xA700", ref, type(exc).__name__)
             return OUT_OF_RESOURCES
-        if status is not None:
+        if status is not None and received is not None:
             # A re-sent instance: already recorded. Re-publish only if it may never have been queued.
             if status == db.QUEUED:
                 try:
@@ -118,7 +121,8 @@ class Receiver:
         try:
             # Commits the row, then publishes: a publish failure leaves the row queued, and the
             # sender's retry (or `lungcam requeue`) re-publishes it.
-            submit_scans(self.sessions, self.app, [scan], batch_id=batch_id, batch_name=batch_name)
+            # force: a scan uploaded under this UID by other means is replaced by the instance received over DICOM.
+            submit_scans(self.sessions, self.app, [scan], batch_id=batch_id, batch_name=batch_name, force=status is not None)
         except Exception as exc:  # noqa: BLE001
             log.warning("scan %s: database or broker unavailable (%s): answering 0xA700", ref, type(exc).__name__)
             return OUT_OF_RESOURCES

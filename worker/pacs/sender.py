@@ -188,6 +188,9 @@ class Sender:
         source = read_source(self.fetcher.fetch(scan.source_uri))
         if str(source.get("SOPInstanceUID", "")) != scan.sop_instance_uid:
             raise SendError("the stored instance's SOP Instance UID differs from the scan's")
+        # Patient and study attributes come from this stored original; it must be the instance that was received.
+        if scan.study_uid and str(source.get("StudyInstanceUID", "")) != scan.study_uid:
+            raise SendError("the stored instance's Study Instance UID differs from the one received")
         prefix = self.settings.dicom_uid_prefix
         if not prediction.overlay_key:
             return [build_sr(source, model=prediction.model_name, version=prediction.model_version,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Path, status
 
 from shared import results
+from shared.scan_ids import SCAN_ID_PATTERN
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from worker.api.models import BatchIn, BatchOut, BatchSubmitted, ErrorOut, StatusCounts
 from worker.api.submission import check_image_sizes, submit
@@ -18,7 +20,7 @@ router = APIRouter(prefix="/batches", tags=["batches"])
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchSubmitted,
-    responses={403: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+    responses={403: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
 )
 def submit_batch(
     batch: BatchIn,
@@ -46,7 +48,10 @@ def submit_batch(
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses={404: {"model": ErrorOut}})
-def read_batch(batch_id: str, session: SessionDep) -> BatchOut:
+def read_batch(
+    batch_id: Annotated[str, Path(pattern=SCAN_ID_PATTERN.pattern, description="A batch id (the scan-id pattern).")],
+    session: SessionDep,
+) -> BatchOut:
     """The batch's scans per status, how far along it is, and whether it is complete."""
     progress = results.get_batch_progress(session, batch_id)
     if progress is None:

@@ -1,4 +1,4 @@
-"""Unauthenticated probes: liveness, readiness of broker/database/store, and Prometheus metrics."""
+"""Probes and metrics: liveness and readiness of broker/database/store (open), Prometheus metrics (bearer token)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from worker.api.deps import Resources, ResourcesDep
+from worker.api.deps import Resources, ResourcesDep, require_token
 from worker.api.models import CheckResult, Health, Readiness
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,12 @@ def readyz(resources: ResourcesDep, response: Response) -> Readiness:
     return Readiness(status="ready" if ready else "unavailable", checks=checks)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"description": "No or a wrong bearer token."}},
+    dependencies=[Depends(require_token)],
+)
 def metrics(resources: ResourcesDep) -> Response:
-    """Prometheus text format: lungcam_scans{status}, lungcam_inference_seconds{model_name,model_version}."""
+    """Prometheus text format (bearer token required): lungcam_scans{status}, lungcam_inference_seconds{model_name,model_version}."""
     return Response(generate_latest(resources.metrics_registry), media_type=CONTENT_TYPE_LATEST)
