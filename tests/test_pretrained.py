@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -155,3 +156,55 @@ def test_a_bundle_whose_backbone_file_differs_is_refused(hed_bundle: Path, tmp_p
     (bundle_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not the bundle's abababababab"):
         load_bundle(bundle_dir)
+
+
+REDIS_URL = os.environ.get("LUNGCAM_TEST_PRETRAINED_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@pytest.mark.slow
+def test_a_worker_serves_a_hed_bundle_and_refuses_one_whose_backbone_differs(hed_bundle: Path, tmp_path: Path):
+    """A real worker on Redis, SQLite and a local store: a named-backbone bundle end to end; an altered one refused."""
+    import redis
+    from sqlalchemy import select
+
+    from helpers import mixed_scans, start_worker, wait_until
+    from shared import db
+    from shared.queueing import make_app, submit_scans
+    from shared.settings import Settings
+    from shared.store import LocalStore, overlay_key, scan_key
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    store = LocalStore(tmp_path / "store")
+    scans = mixed_scans(4, size=96)
+    for scan_id, data in scans.items():
+        store.put(scan_key(scan_id), data)
+    env = {"LUNGCAM_BROKER_URL": REDIS_URL, "LUNGCAM_DATABASE_URL": f"sqlite:///{tmp_path / 'hed.sqlite'}",
+           "LUNGCAM_STORE_URL": str(tmp_path / "store"), "LUNGCAM_MODELS": str(hed_bundle),
+           "LUNGCAM_BATCH_SIZE": "4", "LUNGCAM_BATCH_FLUSH_MS": "200"}
+    engine = db.make_engine(env["LUNGCAM_DATABASE_URL"])
+    db.migrate(engine)
+    sessions = db.make_session_factory(engine)
+    app = make_app(Settings(broker_url=REDIS_URL, database_url=env["LUNGCAM_DATABASE_URL"]))
+    submit_scans(sessions, app, [{"scan_id": s, "source_uri": scan_key(s)} for s in scans], batch_id="hed")
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        wait_until(lambda: db.batch_counts(sessions(), "hed")["done"] == 4, 180, message="4 scans done")
+        with sessions() as session:
+            rows = session.scalars(select(db.Prediction)).all()
+        assert {(row.scan_id, row.model_name) for row in rows} == {(s, "hed-test") for s in scans}
+        assert all(store.exists(overlay_key("hed-test", "t1", s)) for s in scans)
+    finally:
+        worker.stop()
+
+    altered = Path(shutil.copytree(hed_bundle, tmp_path / "altered"))
+    manifest = json.loads((altered / MANIFEST_FILE).read_text())
+    manifest["backbone"]["sha256"] = "cd" * 32
+    (altered / MANIFEST_FILE).write_text(json.dumps(manifest))
+    refused = start_worker({**env, "LUNGCAM_MODELS": str(altered)}, tmp_path / "refused.log")
+    try:
+        assert refused.process.wait(120) != 0
+        assert "not the bundle's cdcdcdcdcdcd" in refused.log()
+    finally:
+        refused.stop()
+    redis.Redis.from_url(REDIS_URL).flushdb()
