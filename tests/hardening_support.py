@@ -1,17 +1,22 @@
-"""Hostile DICOMs for the hardening tests: a deflate bomb made by streaming zlib, and headers that lie.
+"""Support for the hardening tests: hostile DICOMs, peak-memory measurement, a `lungcam dicom-listen` subprocess.
 
-Nothing here holds the inflated bytes: the bomb's pixel data is compressed in 16 MB slices of zeros.
+The deflate bomb is made by streaming zlib over 16 MB slices of zeros: nothing here holds the
+inflated bytes. Memory is measured from /proc: a process's peak resident size (VmHWM) is reset by
+writing 5 to /proc/<pid>/clear_refs, so "peak above idle" is VmHWM after the work minus VmRSS before it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -106,23 +111,6 @@ def lying_headers() -> dict[str, bytes]:
     }
 
 
-def dataset_of(data: bytes) -> Dataset:
-    """The data set of a small (not a bomb) file, for pynetdicom's send_c_store."""
-    return pydicom.dcmread(BytesIO(data))
-
-
-# --- measuring memory -------------------------------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def tree_pids(pid: int) -> list[int]:
     """pid and all its descendants (a worker's decode processes, the API's workers)."""
     import psutil
@@ -134,58 +122,84 @@ def tree_pids(pid: int) -> list[int]:
         return []
 
 
-class PeakSampler:
-    """Samples the RSS of each process of a tree every few ms; .peak_above(pid) is its growth over the first sample.
+def _status_bytes(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
 
-    /proc's VmHWM cannot be reset, and a long-lived process's idle level is what counts, so the
-    sampler records each process's first reading as its idle level and the highest one since.
+
+class PeakMemory:
+    """Peak resident memory above the idle level, per process of a tree, over a `with` block.
+
+    On entry each process's high-water mark is reset (clear_refs 5) and its current RSS taken as
+    its idle level; on exit the growth is VmHWM minus that level. Processes that start inside the
+    block (none here) are not counted.
     """
 
-    def __init__(self, root_pid: int, interval: float = 0.005) -> None:
-        self.root_pid = root_pid
-        self.interval = interval
+    def __init__(self, root_pid: int | None = None) -> None:
+        self.root_pid = root_pid or os.getpid()
         self.idle: dict[int, int] = {}
-        self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.growth: dict[int, int] = {}
 
-    def __enter__(self) -> PeakSampler:
-        self._sample()
-        self._thread.start()
+    def __enter__(self) -> PeakMemory:
+        for pid in tree_pids(self.root_pid):
+            with open(f"/proc/{pid}/clear_refs", "w") as clear:
+                clear.write("5")
+            self.idle[pid] = _status_bytes(pid, "VmRSS")
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sample()
-
-    def _sample(self) -> None:
-        for pid in tree_pids(self.root_pid):
+        for pid, idle in self.idle.items():
             try:
-                rss = rss_bytes(pid)
+                self.growth[pid] = _status_bytes(pid, "VmHWM") - idle
             except (OSError, AssertionError):
-                continue
-            self.idle.setdefault(pid, rss)
-            self.peak[pid] = max(self.peak.get(pid, 0), rss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval)
-
-    def growth(self) -> dict[int, int]:
-        """Peak minus idle level per process (bytes)."""
-        return {pid: self.peak[pid] - self.idle[pid] for pid in self.peak}
+                pass
 
     def max_growth(self) -> int:
-        """The largest growth of any process of the tree."""
-        return max(self.growth().values(), default=0)
+        """The largest growth of any process of the tree (bytes)."""
+        return max(self.growth.values(), default=0)
 
 
-def hwm_bytes(pid: int | None = None) -> int:
-    """VmHWM (peak resident) of a process, default this one."""
-    with open(f"/proc/{pid or os.getpid()}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+MB = 1024 * 1024
+
+
+# --- a listener subprocess --------------------------------------------------------------------------
+
+
+class ListenerProcess:
+    """A `lungcam dicom-listen` subprocess on a free port with the given environment."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+        from helpers import LUNGCAM, REPO
+
+        self.port = port
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"dicom-listen exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"dicom-listen does not listen on {port}:\n{self.log()[-3000:]}") from None
+                time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
