@@ -748,8 +748,10 @@ class _DicomReader:
         facts = self.facts
         assert facts is not None, "check_pixel_data first"
         if self.deflated:
-            # Native data only (deflate is not an encapsulated syntax): header, value and a pad byte.
+            # Native data only (deflate is not an encapsulated syntax): the element header, the declared
+            # value and a pad byte; the stream ends there, so nothing after the pixel data is inflated.
             self.stream.cap = self.stream.tell() + 12 + facts.declared_bytes + 2
+            self.stream.end_at_cap = True
         try:
             pixels = read_dataset(
                 self.stream, self.implicit, self.little,
@@ -774,6 +776,7 @@ class _DicomReader:
             return
         start = self._value_start()
         self.stream.cap = start + facts.declared_bytes + 2
+        self.stream.end_at_cap = True
         available = self.stream.skip_to(start + facts.declared_bytes) - start
         if available < facts.declared_bytes:
             raise ImageDecodeError(f"corrupt DICOM pixel data: truncated ({available} of {facts.declared_bytes} bytes)")
@@ -799,6 +802,7 @@ class _BoundedInflater:
         self._position = 0
         self._eof = False
         self.cap = cap
+        self.end_at_cap = False  # True: the cap ends the stream; False: passing it is an error
 
     def tell(self) -> int:
         """The current stream offset."""
@@ -843,6 +847,9 @@ class _BoundedInflater:
     def _inflate(self, want: int) -> None:
         """Inflate up to want more bytes into the buffer, refusing to pass the cap."""
         if self._buffer_start + len(self._buffer) + 1 > self.cap:
+            if self.end_at_cap:
+                self._eof = True
+                return
             raise ImageDecodeError(
                 f"image too large: deflated data set inflates beyond {self.cap / 2**20:.0f} MiB", kind="unsupported"
             )
