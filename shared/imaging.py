@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.pixels
 import pydicom.uid
 from pydicom.uid import UID
@@ -412,8 +413,18 @@ def _reduced_jpeg(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, in
 
 
 def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """First frame; grey values go through one lookup (or saturating affine) pass to uint16, then shrink."""
-    dataset, photometric, pixels = _dicom_pixels(data)
+    """First frame; grey values go through one lookup (or saturating affine) pass to uint16, then shrink.
+
+    Grey JPEG 2000 at least twice max_side is decoded at a reduced resolution level (`_jpeg2000_reduced`).
+    """
+    dataset, photometric = _dicom_dataset(data)
+    reduced = _jpeg2000_reduced(dataset, photometric, max_side)
+    if reduced is not None:
+        pixels, original = reduced
+        mapped = _dicom_grey_to_uint16(pixels, dataset, invert=photometric == "MONOCHROME1")
+        if mapped is not None:
+            return _reduce_integer(mapped, max_side, 65535.0, original), original
+    dataset, photometric, pixels = _dicom_pixels(data, (dataset, photometric))
     if photometric in _DICOM_GREY:
         mapped = _dicom_grey_to_uint16(pixels, dataset, invert=photometric == "MONOCHROME1")
         if mapped is None:  # 32-bit or float data: the exact float path, then shrink
@@ -427,6 +438,68 @@ def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, i
         return np.clip(_reduce_integer(rgb, max_side, full_scale), 0.0, 1.0), pixels.shape[:2]
     unit = np.clip(rgb.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
     return fit_within(unit, max_side), pixels.shape[:2]
+
+
+_JPEG2000_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
+
+
+def _jpeg2000_reduced(
+    dataset: pydicom.Dataset, photometric: str, max_side: int
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Frame 0 of a grey JPEG 2000 data set at the lowest resolution level still at least max_side, or None.
+
+    JPEG 2000 is a wavelet pyramid: discarding r resolution levels decodes a 2**r times smaller
+    image (the low-pass band) for a fraction of the work and memory, as libjpeg's DCT scaling does
+    for JPEG. OpenJPEG does it through Pillow's `reduce` (pylibjpeg-openjpeg's API has no such
+    option). Stored values are returned (Pillow widens to 16 bits and offsets signed data), with the
+    full (rows, columns). None, for the full decode, when the syntax, photometric, layout or the
+    codestream's decomposition levels do not allow a reduction.
+    """
+    if UID(dataset.file_meta.TransferSyntaxUID) not in _JPEG2000_SYNTAXES or photometric not in _DICOM_GREY:
+        return None
+    rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
+    if int(dataset.get("SamplesPerPixel") or 1) != 1 or max(rows, columns) // 2 < max_side:
+        return None
+    try:
+        from openjpeg.utils import get_parameters
+        from PIL import Image
+
+        frame = next(pydicom.encaps.generate_frames(dataset.PixelData, number_of_frames=max(_dicom_int(dataset, "NumberOfFrames"), 1)))
+        facts = get_parameters(frame, 0 if frame[:2] == b"\xff\x4f" else None)
+        precision, signed = int(facts["precision"]), bool(facts["is_signed"])
+        levels = _jpeg2000_levels(frame)
+    except Exception:  # noqa: BLE001 - anything unusual takes the full decode, which reports its own errors
+        return None
+    if (int(facts["rows"]), int(facts["columns"])) != (rows, columns) or int(facts["samples_per_pixel"]) != 1:
+        return None
+    if precision > 16 or signed != bool(_dicom_int(dataset, "PixelRepresentation")):
+        return None
+    reduce = min(next(r for r in (3, 2, 1, 0) if max(rows, columns) >> r >= max_side), levels)
+    if reduce == 0:
+        return None
+    try:
+        with Image.open(BytesIO(frame)) as image:
+            image.reduce = reduce  # Pillow's Jpeg2KImageFile: resolution levels to discard, set before load()
+            image.load()
+            pixels = np.asarray(image)
+    except Exception:  # noqa: BLE001
+        return None
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        return None
+    if pixels.dtype == np.uint16 and precision < 16:
+        pixels = pixels >> np.uint16(16 - precision)  # Pillow's I;16 holds value << (16 - precision)
+    if signed:  # and offset by 2**(precision-1)
+        pixels = (pixels.astype(np.int32) - (1 << (precision - 1))).astype(np.int16 if precision > 8 else np.int8)
+    return np.ascontiguousarray(pixels), (rows, columns)
+
+
+def _jpeg2000_levels(codestream: bytes) -> int:
+    """Decomposition levels of a JPEG 2000 codestream's default coding style (COD marker), 0 if not found."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: a raw codestream (or inside a JP2 box)
+    position = codestream.find(b"\xff\x52", max(start, 0))  # COD: Lcod(2) Scod(1) SGcod(4) then levels
+    if start < 0 or position < 0 or position + 10 > len(codestream):
+        return 0
+    return codestream[position + 9]
 
 
 # --- PNG, JPEG and TIFF -------------------------------------------------------------------------
@@ -887,8 +960,8 @@ def _dicom_int(dataset: pydicom.Dataset, keyword: str) -> int:
         return 0
 
 
-def _dicom_pixels(data: bytes) -> tuple[pydicom.Dataset, str, np.ndarray]:
-    """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
+def _dicom_dataset(data: bytes) -> tuple[pydicom.Dataset, str]:
+    """Parse the pixel-related tags (pixel data still encoded) and the photometric interpretation, checked."""
     # Declared size, photometric and pixel data length are checked before the pixels are read.
     dataset = _read_dicom(data, _DICOM_PIXEL_TAGS, pixels=True)
     if "PixelData" not in dataset:
@@ -898,6 +971,14 @@ def _dicom_pixels(data: bytes) -> tuple[pydicom.Dataset, str, np.ndarray]:
         raise ImageDecodeError(
             f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
         )
+    return dataset, photometric
+
+
+def _dicom_pixels(
+    data: bytes, parsed: tuple[pydicom.Dataset, str] | None = None
+) -> tuple[pydicom.Dataset, str, np.ndarray]:
+    """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
+    dataset, photometric = parsed or _dicom_dataset(data)
     pixels = _dicom_first_frame(dataset)
     expected_ndim = 2 if photometric in _DICOM_GREY or photometric == _DICOM_PALETTE else 3
     if pixels.ndim != expected_ndim or (expected_ndim == 3 and pixels.shape[2] != 3):
