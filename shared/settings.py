@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
@@ -189,6 +189,17 @@ class Settings(BaseSettings):
     dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")
     dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for DICOMweb (instead of user and password).")
 
+    @field_validator("dicom_allowed_peers")
+    @classmethod
+    def _peers_are_addresses(cls, value: str) -> str:
+        """Refuse a peer allow-list entry that is not an IP address or network when the settings load."""
+        for entry in cls.csv_list(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return value
+
     def stat_ae_title_list(self) -> list[str]:
         """The AE titles whose associations are stat."""
         return self.csv_list(self.dicom_stat_ae_titles)
@@ -198,16 +209,8 @@ class Settings(BaseSettings):
         return self.csv_list(self.dicom_allowed_aets)
 
     def allowed_peer_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        """The networks the listener accepts connections from (empty: any); a bad entry raises SettingsError."""
-        networks = []
-        for entry in self.csv_list(self.dicom_allowed_peers):
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                raise SettingsError(
-                    f"{ENV_PREFIX}DICOM_ALLOWED_PEERS: {entry!r} is not an IP address or network (e.g. 10.0.0.0/8)"
-                ) from None
-        return networks
+        """The networks the listener accepts connections from (empty: any); entries were checked when the settings loaded."""
+        return [ipaddress.ip_network(entry, strict=False) for entry in self.csv_list(self.dicom_allowed_peers)]
 
     def resolved_data_dir(self) -> Path:
         """The data folder, created if missing."""

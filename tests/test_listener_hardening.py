@@ -1,6 +1,6 @@
 """The DICOM listener under attack (issue 21): bombs and lying headers, a 4 GB PDU, idle connections, allow-lists.
 
-One real `lungcam dicom-listen` subprocess (SQLite, a local store, Redis db 8) with a 2 s idle timeout,
+The slow tests share one real `lungcam dicom-listen` subprocess (SQLite, a local store, Redis db 8) with a 2 s idle timeout,
 an allow-list of calling AE titles and of peer addresses; pynetdicom and raw sockets as the clients.
 Peak memory is the listener's VmHWM above its idle level (tests/hardening_support.PeakMemory).
 """
@@ -23,8 +23,6 @@ import sqlalchemy as sa
 from hardening_support import MB, ListenerProcess, PeakMemory, deflate_bomb, lying_headers
 from pacs_support import free_port, make_study_dicoms, sop_uid_of, subprocess_env
 from shared import db
-
-pytestmark = pytest.mark.slow
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
 IDLE_TIMEOUT_S = 2.0
@@ -103,6 +101,7 @@ def _send_file(port: int, path: Path, syntax: str, **kwargs) -> int:
         _config.STORE_SEND_CHUNKED_DATASET = False
 
 
+@pytest.mark.slow
 def test_a_deflate_bomb_and_lying_headers_get_0xC210_with_bounded_memory(running: Running, tmp_path: Path) -> None:
     bomb = deflate_bomb()  # ~1 MB declaring 22600 x 22600 x 16 bit: 1 GB inflated
     assert len(bomb) < 1.1 * MB
@@ -134,6 +133,7 @@ def test_a_deflate_bomb_and_lying_headers_get_0xC210_with_bounded_memory(running
     assert running.scan(sop_uid_of(good)) is not None
 
 
+@pytest.mark.slow
 def test_a_4_gb_pdu_is_dropped_before_it_costs_memory(running: Running) -> None:
     with PeakMemory(running.listener.process.pid) as memory:
         sent, dropped = 0, False
@@ -161,6 +161,7 @@ def test_a_4_gb_pdu_is_dropped_before_it_costs_memory(running: Running) -> None:
     assert running.listener.process.poll() is None
 
 
+@pytest.mark.slow
 def test_twenty_idle_connections_do_not_block_an_association_beyond_the_idle_timeout(running: Running) -> None:
     idle = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(20)]
     try:
@@ -190,6 +191,7 @@ def test_twenty_idle_connections_do_not_block_an_association_beyond_the_idle_tim
             sock.close()
 
 
+@pytest.mark.slow
 def test_only_listed_callers_and_peers_get_in_and_only_they_are_stat(running: Running, tmp_path: Path) -> None:
     syntax = pydicom.uid.ExplicitVRLittleEndian
     assert not _associate(running.port, [syntax], calling="INTRUDER").is_established
@@ -210,6 +212,7 @@ def test_only_listed_callers_and_peers_get_in_and_only_they_are_stat(running: Ru
     assert running.scan(sop_uid_of(stat_by_caller)).priority == "stat"
 
 
+@pytest.mark.slow
 def test_the_listener_negotiates_the_compressed_syntaxes_the_decoder_reads(running: Running, tmp_path: Path) -> None:
     from pydicom import uid
 
@@ -238,3 +241,41 @@ def test_the_listener_negotiates_the_compressed_syntaxes_the_decoder_reads(runni
     assert running.scan(str(dataset.SOPInstanceUID)) is not None
     assert np.array_equal(pydicom.dcmread(running.root / "store" / "scans" / str(dataset.SOPInstanceUID)).pixel_array,
                           pydicom.dcmread(BytesIO(data)).pixel_array)
+
+
+def test_stat_needs_a_listed_caller_and_bad_peer_lists_are_named() -> None:
+    from shared.errors import SettingsError
+    from shared.settings import Settings, load_settings
+    from worker.pacs.listener import Receiver
+
+    open_listener = Receiver(Settings(), None, None, None)  # type: ignore[arg-type]
+    assert open_listener.priority_for("ANYONE", "LUNGCAM_STAT") == "stat"
+    listed = Receiver(Settings(dicom_allowed_aets="CR_ER, DX_WARD"), None, None, None)  # type: ignore[arg-type]
+    assert listed.priority_for("CR_ER", "LUNGCAM_STAT") == "stat"
+    assert listed.priority_for("LUNGCAM_STAT", "LUNGCAM_STAT") == "routine"
+    assert listed.priority_for("DX_WARD", "LUNGCAM") == "routine"
+    networks = Settings(dicom_allowed_peers="10.1.0.0/16, 192.168.5.7").allowed_peer_networks()
+    assert [str(n) for n in networks] == ["10.1.0.0/16", "192.168.5.7/32"]
+    with pytest.raises(SettingsError, match="LUNGCAM_DICOM_ALLOWED_PEERS: .*'modality-1' is not an IP address"):
+        load_settings(dicom_allowed_peers="10.0.0.1,modality-1")
+
+
+def test_the_offered_transfer_syntaxes_are_those_with_a_decoder() -> None:
+    from pydicom import uid
+
+    from shared.imaging import decodable_transfer_syntaxes
+    from shared.settings import Settings
+    from worker.pacs.listener import make_ae
+
+    syntaxes = decodable_transfer_syntaxes()
+    assert syntaxes[:4] == [uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
+                            uid.ExplicitVRBigEndian]
+    for syntax in (uid.JPEGLossless, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless):
+        assert syntax in syntaxes
+    assert uid.MPEG2MPML not in syntaxes and uid.JPEG2000MC not in syntaxes
+    ae = make_ae(Settings(dicom_max_pdu_bytes=32768, dicom_idle_timeout_s=5, dicom_max_associations=3,
+                          dicom_allowed_aets="A,B"))
+    dx = next(cx for cx in ae.supported_contexts if cx.abstract_syntax == DX)
+    assert list(dx.transfer_syntax) == syntaxes
+    assert (ae.maximum_pdu_size, ae.acse_timeout, ae.network_timeout, ae.maximum_associations) == (32768, 5, 5, 3)
+    assert ae.require_calling_aet == ["A", "B"]
