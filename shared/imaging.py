@@ -7,6 +7,9 @@ message is short, safe to store in the `scans.error` column, and never contains 
 
 `decode_reduced` is the worker's cheaper entry point: it decodes, then shrinks to the largest size
 anything downstream needs while the pixels are still integers (see docs/decoding.md).
+`check_image_header` is the size guard every reader calls first: it refuses, from the header alone,
+what declares more than the limits or less pixel data than its size; DICOM is read through pydicom's
+element parsers over a bounded inflater, so a deflate bomb is refused before its bytes exist.
 """
 
 from __future__ import annotations
@@ -298,7 +301,8 @@ def check_image_header(data: bytes, *, verify_pixel_data: bool = False, max_pixe
     Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames all raise ImageDecodeError. Nothing
     after the header is inflated unless verify_pixel_data, which also inflates a deflated data set's
     pixel data in small chunks, keeping none of it, to prove it is as long as declared. The DICOM
-    listener, the worker's decode, the report's thumbnails and the DICOMweb pull's parts all call it.
+    listener, the worker's decode and the report's thumbnails call it; it takes a DICOMweb part's
+    bytes as they are (with or without the 128-byte preamble) for the pull to call on each part.
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
