@@ -27,6 +27,7 @@ _HEADER_TAGS = [
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "Manufacturer",  # a device maker, not patient data: lungcam's own results are recognised by it
 ]
 
 FRONTAL_CHEST_MODALITIES = ("CR", "DX")
@@ -50,12 +51,14 @@ class DicomHeader:
     rows: int
     columns: int
     number_of_frames: int  # 1 when the element is absent
+    manufacturer: str = ""
 
 
 def dicom_header(data: bytes) -> DicomHeader | None:
     """Header facts of a DICOM file (with or without preamble); None for anything that is not DICOM.
 
     Raises ImageDecodeError (kind "corrupt") when the file looks like DICOM but its header does not parse.
+    Only the header is read: a deflated data set is inflated up to its pixel data, through a bounded stream.
     """
     data = bytes(data)
     try:
@@ -78,6 +81,7 @@ def dicom_header(data: bytes) -> DicomHeader | None:
         rows=_integer(dataset.get("Rows")),
         columns=_integer(dataset.get("Columns")),
         number_of_frames=_integer(dataset.get("NumberOfFrames")) or 1,
+        manufacturer=_text(dataset.get("Manufacturer")),
     )
 
 

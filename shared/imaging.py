@@ -7,11 +7,15 @@ message is short, safe to store in the `scans.error` column, and never contains 
 
 `decode_reduced` is the worker's cheaper entry point: it decodes, then shrinks to the largest size
 anything downstream needs while the pixels are still integers (see docs/decoding.md).
+`check_image_header` is the size guard every reader calls first: it refuses, from the header alone,
+what declares more than the limits or less pixel data than its size; DICOM is read through pydicom's
+element parsers over a bounded inflater, so a deflate bomb is refused before its bytes exist.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -21,6 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.pixels
 import pydicom.uid
 from pydicom.uid import UID
@@ -52,6 +57,14 @@ class ImageDecodeError(LungcamError, ValueError):
 # 30000x30000 pixels costs nothing. Large enough for any detector (the biggest are ~4300x4300).
 MAX_IMAGE_SIDE: int = 16384
 MAX_IMAGE_PIXELS: int = 120_000_000
+# The pixel data a DICOM may declare (all frames, uncompressed: Rows x Columns x SamplesPerPixel x
+# BitsAllocated/8 x NumberOfFrames). A 16-bit grey frame at MAX_IMAGE_PIXELS is 240 MB. Checked
+# from the header before the pixel bytes are read or, for Deflated Explicit VR Little Endian,
+# before they are inflated: a 1 MB deflate bomb declaring 1 GB costs nothing.
+MAX_PIXEL_DATA_BYTES: int = 256 * 1024 * 1024
+# Everything before the pixel data that a deflated data set may inflate to (overlays, private
+# blobs); skipped elements are inflated in small chunks and dropped, so this bounds CPU, not memory.
+MAX_DEFLATED_HEADER_BYTES: int = 64 * 1024 * 1024
 
 # Written into every model manifest; bump "version" whenever the numbers a model sees change.
 PREPROCESSING: dict[str, Any] = {
@@ -245,8 +258,25 @@ def decode_reduced(data: bytes, max_side: int) -> ReducedImage:
     return ReducedImage(image=image, original_size=original_size, format=fmt)
 
 
+def decodable_transfer_syntaxes() -> list[str]:
+    """Every DICOM transfer syntax an installed decoder reads, uncompressed ones first (the listener offers exactly these)."""
+    found = []
+    for uid in pydicom.uid.AllTransferSyntaxes:
+        try:
+            available = pydicom.pixels.get_decoder(uid).is_available
+        except NotImplementedError:  # video, JPIP and others pydicom has no decoder for
+            continue
+        if available:
+            found.append(str(uid))
+    return sorted(found, key=lambda uid: UID(uid).is_compressed)
+
+
 def pixel_count(data: bytes) -> int:
-    """Pixels the decoder will allocate (rows x columns x frames used), read from the header only."""
+    """Pixels the decoder will allocate (rows x columns x frames used), read from the header only.
+
+    Counts without judging (a deflated DICOM's header is read through the bounded inflater);
+    `check_image_header` also refuses what exceeds the limits.
+    """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     fmt = sniff_format(data)
@@ -257,8 +287,40 @@ def pixel_count(data: bytes) -> int:
     elif fmt == "tiff":
         width, height = _tiff_size(data)
     else:
-        dataset = _read_dicom(data, ["Rows", "Columns"], pixels=False)
-        width, height = int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0)
+        dataset = _DicomReader(data).read_header([])
+        width, height = _dicom_int(dataset, "Columns"), _dicom_int(dataset, "Rows")
+    return width * height  # one frame: multi-frame files are decoded to their first frame only
+
+
+def check_image_header(data: bytes, *, verify_pixel_data: bool = False, max_pixel_bytes: int = MAX_PIXEL_DATA_BYTES) -> int:
+    """The shared size guard: refuse, from the header alone, what would cost more than the limits; the pixels of one frame.
+
+    PNG, JPEG and TIFF: the header's width and height against MAX_IMAGE_SIDE and MAX_IMAGE_PIXELS.
+    DICOM: no pixel data, an unsupported photometric interpretation, a frame beyond those limits,
+    declared pixel data (all frames) beyond max_pixel_bytes, or native pixel data shorter than
+    Rows x Columns x SamplesPerPixel x BitsAllocated/8 x frames all raise ImageDecodeError. Nothing
+    after the header is inflated unless verify_pixel_data, which also inflates a deflated data set's
+    pixel data in small chunks, keeping none of it, to prove it is as long as declared. The DICOM
+    listener, the worker's decode and the report's thumbnails call it; it takes a DICOMweb part's
+    bytes as they are (with or without the 128-byte preamble) for the pull to call on each part.
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    fmt = sniff_format(data)
+    if fmt == "png":
+        width, height = _png_size(data)
+    elif fmt == "jpeg":
+        width, height, _, _ = _jpeg_header(data)
+    elif fmt == "tiff":
+        width, height = _tiff_size(data)
+    else:
+        reader = _DicomReader(data, max_pixel_bytes=max_pixel_bytes)
+        reader.read_header([])
+        facts = reader.check_pixel_data()
+        if verify_pixel_data:
+            reader.verify_pixel_data()
+        return facts.rows * facts.columns
+    _check_size(width, height)
     return width * height  # one frame: multi-frame files are decoded to their first frame only
 
 
@@ -355,8 +417,18 @@ def _reduced_jpeg(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, in
 
 
 def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """First frame; grey values go through one lookup (or saturating affine) pass to uint16, then shrink."""
-    dataset, photometric, pixels = _dicom_pixels(data)
+    """First frame; grey values go through one lookup (or saturating affine) pass to uint16, then shrink.
+
+    Grey JPEG 2000 at least twice max_side is decoded at a reduced resolution level (`_jpeg2000_reduced`).
+    """
+    dataset, photometric = _dicom_dataset(data)
+    reduced = _jpeg2000_reduced(dataset, photometric, max_side)
+    if reduced is not None:
+        pixels, original = reduced
+        mapped = _dicom_grey_to_uint16(pixels, dataset, invert=photometric == "MONOCHROME1")
+        if mapped is not None:
+            return _reduce_integer(mapped, max_side, 65535.0, original), original
+    dataset, photometric, pixels = _dicom_pixels(data, (dataset, photometric))
     if photometric in _DICOM_GREY:
         mapped = _dicom_grey_to_uint16(pixels, dataset, invert=photometric == "MONOCHROME1")
         if mapped is None:  # 32-bit or float data: the exact float path, then shrink
@@ -370,6 +442,68 @@ def _reduced_dicom(data: bytes, max_side: int) -> tuple[np.ndarray, tuple[int, i
         return np.clip(_reduce_integer(rgb, max_side, full_scale), 0.0, 1.0), pixels.shape[:2]
     unit = np.clip(rgb.astype(np.float32) / np.float32(full_scale), 0.0, 1.0)
     return fit_within(unit, max_side), pixels.shape[:2]
+
+
+_JPEG2000_SYNTAXES = frozenset({pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000})
+
+
+def _jpeg2000_reduced(
+    dataset: pydicom.Dataset, photometric: str, max_side: int
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Frame 0 of a grey JPEG 2000 data set at the lowest resolution level still at least max_side, or None.
+
+    JPEG 2000 is a wavelet pyramid: discarding r resolution levels decodes a 2**r times smaller
+    image (the low-pass band) for a fraction of the work and memory, as libjpeg's DCT scaling does
+    for JPEG. OpenJPEG does it through Pillow's `reduce` (pylibjpeg-openjpeg's API has no such
+    option). Stored values are returned (Pillow widens to 16 bits and offsets signed data), with the
+    full (rows, columns). None, for the full decode, when the syntax, photometric, layout or the
+    codestream's decomposition levels do not allow a reduction.
+    """
+    if UID(dataset.file_meta.TransferSyntaxUID) not in _JPEG2000_SYNTAXES or photometric not in _DICOM_GREY:
+        return None
+    rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
+    if int(dataset.get("SamplesPerPixel") or 1) != 1 or max(rows, columns) // 2 < max_side:
+        return None
+    try:
+        from openjpeg.utils import get_parameters
+        from PIL import Image
+
+        frame = next(pydicom.encaps.generate_frames(dataset.PixelData, number_of_frames=max(_dicom_int(dataset, "NumberOfFrames"), 1)))
+        facts = get_parameters(frame, 0 if frame[:2] == b"\xff\x4f" else None)
+        precision, signed = int(facts["precision"]), bool(facts["is_signed"])
+        levels = _jpeg2000_levels(frame)
+    except Exception:  # noqa: BLE001 - anything unusual takes the full decode, which reports its own errors
+        return None
+    if (int(facts["rows"]), int(facts["columns"])) != (rows, columns) or int(facts["samples_per_pixel"]) != 1:
+        return None
+    if precision > 16 or signed != bool(_dicom_int(dataset, "PixelRepresentation")):
+        return None
+    reduce = min(next(r for r in (3, 2, 1, 0) if max(rows, columns) >> r >= max_side), levels)
+    if reduce == 0:
+        return None
+    try:
+        with Image.open(BytesIO(frame)) as image:
+            image.reduce = reduce  # Pillow's Jpeg2KImageFile: resolution levels to discard, set before load()
+            image.load()
+            pixels = np.asarray(image)
+    except Exception:  # noqa: BLE001
+        return None
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        return None
+    if pixels.dtype == np.uint16 and precision < 16:
+        pixels = pixels >> np.uint16(16 - precision)  # Pillow's I;16 holds value << (16 - precision)
+    if signed:  # and offset by 2**(precision-1)
+        pixels = (pixels.astype(np.int32) - (1 << (precision - 1))).astype(np.int16 if precision > 8 else np.int8)
+    return np.ascontiguousarray(pixels), (rows, columns)
+
+
+def _jpeg2000_levels(codestream: bytes) -> int:
+    """Decomposition levels of a JPEG 2000 codestream's default coding style (COD marker), 0 if not found."""
+    start = codestream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ: a raw codestream (or inside a JP2 box)
+    position = codestream.find(b"\xff\x52", max(start, 0))  # COD: Lcod(2) Scod(1) SGcod(4) then levels
+    if start < 0 or position < 0 or position + 10 > len(codestream):
+        return 0
+    return codestream[position + 9]
 
 
 # --- PNG, JPEG and TIFF -------------------------------------------------------------------------
@@ -506,43 +640,349 @@ def _decode_dicom(data: bytes) -> np.ndarray:
 
 
 def _read_dicom(data: bytes, tags: list[str], *, pixels: bool) -> pydicom.Dataset:
-    """Parse only `tags` (plus the file meta), with or without the 128-byte preamble."""
-    bare = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM"
-    try:
-        dataset = pydicom.dcmread(BytesIO(data), specific_tags=tags, stop_before_pixels=not pixels, force=bare)
-    except Exception as exc:
-        raise ImageDecodeError(f"truncated or corrupt DICOM header ({type(exc).__name__})") from exc
-    meta = getattr(dataset, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        # A bare dataset (no file meta): pydicom detected its encoding while reading; the pixel
-        # decoders need it spelled as a transfer syntax.
-        implicit, little = dataset.original_encoding
-        if implicit is None:
+    """Parse only `tags` (plus the file meta), with or without the 128-byte preamble.
+
+    With pixels, the declared size is checked (`_DicomReader.check_pixel_data`) before the pixel
+    data is read; a deflated data set is inflated through a bounded stream either way.
+    """
+    reader = _DicomReader(data)
+    dataset = reader.read_header(tags)
+    if pixels:
+        reader.check_pixel_data()
+        reader.read_pixel_data(dataset)
+    return dataset
+
+
+@dataclass(frozen=True)
+class _PixelFacts:
+    """What a DICOM header declares about its pixel data."""
+
+    rows: int
+    columns: int
+    frame_bytes: int  # one frame, as the decoder allocates it
+    declared_bytes: int  # all frames, uncompressed
+    element_length: int  # the Pixel Data element's value length (0xFFFFFFFF: encapsulated)
+
+
+class _DicomReader:
+    """Reads a DICOM header, checks what it declares, and only then its pixel data.
+
+    pydicom's own reader inflates a whole Deflated Explicit VR Little Endian data set into memory
+    before reading a single element, so this one uses pydicom's element parsers (read_preamble,
+    the file meta reader, read_dataset) over a `_BoundedInflater` instead.
+    """
+
+    _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double float, Pixel Data
+    _SIZE_TAGS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames", "PhotometricInterpretation")
+
+    def __init__(self, data: bytes, *, max_pixel_bytes: int = MAX_PIXEL_DATA_BYTES) -> None:
+        """Read the preamble and file meta, and open the data set's stream (inflating it if deflated)."""
+        from pydicom.filereader import _read_file_meta_info, read_preamble
+
+        self.data = data
+        self.max_pixel_bytes = max_pixel_bytes
+        self.bare = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM"
+        self.pixel_tag: int | None = None
+        self.pixel_vr: str | None = None
+        self.pixel_length = 0
+        self.facts: _PixelFacts | None = None
+        self.header: pydicom.Dataset | None = None
+        source = BytesIO(data)
+        try:
+            read_preamble(source, force=True)
+            self.meta = _read_file_meta_info(source)
+        except Exception as exc:
+            raise ImageDecodeError(f"truncated or corrupt DICOM header ({type(exc).__name__})") from exc
+        self.deflated = self.meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+        self.implicit, self.little = self._encoding(source)
+        self.stream: Any = _BoundedInflater(data, source.tell(), MAX_DEFLATED_HEADER_BYTES) if self.deflated else source
+
+    def _encoding(self, source: BytesIO) -> tuple[bool, bool]:
+        """(implicit VR, little endian) from the transfer syntax, or guessed as pydicom does for a bare data set."""
+        syntax = self.meta.get("TransferSyntaxUID")
+        if syntax is not None:
+            uid = UID(syntax)
+            if uid == pydicom.uid.ImplicitVRLittleEndian:
+                return True, True
+            if uid == pydicom.uid.ExplicitVRBigEndian:
+                return False, False
+            return False, True  # explicit little endian, deflated and every encapsulated syntax
+        start = source.tell()
+        head = source.read(6)
+        source.seek(start)
+        if len(head) < 6:
             raise ImageDecodeError("truncated or corrupt DICOM (no transfer syntax)")
-        if meta is None:
-            dataset.file_meta = pydicom.dataset.FileMetaDataset()
-        dataset.file_meta.TransferSyntaxUID = (
+        implicit = head[4:6] not in _DICOM_VRS
+        little = implicit or int.from_bytes(head[:2], "little") < 1024
+        self.meta.TransferSyntaxUID = (
             pydicom.uid.ImplicitVRLittleEndian
             if implicit
             else (pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
         )
-    return dataset
+        return implicit, little
+
+    def read_header(self, tags: list[str]) -> pydicom.Dataset:
+        """The listed elements (and the size elements) up to the pixel data, whose element header is noted, not read."""
+        from pydicom.filereader import read_dataset
+        from pydicom.tag import Tag
+
+        wanted = [Tag(tag) for tag in {*tags, *self._SIZE_TAGS} if Tag(tag) not in self._PIXEL_TAGS]
+
+        def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+            if tag in self._PIXEL_TAGS:
+                self.pixel_tag, self.pixel_vr, self.pixel_length = int(tag), vr, length
+                return True
+            return False
+
+        try:
+            dataset = read_dataset(self.stream, self.implicit, self.little, stop_when=at_pixels, specific_tags=wanted)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:
+            raise ImageDecodeError(f"truncated or corrupt DICOM header ({type(exc).__name__})") from exc
+        dataset.file_meta = self.meta
+        dataset.set_original_encoding(self.implicit, self.little, None)
+        self.header = dataset
+        return dataset
+
+    def check_pixel_data(self) -> _PixelFacts:
+        """Refuse missing pixel data, an unsupported photometric, and declared sizes beyond the limits."""
+        dataset = self.header
+        assert dataset is not None, "read_header first"
+        if self.pixel_tag is None:
+            if self.bare:
+                # Without the "DICM" magic, pydicom (forced) reads almost any bytes as some dataset.
+                raise ImageDecodeError("not an image (no DICOM preamble and no pixel data)")
+            raise ImageDecodeError("DICOM has no pixel data", kind="unsupported")
+        rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
+        _check_size(columns, rows)
+        photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
+        if "PhotometricInterpretation" in dataset:
+            if photometric not in _DICOM_GREY | _DICOM_COLOUR | {_DICOM_PALETTE}:
+                raise ImageDecodeError(
+                    f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
+                )
+        samples = _dicom_int(dataset, "SamplesPerPixel") or 1
+        default_bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(self.pixel_tag, 8)
+        bits = _dicom_int(dataset, "BitsAllocated") or default_bits
+        frames = max(_dicom_int(dataset, "NumberOfFrames"), 1)
+        if bits not in (1, 8, 16, 32, 64) or not 1 <= samples <= 4:
+            raise ImageDecodeError(f"unsupported DICOM pixel layout ({bits} bits, {samples} samples)", kind="unsupported")
+        frame_bits = rows * columns * samples * bits
+        if photometric == "YBR_FULL_422" and self.pixel_length != 0xFFFFFFFF:
+            frame_bits = frame_bits * 2 // 3  # native 4:2:2 stores two chroma samples per two pixels
+        declared = (frame_bits * frames + 7) // 8
+        if declared > self.max_pixel_bytes:
+            raise ImageDecodeError(
+                f"image too large: pixel data of {columns}x{rows} x {samples} samples x {bits} bits x {frames} frames "
+                f"({declared / 2**20:.0f} MiB) exceeds {self.max_pixel_bytes / 2**20:.0f} MiB",
+                kind="unsupported",
+            )
+        if self.pixel_length != 0xFFFFFFFF:
+            # Native pixel data: the element must hold every declared frame (one odd pad byte allowed).
+            if self.pixel_length < declared:
+                raise ImageDecodeError(
+                    f"corrupt DICOM pixel data: shorter than declared ({self.pixel_length} of {declared} bytes)"
+                )
+            if not self.deflated and self._value_start() + min(self.pixel_length, declared) > len(self.data):
+                raise ImageDecodeError(
+                    f"corrupt DICOM pixel data: truncated ({len(self.data) - self._value_start()} of {declared} bytes)"
+                )
+        self._check_syntax(bits)
+        self.facts = _PixelFacts(rows, columns, (frame_bits + 7) // 8, declared, self.pixel_length)
+        return self.facts
+
+    def _check_syntax(self, bits: int) -> None:
+        """Refuse a compressed syntax no installed decoder reads (before anything is stored or answered)."""
+        syntax = UID(self.meta.TransferSyntaxUID)
+        if not syntax.is_compressed:
+            return
+        try:
+            available = pydicom.pixels.get_decoder(syntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise ImageDecodeError(
+                f"unsupported DICOM transfer syntax: {_safe_uid_name(syntax)} (no decoder installed)", kind="unsupported"
+            )
+        if syntax == pydicom.uid.JPEGExtended12Bit and bits > 8:
+            # Only the GPL libjpeg plugin, not a dependency, decodes 12-bit lossy JPEG (docs/decoding.md).
+            raise ImageDecodeError(
+                f"unsupported DICOM pixel data ({_safe_uid_name(syntax)}: no installed decoder handles it)",
+                kind="unsupported",
+            )
+
+    def _value_start(self) -> int:
+        """Where the pixel data's value starts (the stream is at its element header)."""
+        long_header = not self.implicit and self.pixel_vr in ("OB", "OW", "OF", "OD", "UN", "OL", "OV")
+        return int(self.stream.tell()) + (12 if long_header else 8)
+
+    def read_pixel_data(self, dataset: pydicom.Dataset) -> None:
+        """Add the pixel data element to dataset; nothing after it is read (or inflated)."""
+        from pydicom.filereader import read_dataset
+        from pydicom.tag import Tag
+
+        facts = self.facts
+        assert facts is not None, "check_pixel_data first"
+        if self.deflated:
+            # Native data only (deflate is not an encapsulated syntax): the element header, the declared
+            # value and a pad byte; the stream ends there, so nothing after the pixel data is inflated.
+            self.stream.cap = self.stream.tell() + 12 + facts.declared_bytes + 2
+            self.stream.end_at_cap = True
+        try:
+            pixels = read_dataset(
+                self.stream, self.implicit, self.little,
+                stop_when=lambda tag, vr, length: tag not in self._PIXEL_TAGS,
+                specific_tags=[Tag(self.pixel_tag)],
+            )
+        except ImageDecodeError:
+            raise
+        except Exception as exc:
+            raise ImageDecodeError(f"truncated or corrupt DICOM pixel data ({type(exc).__name__})") from exc
+        if facts.element_length != 0xFFFFFFFF:
+            value = pixels.get(self.pixel_tag)
+            if value is None or len(value.value or b"") < facts.declared_bytes:
+                raise ImageDecodeError("corrupt DICOM pixel data: truncated")
+        dataset.update(pixels)
+
+    def verify_pixel_data(self) -> None:
+        """Inflate a deflated data set's pixel data, keeping none of it, to prove it is as long as declared."""
+        facts = self.facts
+        assert facts is not None, "check_pixel_data first"
+        if not self.deflated or facts.element_length == 0xFFFFFFFF:
+            return
+        start = self._value_start()
+        self.stream.cap = start + facts.declared_bytes + 2
+        self.stream.end_at_cap = True
+        available = self.stream.skip_to(start + facts.declared_bytes) - start
+        if available < facts.declared_bytes:
+            raise ImageDecodeError(f"corrupt DICOM pixel data: truncated ({available} of {facts.declared_bytes} bytes)")
 
 
-def _dicom_pixels(data: bytes) -> tuple[pydicom.Dataset, str, np.ndarray]:
-    """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
+class _BoundedInflater:
+    """A read-only, forward-mostly file object over the raw-deflate stream data[start:], inflated on demand.
+
+    Never holds more than what the current read asks for plus a small window behind it (pydicom
+    seeks back over an element header), and raises ImageDecodeError instead of inflating past `cap`.
+    """
+
+    _WINDOW = 64 * 1024  # bytes kept behind the position for pydicom's short seeks back
+    _CHUNK = 1024 * 1024  # output inflated per step
+
+    def __init__(self, data: bytes, start: int, cap: int) -> None:
+        """Inflate data[start:] lazily, at most cap bytes."""
+        self._source = memoryview(data)[start:]
+        self._fed = 0
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._buffer_start = 0  # stream offset of _buffer[0]
+        self._position = 0
+        self._eof = False
+        self.cap = cap
+        self.end_at_cap = False  # True: the cap ends the stream; False: passing it is an error
+
+    def tell(self) -> int:
+        """The current stream offset."""
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move within the inflated stream (forward freely; back only inside the window)."""
+        target = offset if whence == 0 else self._position + offset if whence == 1 else None
+        if target is None:
+            raise ImageDecodeError("corrupt DICOM (seek from the end of a deflated stream)")
+        if target < self._buffer_start:
+            raise ImageDecodeError("corrupt DICOM (seek back in a deflated stream)")
+        self._position = target
+        return target
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to size bytes (fewer at the end of the stream)."""
+        end = self.cap if size is None or size < 0 else self._position + size
+        self._fill(end)
+        offset = self._position - self._buffer_start
+        chunk = bytes(self._buffer[offset : offset + max(end - self._position, 0)])
+        self._position += len(chunk)
+        self._trim()
+        return chunk
+
+    def skip_to(self, end: int) -> int:
+        """Inflate and drop everything up to stream offset end; the offset reached (short at the end of the stream)."""
+        while self._buffer_start + len(self._buffer) < end and not self._eof:
+            self._position = self._buffer_start + len(self._buffer)
+            self._trim()
+            self._inflate(min(end - (self._buffer_start + len(self._buffer)), self._CHUNK))
+        self._position = min(end, self._buffer_start + len(self._buffer))
+        return self._position
+
+    def _fill(self, end: int) -> None:
+        """Inflate until the buffer reaches stream offset end (or the stream ends), dropping what lies behind."""
+        while self._buffer_start + len(self._buffer) < end and not self._eof:
+            if self._buffer_start + len(self._buffer) < self._position - self._WINDOW:
+                self._trim()
+            self._inflate(min(end - (self._buffer_start + len(self._buffer)), self._CHUNK))
+
+    def _inflate(self, want: int) -> None:
+        """Inflate up to want more bytes into the buffer, refusing to pass the cap."""
+        if self._buffer_start + len(self._buffer) + 1 > self.cap:
+            if self.end_at_cap:
+                self._eof = True
+                return
+            raise ImageDecodeError(
+                f"image too large: deflated data set inflates beyond {self.cap / 2**20:.0f} MiB", kind="unsupported"
+            )
+        want = min(want, self.cap - (self._buffer_start + len(self._buffer)))
+        tail = self._inflater.unconsumed_tail
+        if tail:
+            source = tail
+        elif self._fed < len(self._source):
+            source = self._source[self._fed : self._fed + 65536]
+            self._fed += len(source)
+        else:
+            self._buffer += self._inflater.flush()
+            self._eof = True
+            return
+        try:
+            self._buffer += self._inflater.decompress(source, want)
+        except zlib.error as exc:
+            raise ImageDecodeError("corrupt DICOM (bad deflate stream)") from exc
+        if self._inflater.eof:
+            self._eof = True
+
+    def _trim(self) -> None:
+        """Drop buffered bytes more than the window behind the position."""
+        drop = min(self._position - self._WINDOW, self._buffer_start + len(self._buffer)) - self._buffer_start
+        if drop > 0:
+            del self._buffer[:drop]
+            self._buffer_start += drop
+
+
+def _dicom_int(dataset: pydicom.Dataset, keyword: str) -> int:
+    """An integer element, 0 when absent or malformed."""
+    try:
+        return int(dataset.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _dicom_dataset(data: bytes) -> tuple[pydicom.Dataset, str]:
+    """Parse the pixel-related tags (pixel data still encoded) and the photometric interpretation, checked."""
+    # Declared size, photometric and pixel data length are checked before the pixels are read.
     dataset = _read_dicom(data, _DICOM_PIXEL_TAGS, pixels=True)
     if "PixelData" not in dataset:
-        if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] != b"DICM":
-            # Without the "DICM" magic, pydicom (forced) reads almost any bytes as some dataset.
-            raise ImageDecodeError("not an image (no DICOM preamble and no pixel data)")
-        raise ImageDecodeError("DICOM has no pixel data", kind="unsupported")
-    _check_size(int(dataset.get("Columns") or 0), int(dataset.get("Rows") or 0))
+        raise ImageDecodeError("unsupported DICOM pixel data (float pixel data)", kind="unsupported")
     photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
     if photometric not in _DICOM_GREY | _DICOM_COLOUR | {_DICOM_PALETTE}:
         raise ImageDecodeError(
             f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
         )
+    return dataset, photometric
+
+
+def _dicom_pixels(
+    data: bytes, parsed: tuple[pydicom.Dataset, str] | None = None
+) -> tuple[pydicom.Dataset, str, np.ndarray]:
+    """Parse the pixel-related tags and decode frame 0; checks size and photometric first."""
+    dataset, photometric = parsed or _dicom_dataset(data)
     pixels = _dicom_first_frame(dataset)
     expected_ndim = 2 if photometric in _DICOM_GREY or photometric == _DICOM_PALETTE else 3
     if pixels.ndim != expected_ndim or (expected_ndim == 3 and pixels.shape[2] != 3):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import SettingsError
@@ -166,6 +167,25 @@ class Settings(BaseSettings):
         default="LUNGCAM_STAT",
         description="Comma-separated AE titles: an association whose called or calling AE title is one of them queues its images as stat.",
     )
+    dicom_allowed_aets: str = Field(
+        default="",
+        description="Comma-separated calling AE titles the listener accepts (empty: any); with a list, only these get stat priority.",
+    )
+    dicom_allowed_peers: str = Field(
+        default="",
+        description="Comma-separated IP addresses or networks (CIDR) the listener accepts connections from (empty: any).",
+    )
+    dicom_max_pdu_bytes: int = Field(
+        default=65536, ge=4096, le=16 * 1024 * 1024,
+        description="Largest PDU the listener receives (announced as its maximum length); a larger one drops the connection.",
+    )
+    dicom_idle_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="Seconds a listener connection may stay silent, before or during an association, before it is closed.",
+    )
+    dicom_max_associations: int = Field(
+        default=16, ge=1, description="Concurrent associations the listener serves; more are rejected (transient) until one ends."
+    )
     dicom_destination: str = Field(
         default="",
         description=(
@@ -194,9 +214,28 @@ class Settings(BaseSettings):
     dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")
     dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for DICOMweb (instead of user and password).")
 
+    @field_validator("dicom_allowed_peers")
+    @classmethod
+    def _peers_are_addresses(cls, value: str) -> str:
+        """Refuse a peer allow-list entry that is not an IP address or network when the settings load."""
+        for entry in cls.csv_list(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return value
+
     def stat_ae_title_list(self) -> list[str]:
         """The AE titles whose associations are stat."""
         return self.csv_list(self.dicom_stat_ae_titles)
+
+    def allowed_aet_list(self) -> list[str]:
+        """The calling AE titles the listener accepts (empty: any)."""
+        return self.csv_list(self.dicom_allowed_aets)
+
+    def allowed_peer_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks the listener accepts connections from (empty: any); entries were checked when the settings loaded."""
+        return [ipaddress.ip_network(entry, strict=False) for entry in self.csv_list(self.dicom_allowed_peers)]
 
     def resolved_data_dir(self) -> Path:
         """The data folder, created if missing."""

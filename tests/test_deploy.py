@@ -547,3 +547,29 @@ def test_dockerfile_copies_exist_and_pass_the_dockerignore() -> None:
     includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     for pattern in includes:
         assert pattern.rstrip("*") in allowed
+
+
+def test_k8s_dicom_listen_and_send_run_the_cpu_worker_image() -> None:
+    """The PACS programs have manifests like the rest (issue 21): the listener with a Service, one sender."""
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    assert "pacs.yaml" in kustomization["resources"]
+    listen, send = deployment("lungcam-dicom-listen"), deployment("lungcam-dicom-send")
+    for document, command in ((listen, "dicom-listen"), (send, "dicom-send")):
+        (container,) = pod_containers(document)
+        lungcam_argv_ok(container["args"])
+        assert container["args"][0] == command
+        assert not container["image"].endswith(("-gpu", "-api")), "the pacs extra is in the CPU worker image"
+        assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+    (listener,) = pod_containers(listen)
+    port = int(listener["args"][listener["args"].index("--port") + 1])
+    assert [p["containerPort"] for p in listener["ports"]] == [port]
+    assert listener["readinessProbe"]["tcpSocket"]["port"] == "dicom"
+    (service,) = [s for s in k8s_kind("Service") if s["spec"]["selector"] == listen["spec"]["selector"]["matchLabels"]]
+    assert service["spec"]["ports"][0]["port"] == port
+    # The peer allow-list must see the modality's address, not a node's.
+    assert service["spec"].get("externalTrafficPolicy") == "Local"
+    assert send["spec"]["replicas"] == 1 and send["spec"]["strategy"]["type"] == "Recreate", "one sender per destination"
+    (configmap,) = k8s_kind("ConfigMap")
+    for name in ("LUNGCAM_DICOM_DESTINATION", "LUNGCAM_DICOM_ALLOWED_AETS", "LUNGCAM_DICOM_ALLOWED_PEERS",
+                 "LUNGCAM_DICOM_IDLE_TIMEOUT_S", "LUNGCAM_DICOM_MAX_ASSOCIATIONS"):
+        assert name in configmap["data"], name

@@ -19,7 +19,7 @@ from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
 from shared.dicom import dicom_header, selection_reason
-from shared.imaging import ImageDecodeError, pixel_count, preprocessing_key
+from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
 from shared.overlay import OVERLAY_FORMATS, encode_overlay
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
@@ -336,7 +336,9 @@ class ScanClassifier:
         )
         if reason:
             raise NotSelected(reason)
-        with self.budget.admit(pixel_count(data)):
+        # The shared size guard: a header declaring more than the limits (a deflate bomb) fails here,
+        # before a pixel is inflated or decoded.
+        with self.budget.admit(check_image_header(data)):
             inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
         return _Decoded(inputs, display)
 

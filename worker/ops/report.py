@@ -18,7 +18,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from shared import db
-from shared.imaging import ImageDecodeError, decode_image, fit_within, to_uint8
+from shared.imaging import ImageDecodeError, check_image_header, decode_image, fit_within, to_uint8
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
 from shared.store import ObjectStore, StoreError
@@ -114,7 +114,10 @@ def write_report(
         row = _Row(scan.scan_id, scan.status, scan.error, predictions)
         stem = f"{assets.name}/{scan.scan_id}"
         try:
-            image = to_uint8(decode_image(fetcher.fetch(scan.source_uri)))
+            data = fetcher.fetch(scan.source_uri)
+            # The shared size guard first: a deflate bomb or a lying header gets no thumbnail, and costs nothing.
+            check_image_header(data)
+            image = to_uint8(decode_image(data))
             # Browsers cannot show DICOM or 16-bit PNG: both sizes are written as 8-bit JPEG.
             (assets / f"{scan.scan_id}.jpg").write_bytes(_jpeg(fit_within(image, THUMBNAIL_SIDE)))
             (assets / f"{scan.scan_id}.full.jpg").write_bytes(_jpeg(image, 92))
