@@ -264,6 +264,32 @@ def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_par
     assert not list(Path(site.settings.store_url).parent.glob("etc*"))
 
 
+def test_a_deflate_bomb_part_is_refused_from_its_header_without_inflating(hostile, site: Site):
+    """A 1 MB part declaring 22600x22600 16-bit (1 GB inflated): a recorded failure, the pull's memory flat."""
+    from hardening_support import MB, PeakMemory, deflate_bomb
+
+    from shared.dicom import dicom_header
+
+    archive, source = hostile
+    bomb = deflate_bomb()
+    assert len(bomb) < 2 * MB
+    header = dicom_header(bomb)
+    assert header is not None
+    bomb_sop = header.sop_instance_uid
+    archive.files[bomb_sop] = bomb  # recorded by hand: reading its study UID with pydicom would inflate it
+    archive.records.append(_record(header.study_instance_uid, "1.2.3.4", bomb_sop, header.sop_class_uid))
+    good = archive.add(make_study_dicoms(1, seed=33, size=32)[0])
+    site.settings = site.settings.model_copy(update={"dicomweb_max_part_bytes": 4 * MB})
+    with PeakMemory() as memory:
+        result = site.pull(source)
+    print(f"deflate bomb through a DICOMweb pull: the pulling process grew {memory.max_growth() / MB:.1f} MB")
+    assert memory.max_growth() < 500 * MB
+    assert result.queued == [good] and result.failed == 1
+    error = site.scans()[bomb_sop].error
+    assert error.startswith(RETRIEVAL_FAILED + "WADO-RS answered an instance that cannot be classified")
+    assert "22600" in error and site.stored() == {good}
+
+
 def test_a_server_that_ignores_offset_ends_in_one_line_within_the_deadline(hostile, site: Site):
     archive, source = hostile
     for data in make_study_dicoms(10, seed=33, size=32, per_study=5):

@@ -357,7 +357,20 @@ def _checked_part10(data: bytes, instance: RemoteInstance) -> bytes:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    # TODO(issue 21a): check the part's declared pixel size against the decode budget here, before any inflation.
+    from shared.imaging import ImageDecodeError, check_image_header, sniff_format
+
+    # The shared size guard reads the header through a bounded stream: a deflate bomb is refused
+    # before pydicom (which inflates a deflated data set whole) sees it. Parts that are not DICOM
+    # at all are refused below, with that message.
+    try:
+        is_dicom = sniff_format(data) == "dicom"
+    except ImageDecodeError:
+        is_dicom = False
+    if is_dicom:
+        try:
+            check_image_header(data, verify_pixel_data=True)
+        except ImageDecodeError as exc:
+            raise InstanceError(f"WADO-RS answered an instance that cannot be classified ({exc})") from None
     try:
         dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
         part10 = True
