@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.calibration import OperatingPoint, audit_status
 from shared.errors import LungcamError
+from shared.hashing import sha256_bytes
 from shared.store import ObjectStore, open_store
 
 if TYPE_CHECKING:
@@ -77,20 +77,6 @@ class Bundle:
         return GradCam(
             self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only
         )
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _store_for(uri: str, endpoint_url: str | None, region: str) -> ObjectStore:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.bundle import sha256_file
+from shared.hashing import sha256_file
 from shared.errors import LungcamError
 
 if TYPE_CHECKING:

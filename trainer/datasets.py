@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from shared.bundle import sha256_file
+from shared.hashing import sha256_file
 from shared.errors import LungcamError
 from shared.zoo import CLASS_NAMES
 

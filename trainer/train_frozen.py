@@ -10,22 +10,22 @@ from typing import Any
 
 import numpy as np
 
-from shared.bundle import sha256_file
+from shared.hashing import sha256_file
 from shared.calibration import fit_operating_point, sigmoid
 from shared.pretrained import PACKAGED_WEIGHTS
 from shared.zoo import attach_head, build_packaged_backbone
 from trainer.features import FeatureCache, extract_features, feature_set_key, pooled_feature_model
 from trainer.frozen import fit_linear_head, out_of_source_scores
 from trainer.loading import LoadedImages
-from trainer.train import (
-    TrainConfig,
-    _gradcam_grid,
-    _step,
+from trainer.config import TrainConfig
+from trainer.pipeline import (
     base_manifest,
     evaluation_plots,
+    gradcam_grid,
     load_splits,
     publish,
     report_test_split,
+    step,
 )
 
 
@@ -51,7 +51,7 @@ def train_frozen(config: TrainConfig, samples: list, data_paths: Sequence[str | 
 
     started = time.perf_counter()
     train_samples = data.train.samples
-    _step(f"scoring each training source with heads that never saw it ({len(train_samples)} images)")
+    step(f"scoring each training source with heads that never saw it ({len(train_samples)} images)")
     held_out = out_of_source_scores(train_samples, train_features, c=config.head_c, balance=config.balance)
     head = fit_linear_head(train_features, [s.label for s in train_samples], [s.source for s in train_samples],
                            c=config.head_c, balance=config.balance)
@@ -64,12 +64,12 @@ def train_frozen(config: TrainConfig, samples: list, data_paths: Sequence[str | 
     training_seconds = time.perf_counter() - started
     _print_out_of_source(held_out, operating_point)
 
-    _step(f"evaluating on the test split ({len(data.test.samples)} images)")
+    step(f"evaluating on the test split ({len(data.test.samples)} images)")
     evaluation = report_test_split(data.test, operating_point.calibrate(sigmoid(head.logits(test_features))),
                                    operating_point)
     head_model = head.to_keras(tuple(backbone.output.shape[1:]))
-    _step("drawing the plots and the Grad-CAM grid")
-    grid = _gradcam_grid(attach_head(backbone, head_model), config.gradcam_layer, data.test)
+    step("drawing the plots and the Grad-CAM grid")
+    grid = gradcam_grid(attach_head(backbone, head_model), config.gradcam_layer, data.test)
     manifest = base_manifest(config, data, evaluation, weights=config.weights, data_paths=data_paths)
     manifest["training"].update(seconds=round(training_seconds, 1), epochs_run=0)
     manifest["backbone"] = {**PACKAGED_WEIGHTS[config.weights].provenance(), "embedded": False, "frozen": True,
