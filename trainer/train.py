@@ -197,12 +197,18 @@ class TrainConfig:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """A progress bar per epoch (batches, loss, ETA) and one summary line per epoch on stderr."""
+    """A progress bar per epoch (batches, loss, ETA) and one summary line per epoch on stderr.
 
-    def __init__(self, epochs: int, *, progress: bool = True):
+    Keras names the monitored split's figures `val_*` whatever it is; `monitored` says what it really
+    is ("validation", or "test" for the paper's recipe, which scores the test split every epoch), and
+    the summary line names the figures by it.
+    """
+
+    def __init__(self, epochs: int, *, progress: bool = True, monitored: str = "validation"):
         super().__init__()
         self.epochs = epochs
         self.progress = progress
+        self.monitored = monitored
         self.seconds: list[float] = []
         self._start = 0.0
         self._bar: Any = None
@@ -229,9 +235,9 @@ class EpochLog(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self._start
         self.seconds.append(elapsed)
         logs = logs or {}
-        values = "  ".join(
-            f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs
-        )
+        names = {"loss": "loss", "accuracy": "accuracy", "val_loss": f"{self.monitored}_loss",
+                 "val_accuracy": f"{self.monitored}_accuracy"}
+        values = "  ".join(f"{name} {logs[key]:.4f}" for key, name in names.items() if key in logs)
         print(f"epoch {epoch + 1}/{self.epochs}  {values}  {elapsed:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -373,9 +379,14 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         train_samples, val_samples = split_samples(
             train_samples, test_fraction=config.val_fraction, seed=config.seed + 1, group_by_patient=config.group_by_patient
         )
+    split_text = (
+        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)}" if val_samples
+        # The paper's recipe has no validation split: what Keras calls val_* each epoch is the test split.
+        else f"train {len(train_samples)}, test {len(test_samples)}, no validation split (each epoch is scored on the test split)"
+    )
     print(
         f"dataset: {len(samples)} images ({', '.join(f'{n} {label}' for label, n in counts.items())}); "
-        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)} ({config.recipe} recipe)",
+        f"{split_text} ({config.recipe} recipe)",
         file=sys.stderr,
     )
     data_hash = dataset_hash(samples)
@@ -395,7 +406,8 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     # The paper validates on the test split every epoch (its training-curve figure); the robust
     # recipe on its own validation split.
     monitor = val_images if val_images is not None else test_images
-    epoch_log = EpochLog(config.epochs, progress=config.progress)
+    monitored = "validation" if val_images is not None else "test"
+    epoch_log = EpochLog(config.epochs, progress=config.progress, monitored=monitored)
     started = time.perf_counter()
     history = fit_on_arrays(
         config, model, train_images.images, [s.label for s in train_images.samples],
@@ -430,8 +442,10 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     _step("drawing the plots and the Grad-CAM grid")
     history_record = {key: [float(v) for v in values] for key, values in history.history.items()}
     history_record["epoch_seconds"] = epoch_log.seconds
+    # Keras's val_* keys stay (tools read them); this says which split they are.
+    history_record["val_split"] = monitored
     extra_files = {
-        "plots/training_curves.png": plots.training_curves_png(history_record),
+        "plots/training_curves.png": plots.training_curves_png(history_record, monitored=monitored),
         "plots/roc.png": plots.roc_png(targets, p_covid, metrics["auc"]),
         "plots/confusion_matrix.png": plots.confusion_matrix_png(metrics["confusion_matrix"]),
         "plots/reliability.png": plots.reliability_png(targets, p_covid, title="test split, calibrated p_covid"),
