@@ -78,6 +78,9 @@ def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
     result = _screen(folder, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(bundle)})
     _check_output(result)
     assert "embedded Redis running" in result.stderr
+    # The bundle was never audited: the terminal says so before anything is screened, not only worker.log.
+    warning = result.stderr.index("WARNING: model resnet50-test t1 has never been through the shortcut audit")
+    assert warning < result.stderr.index("starting a worker")
     assert (tmp_path / "data" / "lungcam.sqlite").is_file()
     assert len(list((tmp_path / "data" / "store" / "overlays").rglob("*.png"))) == 8
     # Shut down cleanly: no embedded Redis left behind (a moment's grace for the kernel to reap it).

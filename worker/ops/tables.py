@@ -8,9 +8,11 @@ from shared import db
 
 RESULT_COLUMNS = (
     "scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "finished_at",
-    "dicom_send", "older_model",
+    "dicom_send", "older_model", "cam_note",
 )
-TABLE_COLUMNS = ("scan_id", "status", "model_name", "label", "p_covid", "threshold", "dicom_send", "older_model", "error")
+TABLE_COLUMNS = (
+    "scan_id", "status", "model_name", "label", "p_covid", "threshold", "dicom_send", "older_model", "cam_note", "error",
+)
 
 
 def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
@@ -29,6 +31,7 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
                                      # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
                                      "dicom_send": ",".join(r.state for r in scan.result_sends
                                                             if (r.model_name, r.model_version) == (p.model_name, p.model_version)),
+                                     "cam_note": p.cam_note or "",
                                      "older_model": "yes" if current and (p.model_name, p.model_version) not in current else "",
                                      } if p else {})})
     return rows
@@ -37,9 +40,9 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
 # A terminal table fits this many columns: the longest cells (error, scan id, model) are shortened
 # with "…" to fit; the CSV (`lungcam results --csv`) always has the full values.
 TABLE_WIDTH = 100
-OPTIONAL_COLUMNS = ("dicom_send", "older_model")
+OPTIONAL_COLUMNS = ("dicom_send", "older_model", "cam_note")
 # Shrunk in this order of preference, never below SHRINK_FLOOR characters.
-SHRINKABLE = ("error", "scan_id", "model_name")
+SHRINKABLE = ("error", "cam_note", "scan_id", "model_name")
 SHRINK_FLOOR = 12
 ELLIPSIS = "…"
 
@@ -47,7 +50,7 @@ ELLIPSIS = "…"
 def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLUMNS, width: int = TABLE_WIDTH) -> str:
     """A plain-text table of result rows, at most `width` characters a line where the shrinkable columns allow.
 
-    dicom_send and older_model appear only when some row has a value.
+    dicom_send, older_model and cam_note appear only when some row has a value.
     """
     columns = [c for c in columns if c not in OPTIONAL_COLUMNS or any(r.get(c) for r in rows)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
@@ -71,7 +74,7 @@ def _fit(column: str, text: str, width: int) -> str:
     """text within width: an error keeps its start, an id or model name its start and end (they differ at the end)."""
     if len(text) <= width:
         return text
-    if column == "error":
+    if column in ("error", "cam_note"):
         return text[: width - 1] + ELLIPSIS
     head = (width - 1) // 2
     return text[:head] + ELLIPSIS + text[len(text) - (width - 1 - head):]
