@@ -42,7 +42,7 @@ def broker() -> str:
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis not reachable at {REDIS_URL} (.ci/run starts one): {exc}")
+        pytest.fail(f"Redis not reachable at {REDIS_URL} (`python3 run.py test` starts one): {exc}")
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
