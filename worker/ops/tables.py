@@ -57,7 +57,7 @@ def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLU
     _shrink(widths, width - 2 * (len(columns) - 1))
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(_fit(c, str(r.get(c, "")), widths[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(lines)
 
 
 def _shrink(widths: dict[str, int], budget: int) -> None:
