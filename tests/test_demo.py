@@ -19,7 +19,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from helpers import LUNGCAM, corrupt_scans, make_bundle, make_tiny_bundle, wait_until
+from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until
 from worker.ops import exit_codes
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
@@ -88,6 +88,8 @@ def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
 
 
 def test_screen_on_real_redis_postgresql_and_s3(folder, bundle, tmp_path, postgres_url, moto_server):
+    # The session's schema is shared with other modules' tests, which may have run first in this process.
+    empty_schema(postgres_url)
     bucket = S3Store("lungcam-demo-real", endpoint_url=moto_server)
     bucket.client.create_bucket(Bucket=bucket.bucket)
     redis.Redis.from_url(REDIS_URL).flushdb()
