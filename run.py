@@ -197,6 +197,9 @@ def parallel_args(pytest_args: list[str]) -> list[str]:
     targets = [arg for arg in pytest_args if not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()]
     if chosen or len(targets) == 1 or os.environ.get("LUNGCAM_TEST_PROCESSES") == "1":
         return []
+    if not any(VENV.glob("lib/python*/site-packages/xdist")) and not (VENV / "Lib/site-packages/xdist").exists():
+        _say("pytest-xdist is not installed in the virtual environment: the tests run in one process")
+        return []
     processes = os.environ.get("LUNGCAM_TEST_PROCESSES", str(TEST_PROCESSES))
     return ["-n", processes, "--dist", "loadfile"]
 
