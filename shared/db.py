@@ -184,6 +184,8 @@ class Prediction(Base):
     p_covid: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float | None] = mapped_column(Float)
     overlay_key: Mapped[str | None] = mapped_column(Text)
+    # A comment on the Grad-CAM map (shared.overlay.cam_note): flat, or peaking where lungs are not.
+    cam_note: Mapped[str | None] = mapped_column(Text)
     inference_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, server_default=func.now())
 
@@ -347,8 +349,10 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[start : start + size]
 
 
-_PREDICTION_FIELDS = ("scan_id", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "inference_ms")
-_PREDICTION_UPDATED = ("label", "p_covid", "threshold", "overlay_key", "inference_ms", "created_at")
+_PREDICTION_FIELDS = (
+    "scan_id", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "cam_note", "inference_ms",
+)
+_PREDICTION_UPDATED = ("label", "p_covid", "threshold", "overlay_key", "cam_note", "inference_ms", "created_at")
 
 
 def upsert_predictions(session: Session, rows: list[dict[str, Any]]) -> None:

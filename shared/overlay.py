@@ -108,6 +108,47 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_s
     return encode_png(render_overlay(image, cam, alpha=alpha, max_side=max_side))
 
 
+# Grad-CAM maps worth a comment (`cam_note`): cheap checks on the map and the model's input image,
+# computed where the overlay is made and stored with the prediction. They flag, they do not judge.
+FLAT_FRACTION = 0.8  # flat: this share of the map's cells at >= FLAT_LEVEL of its peak (or no peak at all)
+FLAT_LEVEL = 0.6
+BORDER_MIN_CELLS = 5  # coarser maps are all border; the border check needs at least 5x5 cells
+DARK_LEVEL = 0.06  # outside the body: the peak cell's mean brightness (input in [0,1]) below this
+BRIGHT_LEVEL = 0.97  # a marker or burned-in text: saturated pixels ...
+BRIGHT_SHARE = 0.02  # ... covering at least this share of the peak cell ...
+BRIGHT_MEDIAN = 0.75  # ... which is otherwise not bright (bone or a white-out is not a marker)
+
+
+def cam_note(cam: np.ndarray, image: np.ndarray | None = None) -> str | None:
+    """A short comment when a Grad-CAM map is flat or peaks at the border, outside the body or on a marker; else None.
+
+    `cam` is the map in [0,1] (h x w cells) and `image` the model's input it was computed on (H x W or
+    H x W x C, float in [0,1] or uint8), which covers the same field of view.
+    """
+    cam = np.asarray(cam, dtype=np.float32)
+    peak = float(cam.max()) if cam.size else 0.0
+    if peak <= 0.0 or float(np.mean(cam >= FLAT_LEVEL * peak)) >= FLAT_FRACTION:
+        return "flat map: no region stands out"
+    rows, cols = cam.shape
+    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    notes = []
+    if min(rows, cols) >= BORDER_MIN_CELLS and (row in (0, rows - 1) or col in (0, cols - 1)):
+        notes.append("peak at the image border")
+    if image is not None:
+        grey = np.asarray(image)
+        grey = grey.mean(axis=2) if grey.ndim == 3 else grey.astype(np.float32)
+        if np.asarray(image).dtype == np.uint8:
+            grey = grey / 255.0
+        height, width = grey.shape
+        cell = grey[row * height // rows : (row + 1) * height // rows, col * width // cols : (col + 1) * width // cols]
+        if cell.size:
+            if float(cell.mean()) < DARK_LEVEL:
+                notes.append("peak outside the body")
+            elif float(np.mean(cell >= BRIGHT_LEVEL)) >= BRIGHT_SHARE and float(np.median(cell)) < BRIGHT_MEDIAN:
+                notes.append("peak on a bright marker or text")
+    return "; ".join(notes) or None
+
+
 def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         image = np.uint8(np.clip(image, 0.0, 1.0) * 255.0 + 0.5)

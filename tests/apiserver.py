@@ -122,7 +122,7 @@ def redis_client(url: str) -> redis.Redis:
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis not reachable at {url} (.ci/run starts one): {exc}")
+        pytest.fail(f"Redis not reachable at {url} (`python3 run.py test` starts one): {exc}")
     return client
 
 

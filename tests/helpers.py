@@ -31,8 +31,12 @@ def headless_chromium(width: int = 1200, height: int = 900) -> Iterator[Any]:
     """A selenium driver on Debian's chromium + chromium-driver (fails under CI when they are missing)."""
     import pytest
 
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "Debian packages chromium and chromium-driver are not installed (.ci/run installs them)"
+    missing = [f"{name} ({package})" for name, path, package in (("chromium", CHROMIUM, "chromium"),
+                                                                   ("chromedriver", CHROMEDRIVER, "chromium-driver"))
+               if not Path(path).exists()]
+    if missing:
+        # Name only what is missing: chromium without its driver is a common half-install.
+        message = f"not installed: {' and '.join(missing)} (Debian packages; `python3 run.py test` installs them as root)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

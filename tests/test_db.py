@@ -338,3 +338,24 @@ def test_migration_0004_adds_skipped_and_keeps_every_result(db_url: str) -> None
         assert (status, error) == ("failed", "skipped: lateral view (LL)")
     finally:
         engine.dispose()
+
+
+def test_migration_0005_adds_cam_note_and_keeps_every_result(db_url: str) -> None:
+    """0004 -> 0005 adds predictions.cam_note (NULL for old rows) and back, keeping the predictions."""
+    from alembic import command
+
+    engine = db.make_engine(db_url)
+    try:
+        db.migrate(engine, "0004")
+        with engine.begin() as connection:
+            insert_scans_at_old_revision(connection, ["s1"])
+        db.migrate(engine)
+        with engine.begin() as connection:
+            assert connection.execute(sa.text("SELECT cam_note FROM predictions")).scalar_one() is None
+            connection.execute(sa.text("UPDATE predictions SET cam_note = 'flat map: no region stands out'"))
+            command.downgrade(db.alembic_config(connection), "0004")
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 1
+            assert "cam_note" not in {column["name"] for column in sa.inspect(connection).get_columns("predictions")}
+    finally:
+        engine.dispose()

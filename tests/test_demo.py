@@ -19,7 +19,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from helpers import LUNGCAM, corrupt_scans, make_bundle, make_tiny_bundle, wait_until
+from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until
 from worker.ops import exit_codes
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
@@ -78,6 +78,9 @@ def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
     result = _screen(folder, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(bundle)})
     _check_output(result)
     assert "embedded Redis running" in result.stderr
+    # The bundle was never audited: the terminal says so before anything is screened, not only worker.log.
+    warning = result.stderr.index("WARNING: model resnet50-test t1 has never been through the shortcut audit")
+    assert warning < result.stderr.index("starting a worker")
     assert (tmp_path / "data" / "lungcam.sqlite").is_file()
     assert len(list((tmp_path / "data" / "store" / "overlays").rglob("*.png"))) == 8
     # Shut down cleanly: no embedded Redis left behind (a moment's grace for the kernel to reap it).
@@ -85,6 +88,8 @@ def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
 
 
 def test_screen_on_real_redis_postgresql_and_s3(folder, bundle, tmp_path, postgres_url, moto_server):
+    # The session's schema is shared with other modules' tests, which may have run first in this process.
+    empty_schema(postgres_url)
     bucket = S3Store("lungcam-demo-real", endpoint_url=moto_server)
     bucket.client.create_bucket(Bucket=bucket.bucket)
     redis.Redis.from_url(REDIS_URL).flushdb()

@@ -15,7 +15,7 @@ import pytest
 from helpers import make_bundle
 from shared.bundle import BundleError, load_bundle, read_manifest, save_bundle
 from shared.gradcam import GradCam, peak_location
-from shared.overlay import overlay_png, render_overlay
+from shared.overlay import cam_note, overlay_png, render_overlay
 from shared.zoo import ARCHITECTURES, BackboneInputScaling, WeightsUnavailableError, build_model
 
 SIZES = {"vgg16": 64, "densenet121": 64, "resnet50": 64}
@@ -125,6 +125,28 @@ def test_overlay_is_a_png_of_the_image_size_with_the_heat_where_the_map_is_hot()
     assert rgb[190, 10, 2] > rgb[190, 10, 0]  # and blue where cold
     decoded = cv2.imdecode(np.frombuffer(overlay_png(image, cam), np.uint8), cv2.IMREAD_COLOR)
     assert decoded.shape == (200, 300, 3)
+
+
+def test_cam_note_flags_flat_maps_and_peaks_at_the_border_outside_the_body_or_on_a_marker():
+    from shared.synthetic import synthetic_xray
+
+    image = synthetic_xray(np.random.default_rng(1), 128).image  # uint8, body centred, dark background
+
+    def peak_at(row: int, col: int) -> np.ndarray:
+        cam = np.zeros((8, 8), np.float32)
+        cam[row, col] = 1.0
+        return cam
+    # A map that picks out a region inside the lungs gets no comment.
+    assert cam_note(peak_at(3, 2), image) is None and cam_note(peak_at(4, 5), image / 255.0) is None
+    assert cam_note(np.zeros((8, 8)), image) == cam_note(np.full((8, 8), 0.7), image) == "flat map: no region stands out"
+    assert cam_note(peak_at(0, 4), image) == "peak at the image border"
+    assert cam_note(np.eye(2), None) is None  # a 2x2 map is all border: too coarse to say
+    dark = image.copy()
+    dark[48:64, 48:64] = 0  # the peak's cell is black: air outside the body
+    assert cam_note(peak_at(3, 3), dark) == "peak outside the body"
+    marker = image.copy()
+    cv2.putText(marker, "R", (48, 62), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1)  # burned-in text in the peak's cell
+    assert cam_note(peak_at(3, 3), marker) == "peak on a bright marker or text"
 
 
 @pytest.mark.slow  # starts a second Python with TensorFlow

@@ -40,8 +40,8 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 P_COVID_CODE = "P-COVID"
 
-needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc with the DICOMweb plugin is not installed (.ci/run installs it)")
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed (.ci/run installs it)")
+needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc with the DICOMweb plugin is not installed (`python3 run.py test` installs it as root)")
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed (`python3 run.py test` installs it as root)")
 
 
 def _flush_redis(url: str) -> None:
@@ -350,7 +350,7 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory):
     if not orthanc_available():
-        pytest.skip("Orthanc with the DICOMweb plugin is not installed (.ci/run installs it)")
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (`python3 run.py test` installs it as root)")
     with run_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 

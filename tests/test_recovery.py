@@ -394,7 +394,9 @@ def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundl
     sessions = _sessions(url)
     scans = _stage(tmp_path / "store", 120, seed=4)
     private_redis.start()
-    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="20")
+    # Lost messages are re-sent after 5 s (default 60) by a reconciler passing every 2 s (default 10).
+    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="5",
+               LUNGCAM_RECONCILE_INTERVAL_S="2")
     app = make_app(Settings(broker_url=private_redis.url, database_url=url))
     worker = start_worker(env, tmp_path / "worker.log")
     try:

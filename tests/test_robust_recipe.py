@@ -79,6 +79,8 @@ def test_cli_robust_train_then_evaluate_two_datasets(tmp_path: Path) -> None:
                       "--epochs", "8", "--batch-size", "16", "--indeterminate-band", "0.1", "--version", "r-1",
                       "--no-progress", "--out", str(bundle))
     assert result.returncode == 0, result.stderr[-4000:]
+    # Early stopping watches a real validation split, and the per-epoch figures say so.
+    assert "validation_loss" in result.stderr and "no validation split" not in result.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["recipe"] == "robust" and manifest["architecture"] == "small"
     assert manifest["preprocessing"]["version"] == 2 and manifest["preprocessing"]["intensity"] == "clahe"

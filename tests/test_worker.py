@@ -42,7 +42,7 @@ def broker() -> str:
     try:
         client.ping()
     except redis.ConnectionError as exc:
-        pytest.fail(f"Redis not reachable at {REDIS_URL} (.ci/run starts one): {exc}")
+        pytest.fail(f"Redis not reachable at {REDIS_URL} (`python3 run.py test` starts one): {exc}")
     client.flushdb()
     yield REDIS_URL
     client.flushdb()
@@ -157,6 +157,9 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles
     env = _env(
         broker, db_url, str(tmp_path / "store"), bundles,
         LUNGCAM_VISIBILITY_TIMEOUT_S="8", LUNGCAM_TASK_MAX_RETRIES="2", LUNGCAM_S3_ENDPOINT_URL=moto_server,
+        # Short leases and reconciler passes: the killed worker's claims expire in seconds, not the
+        # default 30 s (the recovery path is the same; test_recovery checks it with default settings).
+        LUNGCAM_LEASE_S="6", LUNGCAM_RECONCILE_INTERVAL_S="2",
         # Allowed, so the worker really asks the store (which has no such bucket).
         LUNGCAM_ALLOWED_SOURCES="s3://no-such-bucket-lungcam",
     )

@@ -84,9 +84,15 @@ def load_splits(config: TrainConfig, samples: list) -> Splits:
             train_samples, test_fraction=config.val_fraction, seed=config.seed + 1, group_by_patient=config.group_by_patient
         )
     counts = count_labels(samples)
+    split_text = (
+        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)}" if val_samples
+        # The paper's recipe has no validation split: what Keras calls val_* each epoch is the test split.
+        else f"train {len(train_samples)}, test {len(test_samples)}, no validation split"
+        + (" (each epoch is scored on the test split)" if config.recipe == "paper" else "")
+    )
     print(
         f"dataset: {len(samples)} images ({', '.join(f'{n} {label}' for label, n in counts.items())}); "
-        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)} ({config.recipe} recipe)",
+        f"{split_text} ({config.recipe} recipe)",
         file=sys.stderr,
     )
     preprocessing = preprocessing_for(config)

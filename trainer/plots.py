@@ -25,11 +25,14 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def training_curves_png(history: dict[str, Sequence[float]]) -> bytes:
-    """Loss and accuracy per epoch, training and validation (the paper's figure, in two panels)."""
+def training_curves_png(history: dict[str, Sequence[float]], monitored: str = "validation") -> bytes:
+    """Loss and accuracy per epoch, training and the monitored split (the paper's figure, in two panels).
+
+    `monitored` names what Keras's val_* figures were computed on: "validation", or "test" (paper recipe).
+    """
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
-        for prefix, label in (("", "train"), ("val_", "validation (test split)")):
+        for prefix, label in (("", "train"), ("val_", f"{monitored} split")):
             values = history.get(prefix + metric)
             if values:
                 axis.plot(range(1, len(values) + 1), values, marker="o", label=f"{label} {metric}")

@@ -46,12 +46,18 @@ log = logging.getLogger(__name__)
 
 
 class EpochLog(keras.callbacks.Callback):
-    """A progress bar per epoch (batches, loss, ETA) and one summary line per epoch on stderr."""
+    """A progress bar per epoch (batches, loss, ETA) and one summary line per epoch on stderr.
 
-    def __init__(self, epochs: int, *, progress: bool = True):
+    Keras names the monitored split's figures `val_*` whatever it is; `monitored` says what it really
+    is ("validation", or "test" for the paper's recipe, which scores the test split every epoch), and
+    the summary line names the figures by it.
+    """
+
+    def __init__(self, epochs: int, *, progress: bool = True, monitored: str = "validation"):
         super().__init__()
         self.epochs = epochs
         self.progress = progress
+        self.monitored = monitored
         self.seconds: list[float] = []
         self._start = 0.0
         self._bar: Any = None
@@ -78,9 +84,9 @@ class EpochLog(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self._start
         self.seconds.append(elapsed)
         logs = logs or {}
-        values = "  ".join(
-            f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy") if key in logs
-        )
+        names = {"loss": "loss", "accuracy": "accuracy", "val_loss": f"{self.monitored}_loss",
+                 "val_accuracy": f"{self.monitored}_accuracy"}
+        values = "  ".join(f"{name} {logs[key]:.4f}" for key, name in names.items() if key in logs)
         print(f"epoch {epoch + 1}/{self.epochs}  {values}  {elapsed:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -199,7 +205,8 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     # The paper validates on the test split every epoch (its training-curve figure); the robust
     # recipe on its own validation split.
     monitor = val_images if val_images is not None else test_images
-    epoch_log = EpochLog(config.epochs, progress=config.progress)
+    monitored = "validation" if val_images is not None else "test"
+    epoch_log = EpochLog(config.epochs, progress=config.progress, monitored=monitored)
     started = time.perf_counter()
     history = fit_on_arrays(
         config, model, train_images.images, [s.label for s in train_images.samples],
@@ -228,8 +235,10 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     step("drawing the plots and the Grad-CAM grid")
     history_record = {key: [float(v) for v in values] for key, values in history.history.items()}
     history_record["epoch_seconds"] = epoch_log.seconds
+    # Keras's val_* keys stay (tools read them); this says which split they are.
+    history_record["val_split"] = monitored
     extra_files = {
-        "plots/training_curves.png": plots.training_curves_png(history_record),
+        "plots/training_curves.png": plots.training_curves_png(history_record, monitored=monitored),
         **evaluation_plots(evaluation, gradcam_grid(model, config.gradcam_layer, test_images)),
         "history.json": json.dumps(history_record, indent=2).encode(),
     }

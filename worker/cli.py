@@ -67,6 +67,15 @@ def _ops(name: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that states each option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `lungcam` command."""
     parser = argparse.ArgumentParser(
@@ -145,17 +154,31 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--loglevel", default="INFO")
     send.set_defaults(handler=_pacs("run_send"))
 
+    descriptions = {
+        "demo": "Run the whole system on this machine and screen one folder: embedded Redis (unless "
+                "LUNGCAM_BROKER_URL is set), SQLite and a local store under LUNGCAM_DATA_DIR (unless configured), "
+                "a worker and the API as child processes. Prints a results table, writes an HTML report, then "
+                "stops everything. Without --images it screens --count synthetic images; with LUNGCAM_MODELS "
+                "unset it uses a demonstration model trained on synthetic images (trained on first use), whose "
+                "outputs mean nothing clinically.",
+        "screen": "Like `lungcam demo`, for a folder of your own films and the models in LUNGCAM_MODELS: "
+                  "starts what is not configured on this machine, screens the folder, prints a results table, "
+                  "writes an HTML report, then stops everything.",
+    }
     for name, text in (("demo", "run everything on this machine and screen synthetic images (or --images DIR)"),
                        ("screen", "run everything on this machine and screen a folder with the configured models")):
-        command = commands.add_parser(name, help=text)
+        command = commands.add_parser(name, help=text, description=descriptions[name],
+                                      formatter_class=_DefaultsHelp,
+                                      epilog="exit codes: 0 every scan done or skipped; 2 error (one line on stderr); "
+                                             "4 finished, but some scans failed (reasons in the table); 130 interrupted")
         if name == "screen":
             command.add_argument("images", help="folder of PNG, JPEG or DICOM files")
         else:
             command.add_argument("--images", help="folder to screen instead of synthetic images")
-        command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (default)")
+        command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (GPU 0 if nvidia-smi lists one)")
         if name == "demo":
             command.add_argument("--count", type=int, default=24, help="synthetic images to screen (without --images)")
-        command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+        command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of screening (exit 2)")
         command.add_argument("--all-models", action="store_true",
                              help="show earlier models' predictions for the same scans too (marked as older)")
         command.set_defaults(handler=_ops("run_demo"))

@@ -145,6 +145,11 @@ class PredictionOut(BaseModel):
     p_covid: float = Field(description="Calibrated by the bundle's temperature; label compares it with threshold.")
     threshold: float | None = Field(default=None, description="The bundle's operating point (None: before calibration was recorded).")
     inference_ms: float | None
+    cam_note: str | None = Field(
+        default=None,
+        description="A comment on the Grad-CAM map when it is flat or peaks at the border, outside the body or on a "
+        "bright marker (None: nothing to say, or a result from before this was recorded).",
+    )
     # The store key stays internal; the context's `overlay_link` turns it into overlay_url.
     overlay_key: str | None = Field(default=None, exclude=True)
     overlay_url: str | None = Field(

@@ -20,7 +20,7 @@ from shared.bundle import Bundle, load_bundle
 from shared.gradcam import GradCam
 from shared.dicom import dicom_header, selection_reason
 from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
-from shared.overlay import OVERLAY_FORMATS, encode_overlay
+from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
@@ -378,6 +378,8 @@ class ScanClassifier:
                             "p_covid": float(p_calibrated[index]),
                             "threshold": float(operating_point.threshold),
                             "overlay_key": key,
+                            # Computed beside the overlay, on the map and the input it was made from.
+                            "cam_note": cam_note(cams[index], batch[index]),
                             "inference_ms": elapsed_ms / len(chunk),
                         }
                     )

@@ -204,6 +204,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     """Everything that can be checked before a process starts or a scan is queued: images, models, database, store."""
     from shared import db
     from shared.bundle import read_manifest
+    from shared.calibration import audit_status
     from shared.store import store_from_settings
     from worker.ops.ingest import survey
 
@@ -215,7 +216,11 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
         raise DemoError(f"no images (PNG, JPEG, TIFF, DICOM) in {folder} ({found.summary()})")
     _say(f"{folder}: {found.summary()}")
     for uri in Settings.csv_list(models):
-        read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
+        manifest = read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
+        # Said here, before anything is screened, not only in the worker's log.
+        warning = audit_status(manifest)
+        if warning:
+            _say(f"WARNING: {warning}")
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
     db.migrate(settings.resolved_database_url())

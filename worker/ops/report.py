@@ -107,7 +107,7 @@ def write_report(
     def prepare(scan: db.Scan) -> _Row:
         predictions = [
             {"model_name": p.model_name, "model_version": p.model_version, "label": p.label, "p_covid": p.p_covid,
-             "threshold": p.threshold,
+             "threshold": p.threshold, "cam_note": p.cam_note,
              "older": current is not None and (p.model_name, p.model_version) not in current}
             for p in scan.predictions
         ]
