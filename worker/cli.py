@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--loglevel", default="INFO")
     send.set_defaults(handler=_pacs("run_send"))
 
-    for name, text in (("demo", "run everything on this machine and screen synthetic images (or --images DIR)"),
-                       ("screen", "run everything on this machine and screen a folder with the configured models")):
+    for name, text in (("demo", "run everything on this machine and screen the shipped sample films (or --images DIR) "
+                                "with the shipped model (or LUNGCAM_MODELS)"),
+                       ("screen", "run everything on this machine and screen a folder with LUNGCAM_MODELS, "
+                                  "else the shipped model")):
         command = commands.add_parser(name, help=text)
         if name == "screen":
             command.add_argument("images", help="folder of PNG, JPEG or DICOM files")
@@ -154,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--images", help="folder to screen instead of synthetic images")
         command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (default)")
         if name == "demo":
-            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (without --images)")
+            command.add_argument("--synthetic", action="store_true",
+                                 help="train (first time only) and use a demonstration model on synthetic images, "
+                                      "and screen synthetic images unless --images is given")
+            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (--synthetic without --images)")
         command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
         command.add_argument("--all-models", action="store_true",
                              help="show earlier models' predictions for the same scans too (marked as older)")

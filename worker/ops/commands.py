@@ -218,6 +218,6 @@ def run_demo(args: argparse.Namespace) -> int:
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
     images = Path(args.images) if getattr(args, "images", None) else None
     return screen(
-        images, demo=args.command == "demo", gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout,
-        all_models=args.all_models,
+        images, gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout, all_models=args.all_models,
+        synthetic=getattr(args, "synthetic", False),
     )
