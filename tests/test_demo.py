@@ -212,6 +212,7 @@ def test_demo_screens_the_shipped_films_with_the_shipped_model_true_labels_and_a
     report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1)).read_text()
     assert 'id="agreement"' in report and f"({agrees}/{len(rows)})" in report
     assert report.count('class="truth"') == len(rows)
+    assert "optimistic, in-distribution" in report
 
 
 def test_demo_says_what_the_model_is_before_screening(sample_demo):

@@ -26,6 +26,10 @@ from shared.settings import Settings
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
 
 DEMO_MODEL_DIR = "models/demo"
+SAMPLE_NOTE = (
+    "These sample films come from the test split of the shipped model's own sources (the model never fitted on "
+    "them): an optimistic, in-distribution figure that says nothing about other hospitals; see docs/model-card.md."
+)
 
 
 class DemoError(LungcamError):
@@ -336,6 +340,7 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
             scans = list_batch_scans(session, batch_id, all_models=all_models)
             current, demonstration = batch_model_keys(session, batch_id), demonstration_keys(session, batch_id)
         assert batch_progress is not None  # just created
+        on_sample = folder.resolve() == sample_films_dir().resolve()
         rows, columns = result_rows(scans, current), list(TABLE_COLUMNS)
         agreements = agreement(scans, truth, current or None) if truth else []
         if truth:
@@ -346,15 +351,14 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
         report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
                               fetcher=SourceFetcher(store, runtime), current_models=current or None,
                               demonstration_models=demonstration, model_facts=facts, true_labels=truth,
-                              agreements=agreements)
+                              agreements=agreements, agreement_note=SAMPLE_NOTE if on_sample else None)
         counts = batch_progress.counts
         print(f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
               f"of {batch_progress.total} (batch {batch_id})")
         for entry in agreements:
             print(entry.line())
-        if agreements and images is None and not synthetic:
-            print("(these sample films come from the test split of the shipped model's own sources: an optimistic, "
-                  "in-distribution figure; see docs/model-card.md)")
+        if agreements and on_sample:
+            print(f"({SAMPLE_NOTE})")
         print(f"HTML report: {report.resolve()}")
     _say("worker, API and embedded services stopped")
     if counts["failed"]:

@@ -98,6 +98,7 @@ def write_report(
     model_facts: Sequence[ModelFacts] = (),
     true_labels: Mapping[str, str] | None = None,
     agreements: Sequence[Agreement] = (),
+    agreement_note: str | None = None,
     threads: int = 8,
     on_progress: Callable[[int], None] | None = None,
 ) -> Path:
@@ -105,7 +106,8 @@ def write_report(
 
     With current_models, predictions of other models are shown marked "older model"; pass the
     scans' predictions already filtered to hide them. model_facts describe the models (with their
-    warnings); true_labels (scan id -> label) add a true-label column, agreements their summary.
+    warnings); true_labels (scan id -> label) add a true-label column, agreements their summary
+    (with agreement_note, e.g. how far the figures generalise).
     """
     assets = out_html.with_name(out_html.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,7 @@ def write_report(
         audit_warnings=[facts.audit_warning for facts in model_facts if facts.audit_warning],
         show_truth=bool(true_labels),
         agreements=list(agreements),
+        agreement_note=agreement_note,
     )
     out_html.write_text(html)
     return out_html
