@@ -20,10 +20,15 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import LungcamError
 from shared.settings import Settings
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
+
+if TYPE_CHECKING:
+    from worker.ops.ingest import IngestItem
+    from worker.ops.model_facts import ModelFacts
 
 DEMO_MODEL_DIR = "models/demo"
 SAMPLE_NOTE = (
@@ -208,7 +213,7 @@ def _wait_until_ready(base_url: str, worker: _Child, api: _Child, n_models: int,
         time.sleep(0.5)
 
 
-def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list, list[dict]]:
+def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[IngestItem], list[dict]]:
     """Everything that can be checked before a process starts or a scan is queued: images, models, database, store.
 
     Returns the images to queue and the models' manifests.
@@ -227,11 +232,27 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list, list
     _say(f"{folder}: {found.summary()}")
     manifests = [read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
                  for uri in Settings.csv_list(models)]
+    for manifest in manifests:
+        _check_named_backbone(manifest)
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
     db.migrate(settings.resolved_database_url())
     next(iter(store_from_settings(settings).list("readyz-probe/")), None)
     return items, manifests
+
+
+def _check_named_backbone(manifest: dict) -> None:
+    """Refuse now, in one line, a bundle whose frozen backbone's package is not installed (the worker would, later)."""
+    from shared.bundle import named_backbone
+    from shared.pretrained import PACKAGED_WEIGHTS, PretrainedWeightsError, packaged_weights_path
+
+    backbone = named_backbone(manifest)
+    weights = PACKAGED_WEIGHTS.get(backbone["weights"]) if backbone else None
+    if weights is not None:
+        try:
+            packaged_weights_path(weights)
+        except PretrainedWeightsError as exc:
+            raise DemoError(f"model {manifest.get('name', '?')}: {exc}") from exc
 
 
 def choose_models_and_folder(settings: Settings, images: Path | None, *, synthetic: bool, count: int) -> tuple[str, Path]:
@@ -249,7 +270,7 @@ def choose_models_and_folder(settings: Settings, images: Path | None, *, synthet
     return models, images if images is not None else sample_films_dir()
 
 
-def describe_models(manifests: list[dict]) -> list:
+def describe_models(manifests: list[dict]) -> list[ModelFacts]:
     """Print what each model is (stdout) and, before anything is screened, its warnings (stderr); returns the facts."""
     from worker.ops.model_facts import model_facts
 
