@@ -249,3 +249,19 @@ def test_screen_of_real_films_with_nothing_configured_uses_the_shipped_model(tmp
     assert "agreement of " in result.stdout
     # Not the sample: no remark about in-distribution sample films.
     assert "sample films" not in result.stdout
+
+
+def test_demo_synthetic_uses_the_demonstration_model_and_warns_before_screening(tmp_path):
+    """--synthetic: the demonstration bundle under the data folder (pre-placed here: no training in the suite)."""
+    data = tmp_path / "data"
+    make_tiny_bundle(data / "models" / "demo", 64)
+    result = _lungcam(["demo", "--synthetic", "--count", "4"], {"LUNGCAM_DATA_DIR": str(data)})
+    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert "using the demonstration model" in result.stderr and "shipped model" not in result.stderr
+    assert json.loads((data / "models" / "demo" / "manifest.json").read_text())["demonstration"] is True
+    warning = result.stderr.index("WARNING: tiny-test t1 is a DEMONSTRATION MODEL")
+    assert warning < result.stderr.index("starting a worker")
+    assert {row["model_name"] for row in _table(result.stdout)} == {"tiny-test"}
+    assert "true_label" not in result.stdout and "agreement of" not in result.stdout  # synthetic: no true labels
+    report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1)).read_text()
+    assert 'id="demo-banner"' in report
