@@ -21,6 +21,7 @@ import redis
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
+from helpers import redis_url
 from shared import db
 from shared.settings import Settings
 from shared.store import LocalStore
@@ -28,8 +29,8 @@ from shared.synthetic import synthetic_xray
 from worker.api.main import create_app
 
 # Two Redis databases of their own: the fast tests count messages on one while a worker drains the other.
-API_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_REDIS_URL", "redis://127.0.0.1:6379/12")
-WORKER_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_WORKER_REDIS_URL", "redis://127.0.0.1:6379/10")
+API_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_REDIS_URL", redis_url(12))
+WORKER_REDIS_URL = os.environ.get("LUNGCAM_TEST_API_WORKER_REDIS_URL", redis_url(10))
 TOKEN = "test-token-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

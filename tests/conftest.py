@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,35 @@ from sqlalchemy.engine import make_url
 from shared.store import S3Store
 
 DEFAULT_TEST_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _own_redis_for_this_process() -> None:
+    """In every pytest-xdist process but the first, a Redis of its own on a free port (LUNGCAM_TEST_REDIS_PORT).
+
+    Test modules pick fixed database numbers on 127.0.0.1:6379 and flush them; two processes running
+    two modules that share a number would flush each other's queues. Runs at import, before any test
+    module reads tests/helpers.TEST_REDIS_PORT.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    server = shutil.which("redis-server")
+    if worker in ("", "gw0") or "LUNGCAM_TEST_REDIS_PORT" in os.environ or server is None:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(process.terminate)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    os.environ["LUNGCAM_TEST_REDIS_PORT"] = str(port)
+
+
+_own_redis_for_this_process()
 
 
 def _schema_url(base_url: str, schema: str) -> str:

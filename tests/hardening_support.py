@@ -12,10 +12,8 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 import zlib
-from io import BytesIO
 from pathlib import Path
 
 import pydicom

@@ -24,6 +24,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # Screenshots and pages tests keep for a person to look at (git-ignored).
 ARTIFACTS = REPO / "test-artifacts"
+# The Redis the tests use: 127.0.0.1:6379, or, in a second pytest-xdist process, a server of its own
+# (tests/conftest.py starts it), so two modules that use the same database number never meet.
+TEST_REDIS_PORT = int(os.environ.get("LUNGCAM_TEST_REDIS_PORT", "6379"))
+
+
+def redis_url(database: int) -> str:
+    """The URL of one database of the test Redis."""
+    return f"redis://127.0.0.1:{TEST_REDIS_PORT}/{database}"
 
 
 @contextmanager

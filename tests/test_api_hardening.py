@@ -20,11 +20,11 @@ import httpx
 import pytest
 
 from apiserver import Api, b64, png_bytes, redis_client, running_api
-from helpers import LUNGCAM, REPO
+from helpers import LUNGCAM, REPO, redis_url
 from shared import db
 from shared.store import overlay_key
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_HARDENING_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_HARDENING_REDIS_URL", redis_url(14))
 PUBLIC_URL = "https://lungcam.example.org/screening"
 BODY_BYTES = 93 * 1024 * 1024
 CONCURRENT = 16

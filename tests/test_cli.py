@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import redis
 
-from helpers import LUNGCAM, headless_chromium, make_bundle, start_worker
+from helpers import LUNGCAM, headless_chromium, make_bundle, start_worker, redis_url
 from shared.synthetic import synthetic_xray
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_CLI_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_CLI_REDIS_URL", redis_url(11))
 
 
 def _run(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until
+from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until, redis_url
 from worker.ops import exit_codes
 from shared.calibration import audit_status
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
@@ -33,7 +33,7 @@ from shared.synthetic import synthetic_xray
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_DEMO_REDIS_URL", "redis://127.0.0.1:6379/9")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_DEMO_REDIS_URL", redis_url(9))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from hardening_support import MB, PeakMemory, _explicit_body, _file_meta, deflate_bomb, image_header, lying_headers
+from helpers import redis_url
 from shared import db
 from shared.dicom import dicom_header
 from shared.imaging import (
@@ -137,7 +138,7 @@ def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bo
     from apiserver import b64, png_bytes, running_api
     from helpers import make_bundle, start_worker, wait_until
 
-    broker_url = "redis://127.0.0.1:6379/8"
+    broker_url = redis_url(8)
     redis.Redis.from_url(broker_url).flushdb()
     overrides = {"broker_url": broker_url, "api_max_image_bytes": 4 * MB, "api_max_body_bytes": 8 * MB}
     bundle = make_bundle(tmp_path / "bundle", "resnet50", 64)

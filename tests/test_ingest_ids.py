@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from helpers import LUNGCAM, REPO, encode_scan
+from helpers import LUNGCAM, REPO, encode_scan, redis_url
 from shared import db
 from shared.errors import SubmissionError
 from shared.queueing import make_app
@@ -21,7 +21,7 @@ from shared.store import LocalStore, scan_key
 from shared.synthetic import synthetic_xray
 from worker.ops.ingest import ingest, scan_id_for, survey
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_INGEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_INGEST_REDIS_URL", redis_url(14))
 
 
 def _image(seed: int) -> np.ndarray:

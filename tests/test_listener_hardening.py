@@ -22,9 +22,10 @@ import sqlalchemy as sa
 
 from hardening_support import MB, ListenerProcess, PeakMemory, deflate_bomb, lying_headers
 from pacs_support import free_port, make_study_dicoms, sop_uid_of, subprocess_env
+from helpers import redis_url
 from shared import db
 
-REDIS_URL = "redis://127.0.0.1:6379/8"
+REDIS_URL = redis_url(8)
 IDLE_TIMEOUT_S = 2.0
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 ALLOWED_AETS = ("TESTSCU", "ER_MODALITY")

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from helpers import LUNGCAM, REPO, make_bundle, start_worker, wait_until
+from helpers import LUNGCAM, REPO, make_bundle, start_worker, wait_until, redis_url
 from pacs_support import (
     PHI_ID,
     PHI_NAME,
@@ -34,8 +34,8 @@ from pacs_support import (
 )
 from shared import db
 
-REDIS_MAIN = "redis://127.0.0.1:6379/1"
-REDIS_DB_DOWN = "redis://127.0.0.1:6379/2"
+REDIS_MAIN = redis_url(1)
+REDIS_DB_DOWN = redis_url(2)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 P_COVID_CODE = "P-COVID"
@@ -317,9 +317,9 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
     ids = {"sop_uid": sop, "study_uid": study_uid_of(data), "series_uid": "1.2.3"}
     settings = Settings(database_url=url, dicom_stat_ae_titles="URGENT,ER_CR")
     broken_store = LocalStore(tmp_path / "not-a-folder" / "store")
-    redis_url = "redis://127.0.0.1:6379/3"
-    _flush_redis(redis_url)
-    apps = [make_app(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"), make_app(settings, broker_url=redis_url)]
+    broker_url = redis_url(3)
+    _flush_redis(broker_url)
+    apps = [make_app(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"), make_app(settings, broker_url=broker_url)]
     try:
         receiver = Receiver(settings, sessions, broken_store, apps[1])
         assert receiver.priority_for("ER_CR", "LUNGCAM") == "stat" and receiver.priority_for("X", "URGENT ") == "stat"
@@ -330,10 +330,10 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
         store = LocalStore(tmp_path / "store")
         # Broker down: the row is committed (queued) but the answer is a failure, so the sender retries...
         assert Receiver(settings, sessions, store, apps[0]).receive(data, priority="stat", **ids) == OUT_OF_RESOURCES
-        assert _queue_lengths(redis_url) == {"stat": 0, "routine": 0}
+        assert _queue_lengths(broker_url) == {"stat": 0, "routine": 0}
         # ...and the retry, with the broker back, publishes it once.
         assert Receiver(settings, sessions, store, apps[1]).receive(data, priority="stat", **ids) == SUCCESS
-        assert _queue_lengths(redis_url) == {"stat": 1, "routine": 0}
+        assert _queue_lengths(broker_url) == {"stat": 1, "routine": 0}
         with sessions() as session:
             scan = session.get(db.Scan, sop)
             assert (scan.status, scan.priority, scan.sop_instance_uid, scan.batch_id[:6]) == ("queued", "stat", sop, "dicom-")
@@ -341,7 +341,7 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
         for app in apps:
             app.close()
         engine.dispose()
-        _flush_redis(redis_url)
+        _flush_redis(broker_url)
 
 
 # --- end to end: Orthanc, Redis, a worker, the listener and the sender -----------------------------------

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import redis_url
 from shared.bundle import BundleError, MANIFEST_FILE, load_bundle, save_bundle
 from shared.imaging import PREPROCESSING
 from shared.pretrained import (
@@ -158,7 +159,7 @@ def test_a_bundle_whose_backbone_file_differs_is_refused(hed_bundle: Path, tmp_p
         load_bundle(bundle_dir)
 
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_PRETRAINED_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_PRETRAINED_REDIS_URL", redis_url(13))
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 
 from apiserver import b64, running_api
 from pacs_support import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
+from helpers import redis_url
 from shared import db
 from shared.errors import SubmissionError
 from shared.queueing import make_app
@@ -29,7 +30,7 @@ from worker.ops.ingest import IngestItem, ingest
 from worker.pacs.listener import SUCCESS, Receiver
 from worker.pacs.sender import Sender, transport_for
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_PROVENANCE_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_PROVENANCE_REDIS_URL", redis_url(14))
 needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc with the DICOMweb plugin is not installed")
 
 

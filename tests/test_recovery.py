@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy import func, select
 
-from helpers import empty_schema, insert_scans_at_old_revision, make_bundle, mixed_scans, start_worker, wait_until
+from helpers import empty_schema, insert_scans_at_old_revision, make_bundle, mixed_scans, start_worker, wait_until, redis_url
 from shared import db
 from shared.broker_state import RedisBroker
 from shared.queueing import make_app, publish, submit_scans
@@ -33,8 +33,8 @@ from worker.consumer.reconciler import Reconciler
 
 pytestmark = pytest.mark.slow
 
-KILL_REDIS_URL = os.environ.get("LUNGCAM_TEST_RECOVERY_REDIS_URL", "redis://127.0.0.1:6379/5")
-UNIT_REDIS_URL = "redis://127.0.0.1:6379/6"
+KILL_REDIS_URL = os.environ.get("LUNGCAM_TEST_RECOVERY_REDIS_URL", redis_url(5))
+UNIT_REDIS_URL = redis_url(6)
 MODEL = "resnet50-test"
 
 
@@ -452,7 +452,7 @@ def test_ingesting_the_same_source_again_resumes_its_batch_and_keeps_stored_imag
     """Same source and name: the same batch id; known scans keep their stored image unless forced."""
     from worker.ops.ingest import batch_id_for, discover, ingest
 
-    broker = "redis://127.0.0.1:6379/7"
+    broker = redis_url(7)
     redis.Redis.from_url(broker).flushdb()
     url = f"sqlite:///{tmp_path / 'ingest.sqlite'}"
     sessions = _sessions(url)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import redis
 
+from helpers import redis_url
 from shared import db
 from shared.broker_state import decode_message
 from shared.queueing import QUEUES, make_app, publish
 from shared.requeue import requeue_stale
 from shared.settings import Settings
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_REQUEUE_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_REQUEUE_REDIS_URL", redis_url(14))
 
 
 def _messages_per_scan(client: redis.Redis) -> dict[str, int]:

@@ -24,7 +24,7 @@ from celery_batches import SimpleRequest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from helpers import empty_schema, mixed_scans
+from helpers import empty_schema, mixed_scans, redis_url
 from shared import db
 from shared.queueing import CLASSIFY_TASK, make_app, submit_scans
 from shared.settings import Settings
@@ -34,7 +34,7 @@ from worker.consumer.reconciler import Reconciler
 from worker.consumer.tasks import MAX_BACKOFF_S, BatchRunner, backoff_seconds
 from worker.consumer.transient import is_transient
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_RETRIES_REDIS_URL", "redis://127.0.0.1:6379/4")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_RETRIES_REDIS_URL", redis_url(4))
 
 
 @dataclass

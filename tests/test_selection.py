@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from apiserver import AUTH, api_settings, serve
-from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, start_worker, wait_until
+from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, start_worker, wait_until, redis_url
 from shared import db
 from shared.queueing import make_app, submit_scans
 from shared.settings import Settings
@@ -25,7 +25,7 @@ from shared.synthetic import make_dicom, synthetic_xray
 
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_SELECTION_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_SELECTION_REDIS_URL", redis_url(15))
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 GIB = 1024**3
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import redis_url
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "worker", "trainer")
 # Programs in worker/: each imports shared/ and itself, never another program.
@@ -236,7 +238,7 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
         monkeypatch.delenv(name)
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
     db.migrate(url)
-    settings = Settings(broker_url="redis://127.0.0.1:6379/14", database_url=url, batch_size=5, batch_flush_ms=300)
+    settings = Settings(broker_url=redis_url(14), database_url=url, batch_size=5, batch_flush_ms=300)
     app = make_app(settings)
     engine = db.make_engine(url)
     classifier = ScanClassifier([], LocalStore(tmp_path / "store"), db.make_session_factory(engine), settings)
@@ -244,7 +246,7 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
         bind_classify_task(app, classifier, settings)
         task = app.tasks[CLASSIFY_TASK]
         assert task.flush_every == 5 and task.flush_interval == pytest.approx(0.3)
-        assert app.conf.broker_url == "redis://127.0.0.1:6379/14"
+        assert app.conf.broker_url == redis_url(14)
         # A message for a scan nobody submitted is skipped, not failed, and nothing is re-published.
         request = SimpleRequest(
             "id-1", CLASSIFY_TASK, ("no-such-scan",), {}, {"routing_key": "routine"}, "test", True, None, None, None

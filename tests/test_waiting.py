@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import redis
 
-from helpers import LUNGCAM
+from helpers import LUNGCAM, redis_url
 from shared.synthetic import synthetic_xray
 from worker.ops import exit_codes
 
 pytestmark = pytest.mark.slow  # waits ~20 s on purpose
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_WAITING_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_WAITING_REDIS_URL", redis_url(0))
 
 
 def test_status_without_a_worker_says_it_is_waiting_for_one_and_times_out(tmp_path: Path):

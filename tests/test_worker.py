@@ -14,7 +14,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from helpers import corrupt_scans, make_bundle, mixed_scans, start_worker, wait_until
+from helpers import corrupt_scans, make_bundle, mixed_scans, start_worker, wait_until, redis_url
 from shared import db
 from shared.settings import Settings
 from shared.sources import NOT_READABLE
@@ -24,7 +24,7 @@ from shared.queueing import make_app, publish, submit_scans
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
 
-REDIS_URL = os.environ.get("LUNGCAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("LUNGCAM_TEST_REDIS_URL", redis_url(13))
 MODEL_NAMES = ("resnet50-test", "vgg16-test")
 
 
