@@ -186,7 +186,8 @@ def prepare_test_machine() -> list[str]:
 
 # Most of the suite's time is spent waiting on other processes (workers starting TensorFlow, leases
 # expiring, a feed of scans), not computing: two pytest processes, each running whole modules
-# (every module keeps its own Redis database, workers and fixtures), finish in about half the time.
+# (each module keeps its workers and fixtures; the second process gets a Redis server of its own,
+# tests/conftest.py), finish in about half the time.
 TEST_PROCESSES = 2
 
 

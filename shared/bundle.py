@@ -75,7 +75,8 @@ class Bundle:
         from shared.gradcam import GradCam
 
         return GradCam(
-            self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only
+            self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only,
+            smoothing_cells=float(self.manifest.get("gradcam_smoothing_cells", 0.0)),
         )
 
 

@@ -25,10 +25,15 @@ class GradCam:
         *,
         logits_layer: str = LOGITS_LAYER,
         positive_gradients_only: bool = False,
+        smoothing_cells: float = 0.0,
     ):
         self.model = model
         self.layer_name = layer_name
         self.positive_gradients_only = positive_gradients_only
+        # A Gaussian (sigma in map cells) over each map before it is normalised: a frozen backbone's
+        # maps are speckled cell to cell, and the smoothed peak lands inside the lesion more often
+        # (benchmarks/gradcam_localisation.py).
+        self._smoothing = _gaussian_kernel(smoothing_cells) if smoothing_cells > 0 else None
         self._cam_model = keras.Model(
             model.inputs,
             [model.get_layer(layer_name).output, model.get_layer(logits_layer).output, model.output],
@@ -53,6 +58,8 @@ class GradCam:
             gradients = gradients * mask
         channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
         cams = tf.nn.relu(tf.reduce_sum(activations * channel_weights, axis=-1))
+        if self._smoothing is not None:
+            cams = tf.nn.conv2d(cams[..., None], self._smoothing, strides=1, padding="SAME")[..., 0]
         peak = tf.reduce_max(cams, axis=(1, 2), keepdims=True)
         cams = tf.math.divide_no_nan(cams, peak)
         return probabilities, cams
@@ -67,6 +74,15 @@ class GradCam:
         """Trace and run the compiled pass once so the first real batch pays no compile cost."""
         height, width, channels = self.model.input_shape[1:]
         self(np.zeros((batch_size, height, width, channels), np.float32))
+
+
+def _gaussian_kernel(sigma: float) -> tf.Tensor:
+    """A normalised 2-D Gaussian (radius 2 sigma, at least 1) as a conv2d filter h x w x 1 x 1."""
+    radius = max(1, int(round(2 * sigma)))
+    taps = np.arange(-radius, radius + 1, dtype=np.float32)
+    line = np.exp(-(taps**2) / (2 * sigma**2))
+    kernel = np.outer(line, line)
+    return tf.constant((kernel / kernel.sum())[:, :, None, None], tf.float32)
 
 
 def peak_location(cam: np.ndarray, shape: tuple[int, int]) -> tuple[int, int]:

@@ -68,6 +68,29 @@ class BackboneInputScaling(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="lungcam")
+class SubtractReference(layers.Layer):
+    """Feature maps minus a fixed reference map (the mean over normal training films), for Grad-CAM.
+
+    A linear head on globally pooled features scores the same whether or not a constant map is
+    subtracted first (the bias absorbs it), but Grad-CAM on this layer's output then shows where a
+    film differs from a typical normal one, instead of wherever the head's features are active
+    (the heart, the edge of the lung box).
+    """
+
+    def __init__(self, reference_shape: tuple[int, int, int], **kwargs):
+        super().__init__(**kwargs)
+        self.reference_shape = tuple(int(v) for v in reference_shape)
+        self.reference = self.add_weight(shape=self.reference_shape, initializer="zeros", trainable=False,
+                                         name="reference")
+
+    def call(self, inputs):
+        return inputs - self.reference
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "reference_shape": list(self.reference_shape)}
+
+
 def resolve_weights(weights: str | None) -> str | None:
     """Normalise a weights argument: "imagenet", a packaged name ("hed-vgg16"), None/"none", or an existing local file."""
     if weights is None or str(weights).lower() in ("none", "random", ""):

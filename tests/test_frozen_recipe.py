@@ -119,8 +119,9 @@ def frozen_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 def test_frozen_training_names_the_backbone_and_fits_the_operating_point_out_of_source(frozen_bundle):
     bundle_dir, manifest = frozen_bundle
     assert manifest["backbone"]["embedded"] is False and manifest["backbone"]["weights"] == "hed-vgg16"
-    assert manifest["preprocessing"]["version"] == 4 and manifest["gradcam_layer"] == "block4_conv3"
-    assert (bundle_dir / "model.keras").stat().st_size < 100_000
+    assert manifest["preprocessing"]["version"] == 4 and manifest["backbone"]["output_layer"] == "block4_conv3"
+    assert manifest["gradcam_layer"] == "reference_delta" and manifest["gradcam_smoothing_cells"] == 1.0
+    assert (bundle_dir / "model.keras").stat().st_size < 500_000  # the head and its 8x8x512 reference map
     loso = manifest["leave_one_source_out"]
     assert len(loso["pairs"]) == 4 and loso["method"].startswith("leave-one-source-out")
     assert manifest["calibration"]["fitted_on"]["split"].startswith("out-of-source scores")
@@ -133,6 +134,8 @@ def test_frozen_training_names_the_backbone_and_fits_the_operating_point_out_of_
     loaded = load_images(samples, 64, preprocessing=bundle.preprocessing, progress=False)
     p_model = bundle.model.predict(loaded.images.astype(np.float32) / 255.0, verbose=0)
     assert np.allclose(p_model.sum(axis=1), 1.0, atol=1e-5)
+    probabilities, cams = bundle.gradcam()(loaded.images.astype(np.float32) / 255.0)
+    assert np.allclose(probabilities, p_model, atol=1e-5) and cams.shape == (4, 8, 8)
 
 
 @pytest.mark.slow

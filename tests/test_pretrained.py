@@ -150,6 +150,26 @@ def test_a_bundle_names_its_backbone_and_stores_only_the_head(hed_bundle: Path):
     assert np.allclose(attach_head(backbone, head).predict(images, verbose=0), probabilities, atol=1e-5)
 
 
+def test_the_grad_cam_reference_changes_the_maps_but_not_the_scores():
+    """Subtracting a constant map before global pooling is absorbed by the bias; Grad-CAM on it sees the difference."""
+    from shared.gradcam import GradCam
+    from trainer.frozen import REFERENCE_LAYER
+
+    backbone = build_packaged_backbone("vgg16", "hed-vgg16", 64, "block4_conv3")
+    rng = np.random.default_rng(2)
+    head = LinearHead(mean=rng.random(512), scale=np.full(512, 3.0), coef=rng.normal(size=512), intercept=0.3)
+    images = rng.random((3, 64, 64, 3), dtype=np.float32)
+    reference = rng.random((8, 8, 512), dtype=np.float32) * 5
+    plain = attach_head(backbone, head.to_keras((8, 8, 512)))
+    with_reference = attach_head(backbone, head.to_keras((8, 8, 512), reference=reference))
+    assert np.allclose(plain.predict(images, verbose=0), with_reference.predict(images, verbose=0), atol=1e-5)
+    _, maps = GradCam(with_reference, REFERENCE_LAYER)(images)
+    _, smoothed = GradCam(with_reference, REFERENCE_LAYER, smoothing_cells=1.0)(images)
+    _, backbone_maps = GradCam(plain, "block4_conv3")(images)
+    assert maps.shape == smoothed.shape == (3, 8, 8) and not np.allclose(maps, backbone_maps)
+    assert np.allclose(smoothed.max(axis=(1, 2)), 1.0) and smoothed.std() < maps.std()
+
+
 def test_a_bundle_whose_backbone_file_differs_is_refused(hed_bundle: Path, tmp_path: Path):
     bundle_dir = Path(shutil.copytree(hed_bundle, tmp_path / "altered"))
     manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())

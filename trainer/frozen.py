@@ -19,6 +19,12 @@ from trainer.datasets import Sample
 from trainer.loso import source_pair_folds
 
 FROZEN_FEATURE_LAYER = "block4_conv3"
+# The head's first layer: the backbone's maps minus the mean map of normal training films; Grad-CAM's layer.
+REFERENCE_LAYER = "reference_delta"
+# Normal training films averaged for the reference map (one backbone pass over them).
+REFERENCE_FILMS = 64
+# Grad-CAM maps of frozen bundles are smoothed with a Gaussian of this sigma, in map cells.
+GRADCAM_SMOOTHING_CELLS = 1.0
 BALANCE_MODES = ("class", "source")
 
 
@@ -52,24 +58,43 @@ class LinearHead:
         """The covid logit z of each row (p_covid = sigmoid(z))."""
         return ((features - self.mean) / self.scale) @ self.coef + self.intercept
 
-    def to_keras(self, feature_map_shape: tuple[int, int, int]):  # -> keras.Model
-        """Global average pooling, then the two-logit Dense layer and softmax (p_covid = sigmoid(z))."""
+    def to_keras(self, feature_map_shape: tuple[int, int, int], reference: np.ndarray | None = None):  # -> keras.Model
+        """[Reference subtraction,] global average pooling, the two-logit Dense layer and softmax (p_covid = sigmoid(z)).
+
+        With `reference` (a feature map, e.g. the mean over normal films) the head scores exactly the
+        same (the bias absorbs the reference's pooled value) and its first layer, REFERENCE_LAYER, is
+        where Grad-CAM looks.
+        """
         import keras
         from keras import layers
 
-        from shared.zoo import LOGITS_LAYER
+        from shared.zoo import LOGITS_LAYER, SubtractReference
 
         folded = self.coef / self.scale
         bias = self.intercept - float(folded @ self.mean)
+        inputs = keras.Input(feature_map_shape, name="backbone_features")
+        x = inputs
+        if reference is not None:
+            subtract = SubtractReference(feature_map_shape, name=REFERENCE_LAYER)
+            x = subtract(x)
+            subtract.set_weights([np.asarray(reference, np.float32)])
+            bias += float(folded @ np.asarray(reference, np.float64).mean(axis=(0, 1)))
+        pooled = layers.GlobalAveragePooling2D(name="head_pool")(x)
         # Softmax over [z/2, -z/2] (CLASS_NAMES: covid, normal) gives p_covid = sigmoid(z).
         kernel = np.stack([folded / 2, -folded / 2], axis=1).astype(np.float32)
-        inputs = keras.Input(feature_map_shape, name="backbone_features")
-        pooled = layers.GlobalAveragePooling2D(name="head_pool")(inputs)
         dense = layers.Dense(2, name=LOGITS_LAYER)
         logits = dense(pooled)
         dense.set_weights([kernel, np.array([bias / 2, -bias / 2], np.float32)])
         probabilities = layers.Softmax(name="probabilities")(logits)
         return keras.Model(inputs, probabilities, name="lungcam_frozen_vgg16")
+
+
+def reference_map(backbone, images: np.ndarray) -> np.ndarray:
+    """The mean backbone output map over uint8 images (at most REFERENCE_FILMS, evenly spaced)."""
+    step = max(1, len(images) // REFERENCE_FILMS)
+    chosen = images[::step][:REFERENCE_FILMS].astype(np.float32) / np.float32(255.0)
+    maps = [np.asarray(backbone.predict_on_batch(chosen[i:i + 16])) for i in range(0, len(chosen), 16)]
+    return np.concatenate(maps).mean(axis=0)
 
 
 def fit_linear_head(features: np.ndarray, labels: Sequence[str], sources: Sequence[str | None], *,

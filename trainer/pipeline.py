@@ -193,7 +193,7 @@ def publish(model: keras.Model, manifest: dict[str, Any], out: str | Path, extra
     return published
 
 
-def gradcam_grid(model: keras.Model, layer: str, test: LoadedImages) -> bytes:
+def gradcam_grid(model: keras.Model, layer: str, test: LoadedImages, *, smoothing_cells: float = 0.0) -> bytes:
     """Grad-CAM overlays of up to GRADCAM_GRID_SIZE test images, covid and normal alternating."""
     by_label = {label: [i for i, s in enumerate(test.samples) if s.label == label] for label in CLASS_NAMES}
     chosen: list[int] = []
@@ -201,7 +201,7 @@ def gradcam_grid(model: keras.Model, layer: str, test: LoadedImages) -> bytes:
         chosen.extend(pair)
     chosen = chosen or list(range(min(GRADCAM_GRID_SIZE, len(test.samples))))
     images = test.images[chosen]
-    probabilities, cams = GradCam(model, layer)(images.astype(np.float32) / 255.0)
+    probabilities, cams = GradCam(model, layer, smoothing_cells=smoothing_cells)(images.astype(np.float32) / 255.0)
     return plots.gradcam_grid_png(
         images, cams, [test.samples[i].label for i in chosen], probabilities[:, COVID_INDEX]
     )

@@ -15,7 +15,13 @@ from shared.calibration import fit_operating_point, sigmoid
 from shared.pretrained import PACKAGED_WEIGHTS
 from shared.zoo import attach_head, build_packaged_backbone
 from trainer.features import FeatureCache, extract_features, feature_set_key, pooled_feature_model
-from trainer.frozen import fit_linear_head, out_of_source_scores
+from trainer.frozen import (
+    GRADCAM_SMOOTHING_CELLS,
+    REFERENCE_LAYER,
+    fit_linear_head,
+    out_of_source_scores,
+    reference_map,
+)
 from trainer.loading import LoadedImages
 from trainer.config import TrainConfig
 from trainer.pipeline import (
@@ -67,15 +73,21 @@ def train_frozen(config: TrainConfig, samples: list, data_paths: Sequence[str | 
     step(f"evaluating on the test split ({len(data.test.samples)} images)")
     evaluation = report_test_split(data.test, operating_point.calibrate(sigmoid(head.logits(test_features))),
                                    operating_point)
-    head_model = head.to_keras(tuple(backbone.output.shape[1:]))
+    step("the Grad-CAM reference: the backbone's mean map over normal training films")
+    normals = data.train.images[[i for i, s in enumerate(train_samples) if s.label == "normal"]]
+    head_model = head.to_keras(tuple(backbone.output.shape[1:]), reference=reference_map(backbone, normals))
     step("drawing the plots and the Grad-CAM grid")
-    grid = gradcam_grid(attach_head(backbone, head_model), config.gradcam_layer, data.test)
+    grid = gradcam_grid(attach_head(backbone, head_model), REFERENCE_LAYER, data.test,
+                        smoothing_cells=GRADCAM_SMOOTHING_CELLS)
     manifest = base_manifest(config, data, evaluation, weights=config.weights, data_paths=data_paths)
+    # Grad-CAM reads the head's reference-subtracted maps, smoothed (benchmarks/gradcam_localisation.py).
+    manifest.update(gradcam_layer=REFERENCE_LAYER, gradcam_smoothing_cells=GRADCAM_SMOOTHING_CELLS)
     manifest["training"].update(seconds=round(training_seconds, 1), epochs_run=0)
     manifest["backbone"] = {**PACKAGED_WEIGHTS[config.weights].provenance(), "embedded": False, "frozen": True,
                             "output_layer": config.gradcam_layer}
     manifest["head"] = {"type": "logistic regression on standardised global-average-pooled features",
-                        "c": config.head_c, "balance": config.balance, "features": int(head.coef.size)}
+                        "c": config.head_c, "balance": config.balance, "features": int(head.coef.size),
+                        "reference": f"mean {config.gradcam_layer} map of up to 64 normal training films"}
     manifest["calibration"] = operating_point.to_manifest()
     manifest["leave_one_source_out"] = {
         "method": held_out.method, "data": "the training part", "mean_auc": held_out.mean_auc,
