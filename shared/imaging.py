@@ -279,17 +279,23 @@ def pixel_count(data: bytes) -> int:
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
-    fmt = sniff_format(data)
-    if fmt == "png":
-        width, height = _png_size(data)
-    elif fmt == "jpeg":
-        width, height, _, _ = _jpeg_header(data)
-    elif fmt == "tiff":
-        width, height = _tiff_size(data)
-    else:
+    size = _raster_size(data, sniff_format(data))
+    if size is None:
         dataset = _DicomReader(data).read_header([])
-        width, height = _dicom_int(dataset, "Columns"), _dicom_int(dataset, "Rows")
-    return width * height  # one frame: multi-frame files are decoded to their first frame only
+        size = _dicom_int(dataset, "Columns"), _dicom_int(dataset, "Rows")
+    return size[0] * size[1]  # one frame: multi-frame files are decoded to their first frame only
+
+
+def _raster_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or TIFF header; None for DICOM."""
+    if fmt == "png":
+        return _png_size(data)
+    if fmt == "jpeg":
+        width, height, _, _ = _jpeg_header(data)
+        return width, height
+    if fmt == "tiff":
+        return _tiff_size(data)
+    return None
 
 
 def check_image_header(data: bytes, *, verify_pixel_data: bool = False, max_pixel_bytes: int = MAX_PIXEL_DATA_BYTES) -> int:
@@ -306,22 +312,16 @@ def check_image_header(data: bytes, *, verify_pixel_data: bool = False, max_pixe
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
-    fmt = sniff_format(data)
-    if fmt == "png":
-        width, height = _png_size(data)
-    elif fmt == "jpeg":
-        width, height, _, _ = _jpeg_header(data)
-    elif fmt == "tiff":
-        width, height = _tiff_size(data)
-    else:
+    size = _raster_size(data, sniff_format(data))
+    if size is None:
         reader = _DicomReader(data, max_pixel_bytes=max_pixel_bytes)
         reader.read_header([])
         facts = reader.check_pixel_data()
         if verify_pixel_data:
             reader.verify_pixel_data()
         return facts.rows * facts.columns
-    _check_size(width, height)
-    return width * height  # one frame: multi-frame files are decoded to their first frame only
+    _check_size(*size)
+    return size[0] * size[1]  # one frame: multi-frame files are decoded to their first frame only
 
 
 def _reduce_integer(
