@@ -40,8 +40,8 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
 # A terminal table fits this many columns: the longest cells (error, scan id, model) are shortened
 # with "…" to fit; the CSV (`lungcam results --csv`) always has the full values.
 TABLE_WIDTH = 100
-OPTIONAL_COLUMNS = ("dicom_send", "older_model", "cam_note")
-# Shrunk in this order of preference, never below SHRINK_FLOOR characters.
+OPTIONAL_COLUMNS = ("dicom_send", "older_model", "cam_note", "error")
+# Shrunk (the widest of them first) to fit, never below SHRINK_FLOOR characters.
 SHRINKABLE = ("error", "cam_note", "scan_id", "model_name")
 SHRINK_FLOOR = 12
 ELLIPSIS = "…"
@@ -50,7 +50,7 @@ ELLIPSIS = "…"
 def format_table(rows: list[dict[str, str]], columns: Sequence[str] = TABLE_COLUMNS, width: int = TABLE_WIDTH) -> str:
     """A plain-text table of result rows, at most `width` characters a line where the shrinkable columns allow.
 
-    dicom_send, older_model and cam_note appear only when some row has a value.
+    dicom_send, older_model, cam_note and error appear only when some row has a value.
     """
     columns = [c for c in columns if c not in OPTIONAL_COLUMNS or any(r.get(c) for r in rows)]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
