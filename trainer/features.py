@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +16,6 @@ from pathlib import Path
 import keras
 import numpy as np
 from keras import layers
-
-
-log = logging.getLogger(__name__)
 
 FEATURE_BATCH_SIZE = 16
 
@@ -34,7 +30,7 @@ def pooled_feature_model(backbone: keras.Model, feature_layers: Sequence[str]) -
 
 def extract_features(model: keras.Model, images: np.ndarray, *, progress: bool = True, desc: str = "features"
                      ) -> np.ndarray:
-    """Pooled features of uint8 (or [0,1] float) images, in batches, with a progress bar."""
+    """The model's outputs for uint8 (or [0,1] float) images, in batches, with a progress bar."""
     from tqdm import tqdm
 
     out = []
