@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import struct
-import subprocess
-import time
 import zlib
-from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -161,43 +157,3 @@ class PeakMemory:
 
 
 MB = 1024 * 1024
-
-
-# --- a listener subprocess --------------------------------------------------------------------------
-
-
-class ListenerProcess:
-    """A `lungcam dicom-listen` subprocess on a free port with the given environment."""
-
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
-        from helpers import LUNGCAM, REPO
-
-        self.port = port
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"dicom-listen exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"dicom-listen does not listen on {port}:\n{self.log()[-3000:]}") from None
-                time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()

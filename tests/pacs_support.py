@@ -260,3 +260,46 @@ def subprocess_env(**lungcam: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update({f"LUNGCAM_{k.upper()}": str(v) for k, v in lungcam.items()})
     return env
+
+
+def wait_port(port: int, timeout: float = 60, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port (fail early if `process` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode}:\n{log.read_text()[-3000:] if log else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {port} after {timeout}s")
+
+
+class ListenerProcess:
+    """A `lungcam dicom-listen` subprocess on the given port and environment, listening once constructed."""
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+        from helpers import LUNGCAM, REPO
+
+        self.port = port
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, cwd=REPO)
+        wait_port(port, process=self.process, log=log_path)
+
+    def log(self) -> str:
+        """Everything the listener printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it hangs; closes the log."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()

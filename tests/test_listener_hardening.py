@@ -20,8 +20,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from hardening_support import MB, ListenerProcess, PeakMemory, deflate_bomb, lying_headers
-from pacs_support import free_port, make_study_dicoms, sop_uid_of, subprocess_env
+from hardening_support import MB, PeakMemory, deflate_bomb, lying_headers
+from pacs_support import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
 from helpers import redis_url
 from shared import db
 

@@ -23,6 +23,7 @@ from helpers import LUNGCAM, REPO, make_bundle, start_worker, wait_until, redis_
 from pacs_support import (
     PHI_ID,
     PHI_NAME,
+    ListenerProcess,
     TcpProxy,
     free_port,
     make_study_dicoms,
@@ -65,44 +66,6 @@ def _queue_lengths(url: str) -> dict[str, int]:
 def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([LUNGCAM, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     return result
-
-
-def _wait_port(port: int, timeout: float = 60, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode}:\n{log.read_text()[-3000:] if log else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"nothing listens on {port} after {timeout}s")
-
-
-class Listener:
-    """A `lungcam dicom-listen` subprocess."""
-
-    def __init__(self, env: dict[str, str], port: int, log_path: Path):
-        self.port = port
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115
-        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, cwd=REPO)
-        _wait_port(port, process=self.process, log=log_path)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
 
 
 def _storescu(port: int, files: list[Path], *, called: str = "LUNGCAM", calling: str = "TESTSCU") -> subprocess.CompletedProcess:
@@ -373,7 +336,7 @@ class Stack:
         self.engine = db.make_engine(self.db_url)
         self.sessions = db.make_session_factory(self.engine)
         self.worker = None
-        self.listener = Listener(self.env, self.listen_port, root / "listener.log")
+        self.listener = ListenerProcess(self.env, self.listen_port, root / "listener.log")
 
     def start_worker(self) -> None:
         if self.worker is None or self.worker.process.poll() is not None:
@@ -666,7 +629,7 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
     port = free_port()
     env = subprocess_env(broker_url=REDIS_DB_DOWN, database_url=proxied, store_url=str(tmp_path / "store"),
                          data_dir=str(tmp_path / "data"), dicom_port=port)
-    listener = Listener(env, port, tmp_path / "listener.log")
+    listener = ListenerProcess(env, port, tmp_path / "listener.log")
     engine = db.make_engine(postgres_url)
     with engine.connect() as connection:
         # The session's schema is shared with other tests: only what this test adds counts.
