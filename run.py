@@ -103,8 +103,21 @@ def _start_redis() -> bool:
     if not shutil.which("redis-server") and not _apt_install(["redis-server"]):
         return False
     _say("starting Redis on 127.0.0.1:6379")
-    _quiet(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
-            "--appendonly", "no"])
+    _quiet(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+    )
     return _wait_listening(6379)
 
 
@@ -150,23 +163,39 @@ def _tools(*names: str) -> object:
 
 
 NEEDS = (
-    Need("Redis on 127.0.0.1:6379", lambda: _listening(6379), _start_redis,
-         "most tests FAIL (they need a real broker)"),
-    Need("PostgreSQL on 127.0.0.1:5432 (database `test`, or LUNGCAM_TEST_POSTGRES_URL)",
-         lambda: bool(os.environ.get("LUNGCAM_TEST_POSTGRES_URL")) or _listening(5432), _start_postgres,
-         "every PostgreSQL variant of the db_url tests skips (fails with LUNGCAM_TEST_REQUIRE_POSTGRES=1)"),
-    Need("chromium + chromedriver (Debian: chromium, chromium-driver)", _tools("chromium", "chromedriver"),
-         lambda: _apt_install(["chromium", "chromium-driver"]) and _tools("chromium", "chromedriver")(),
-         "the HTML report tests in a browser skip (tests/test_report.py, tests/test_cli.py)"),
-    Need("Orthanc + DICOMweb plugin (Debian: orthanc, orthanc-dicomweb)", _orthanc_ready,
-         lambda: _apt_install(["orthanc", "orthanc-dicomweb"]) and _orthanc_ready(),
-         "the PACS tests that run Orthanc skip (tests/test_pacs.py)"),
-    Need("dcmtk's storescu (Debian: dcmtk)", _tools("storescu"),
-         lambda: _apt_install(["dcmtk"]) and _tools("storescu")(),
-         "the PACS tests that send with storescu skip (tests/test_pacs.py)"),
-    Need("docker compose (the Compose v2 plugin)",
-         lambda: _compose_v2(), lambda: False,
-         "the `docker compose config` check of the compose file skips (tests/test_deploy.py)"),
+    Need(
+        "Redis on 127.0.0.1:6379", lambda: _listening(6379), _start_redis, "most tests FAIL (they need a real broker)"
+    ),
+    Need(
+        "PostgreSQL on 127.0.0.1:5432 (database `test`, or LUNGCAM_TEST_POSTGRES_URL)",
+        lambda: bool(os.environ.get("LUNGCAM_TEST_POSTGRES_URL")) or _listening(5432),
+        _start_postgres,
+        "every PostgreSQL variant of the db_url tests skips (fails with LUNGCAM_TEST_REQUIRE_POSTGRES=1)",
+    ),
+    Need(
+        "chromium + chromedriver (Debian: chromium, chromium-driver)",
+        _tools("chromium", "chromedriver"),
+        lambda: _apt_install(["chromium", "chromium-driver"]) and _tools("chromium", "chromedriver")(),
+        "the HTML report tests in a browser skip (tests/test_report.py, tests/test_cli.py)",
+    ),
+    Need(
+        "Orthanc + DICOMweb plugin (Debian: orthanc, orthanc-dicomweb)",
+        _orthanc_ready,
+        lambda: _apt_install(["orthanc", "orthanc-dicomweb"]) and _orthanc_ready(),
+        "the PACS tests that run Orthanc skip (tests/test_pacs.py)",
+    ),
+    Need(
+        "dcmtk's storescu (Debian: dcmtk)",
+        _tools("storescu"),
+        lambda: _apt_install(["dcmtk"]) and _tools("storescu")(),
+        "the PACS tests that send with storescu skip (tests/test_pacs.py)",
+    ),
+    Need(
+        "docker compose (the Compose v2 plugin)",
+        lambda: _compose_v2(),
+        lambda: False,
+        "the `docker compose config` check of the compose file skips (tests/test_deploy.py)",
+    ),
 )
 
 
@@ -193,8 +222,10 @@ TEST_PROCESSES = 2
 
 def parallel_args(pytest_args: list[str]) -> list[str]:
     """`-n 2 --dist loadfile` (pytest-xdist) unless the caller chose, or asked for a single test or module."""
-    chosen = any(arg in ("-n", "--numprocesses", "-p") or arg.startswith(("-n", "--numprocesses", "--dist"))
-                 for arg in pytest_args)
+    chosen = any(
+        arg in ("-n", "--numprocesses", "-p") or arg.startswith(("-n", "--numprocesses", "--dist"))
+        for arg in pytest_args
+    )
     targets = [arg for arg in pytest_args if not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()]
     if chosen or len(targets) == 1 or os.environ.get("LUNGCAM_TEST_PROCESSES") == "1":
         return []

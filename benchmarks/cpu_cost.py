@@ -37,9 +37,9 @@ import pydicom.pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.imaging import decode_image, decode_reduced, fit_within, preprocess, to_uint8  # noqa: E402
-from shared.overlay import encode_overlay, overlay_png  # noqa: E402
-from shared.synthetic import make_dicom, synthetic_film  # noqa: E402
+from shared.imaging import decode_image, decode_reduced, fit_within, preprocess, to_uint8
+from shared.overlay import encode_overlay, overlay_png
+from shared.synthetic import make_dicom, synthetic_film
 
 INPUT_SIZE = 224
 DISPLAY_MAX_SIDE = 1024
@@ -123,12 +123,16 @@ def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> di
         timings = {label: best_ms(step, repeats) for label, step in steps.items()}
         sizes = {fmt: len(encode_overlay(display, cam, fmt)[0]) // 1024 for fmt in ("png", "jpeg", "webp")}
         closeness = float(np.abs(old_path(data, cam)[0] - new_path(data, cam)[0]).max())
-        print(f"\n{name}: {len(data) / 1e6:.1f} MB, {image.shape[1]}x{image.shape[0]} -> {reduced.image.shape[1]}x{reduced.image.shape[0]}")
+        print(
+            f"\n{name}: {len(data) / 1e6:.1f} MB, {image.shape[1]}x{image.shape[0]} -> {reduced.image.shape[1]}x{reduced.image.shape[0]}"
+        )
         for label, ms in timings.items():
             print(f"  {label:<20} {ms:8.1f} ms")
         print(f"  overlay KB png={sizes['png']} jpeg={sizes['jpeg']} webp={sizes['webp']}")
-        print(f"  speed-up old/new {timings['OLD total'] / timings['NEW total (png)']:.1f}x; "
-              f"model input max |new-old| = {closeness:.4f}")
+        print(
+            f"  speed-up old/new {timings['OLD total'] / timings['NEW total (png)']:.1f}x; "
+            f"model input max |new-old| = {closeness:.4f}"
+        )
         for fmt in ("png", "jpeg", "webp"):
             totals[fmt][name] = timings[f"NEW total ({fmt})"]
         totals["floor"][name] = timings["floor decode"]
@@ -137,7 +141,7 @@ def measure_steps(inputs: dict[str, bytes], cam: np.ndarray, repeats: int) -> di
 
 def measure_plugins(repeats: int) -> None:
     """Decode time of the 2500x2048 12-bit film per transfer syntax and installed pydicom plugin."""
-    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1, RLELossless
+    from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
     film = synthetic_film(np.random.default_rng(5), 2500, 2048, bits=12)
     print("\nplugins (frame decode ms, 2500x2048 12-bit; licence in docs/decoding.md):")
@@ -150,7 +154,7 @@ def measure_plugins(repeats: int) -> None:
             try:
                 ms = best_ms(lambda: pydicom.pixels.pixel_array(dataset, index=0, decoding_plugin=plugin), repeats)
                 results.append(f"{plugin}={ms:.0f}")
-            except Exception as exc:  # a plugin that declines this layout
+            except Exception as exc:  # noqa: BLE001 - a plugin that declines this layout
                 results.append(f"{plugin}=fails({type(exc).__name__})")
         print(f"  {syntax.name[:48]:<48} {len(data) / 1e6:5.1f} MB  {' '.join(results)}")
 
@@ -223,7 +227,9 @@ def main() -> None:
     print(f"\nload average while measuring: {os.getloadavg()[0]:.1f} (cpus={os.cpu_count()})")
     for fmt in sorted({"png", "jpeg", "webp"} - {args.overlay}):
         t = totals[fmt]
-        print(f"with {fmt} overlays: dicom={t['dicom']:.1f} jpegll={t['jpegll']:.1f} png16={t['png16']:.1f} jpeg8={t['jpeg8']:.1f}")
+        print(
+            f"with {fmt} overlays: dicom={t['dicom']:.1f} jpegll={t['jpegll']:.1f} png16={t['png16']:.1f} jpeg8={t['jpeg8']:.1f}"
+        )
     t = totals[args.overlay]
     print(f"overlay format for the line below: {args.overlay}")
     print(

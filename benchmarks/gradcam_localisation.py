@@ -24,22 +24,26 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from shared.bundle import load_bundle  # noqa: E402
-from shared.gradcam import GradCam  # noqa: E402
-from shared.synthetic import write_synthetic_dataset  # noqa: E402
-from trainer.evaluate import COVID_INDEX  # noqa: E402
-from trainer.localisation import occlusion_maps, peaks_in_masks, synthetic_positives  # noqa: E402
-from trainer.train import TrainConfig, train  # noqa: E402
+from shared.bundle import load_bundle
+from shared.gradcam import GradCam
+from shared.synthetic import write_synthetic_dataset
+from trainer.evaluate import COVID_INDEX
+from trainer.localisation import occlusion_maps, peaks_in_masks, synthetic_positives
+from trainer.train import TrainConfig, train
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options; the defaults are the test suite's configuration."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", choices=("paper", "frozen"), default="paper",
-                        help="frozen: the recommended recipe (packaged hed-vgg16, lung box, linear head); its "
-                             "defaults replace --arch, --layer, --epochs and --lr")
+    parser.add_argument(
+        "--recipe",
+        choices=("paper", "frozen"),
+        default="paper",
+        help="frozen: the recommended recipe (packaged hed-vgg16, lung box, linear head); its "
+        "defaults replace --arch, --layer, --epochs and --lr",
+    )
     parser.add_argument("--arch", default="densenet121")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--layer", default="pool3_relu", help="Grad-CAM layer")
@@ -51,9 +55,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=60, help="held-out positives")
     parser.add_argument("--frozen", action="store_true", help="freeze the backbone (the paper's recipe)")
     parser.add_argument("--bundle", type=Path, default=None, help="measure this bundle instead of training one")
-    parser.add_argument("--occlusion-grid", type=int, default=None,
-                        help="cells per side of the occlusion map (default: the Grad-CAM map's; a 28x28 map at 224 px "
-                             "costs 784 model passes per image, so a coarser grid keeps a CPU run short)")
+    parser.add_argument(
+        "--occlusion-grid",
+        type=int,
+        default=None,
+        help="cells per side of the occlusion map (default: the Grad-CAM map's; a 28x28 map at 224 px "
+        "costs 784 model passes per image, so a coarser grid keeps a CPU run short)",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,19 +74,35 @@ def main(argv: list[str]) -> int:
         if bundle_path is None:
             data = write_synthetic_dataset(work / "data", args.n_per_class, size=args.input_size, seed=args.data_seed)
             if args.recipe == "frozen":
-                config = TrainConfig(recipe="frozen", input_size=args.input_size, seed=args.seed, progress=False,
-                                     feature_cache=str(work / "features"))
+                config = TrainConfig(
+                    recipe="frozen",
+                    input_size=args.input_size,
+                    seed=args.seed,
+                    progress=False,
+                    feature_cache=str(work / "features"),
+                )
             else:
                 config = TrainConfig(
-                    arch=args.arch, weights="none", input_size=args.input_size, epochs=args.epochs,
-                    learning_rate=args.lr, seed=args.seed, freeze_backbone=args.frozen, gradcam_layer=args.layer,
+                    arch=args.arch,
+                    weights="none",
+                    input_size=args.input_size,
+                    epochs=args.epochs,
+                    learning_rate=args.lr,
+                    seed=args.seed,
+                    freeze_backbone=args.frozen,
+                    gradcam_layer=args.layer,
                     progress=False,
                 )
             bundle_path = work / "bundle"
             train(config, [data], bundle_path)
         bundle = load_bundle(bundle_path)
-        images, masks = synthetic_positives(work / "held-out", args.held_out, bundle.input_size, args.data_seed + 100,
-                                            preprocessing=bundle.preprocessing)
+        images, masks = synthetic_positives(
+            work / "held-out",
+            args.held_out,
+            bundle.input_size,
+            args.data_seed + 100,
+            preprocessing=bundle.preprocessing,
+        )
         probabilities, served = bundle.gradcam()(images)
         _, positive = bundle.gradcam(positive_gradients_only=True)(images)
         # Plain Grad-CAM on the backbone's last layer, as the paper drew it (for a frozen bundle the
@@ -89,8 +113,10 @@ def main(argv: list[str]) -> int:
         kept = [mask for mask, ok in zip(masks, correct) if ok]
         occlusion = occlusion_maps(bundle.model, images[correct], grid=args.occlusion_grid or plain.shape[1])
         n = int(correct.sum())
-        print(f"{bundle.manifest['architecture']} {bundle.input_size}px layer {bundle.manifest['gradcam_layer']} "
-              f"({served.shape[1]}x{served.shape[2]} map, smoothing {bundle.manifest.get('gradcam_smoothing_cells', 0)} cells): {n} of {len(images)} held-out positives correct")
+        print(
+            f"{bundle.manifest['architecture']} {bundle.input_size}px layer {bundle.manifest['gradcam_layer']} "
+            f"({served.shape[1]}x{served.shape[2]} map, smoothing {bundle.manifest.get('gradcam_smoothing_cells', 0)} cells): {n} of {len(images)} held-out positives correct"
+        )
         rates = {
             "gradcam": peaks_in_masks(served[correct], kept).mean() if n else 0.0,
             f"plain_{backbone_layer}": peaks_in_masks(plain[correct], kept).mean() if n else 0.0,

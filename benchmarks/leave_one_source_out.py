@@ -32,8 +32,8 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+import numpy as np
+from sklearn.metrics import roc_auc_score
 
 # Candidates: a TrainConfig (recipe + overrides). frozen-b4-mask is the frozen recipe's defaults.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -53,14 +53,22 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_candidate(name: str, overrides: dict[str, Any], samples: list, seed: int, images_cache: dict,
-                  feature_cache: Path, progress: bool) -> dict:
+def run_candidate(
+    name: str,
+    overrides: dict[str, Any],
+    samples: list,
+    seed: int,
+    images_cache: dict,
+    feature_cache: Path,
+    progress: bool,
+) -> dict:
     """LOSO over every (covid source, normal source) pair for one candidate."""
     from trainer.loading import load_images
     from trainer.train import TrainConfig, preprocessing_for
 
-    config = TrainConfig(**{"seed": seed, "progress": progress, "feature_cache": str(feature_cache),
-                            **overrides}).resolved()
+    config = TrainConfig(
+        **{"seed": seed, "progress": progress, "feature_cache": str(feature_cache), **overrides}
+    ).resolved()
     preprocessing = preprocessing_for(config)
     key = json.dumps([preprocessing, config.input_size], sort_keys=True)
     started = time.perf_counter()
@@ -74,7 +82,9 @@ def run_candidate(name: str, overrides: dict[str, Any], samples: list, seed: int
     worst = min(aucs, key=aucs.__getitem__)
     return {
         "candidate": name,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "name", "version", "feature_cache")},
+        "config": {
+            k: v for k, v in asdict(config).items() if k not in ("progress", "name", "version", "feature_cache")
+        },
         "pairs": pairs,
         "mean_auc": float(np.mean(list(aucs.values()))),
         "worst_pair": [worst, aucs[worst]],
@@ -90,14 +100,15 @@ def _frozen_folds(config: Any, samples: list, images: np.ndarray, preprocessing:
     from trainer.audit import blanked
     from trainer.features import FeatureCache, extract_features, feature_set_key, pooled_feature_model
     from trainer.frozen import out_of_source_scores
-    from trainer.train_frozen import cached_features
     from trainer.loading import LoadedImages
+    from trainer.train_frozen import cached_features
 
     backbone = build_packaged_backbone(config.arch, config.weights, config.input_size, config.gradcam_layer)
     model = pooled_feature_model(backbone, [config.gradcam_layer])
     cache = FeatureCache(Path(config.feature_cache))
-    key = feature_set_key(preprocessing, config.input_size, PACKAGED_WEIGHTS[config.weights].sha256,
-                          config.gradcam_layer)
+    key = feature_set_key(
+        preprocessing, config.input_size, PACKAGED_WEIGHTS[config.weights].sha256, config.gradcam_layer
+    )
     features = cached_features(cache, key, model, LoadedImages(samples, images, []), progress=progress)
     blank = blanked(images, "lungs_blanked")
     if (blank == blank[:1]).all():
@@ -106,8 +117,9 @@ def _frozen_folds(config: Any, samples: list, images: np.ndarray, preprocessing:
         blank_features = np.repeat(extract_features(model, blank[:1], progress=False), len(images), axis=0)
     else:
         blank_features = extract_features(model, blank, progress=progress, desc="lungs blanked")
-    scores = out_of_source_scores(samples, features, c=config.head_c, balance=config.balance,
-                                  variants={"lungs_blanked": blank_features})
+    scores = out_of_source_scores(
+        samples, features, c=config.head_c, balance=config.balance, variants={"lungs_blanked": blank_features}
+    )
     return scores.pairs
 
 
@@ -134,8 +146,9 @@ def _trained_folds(config: Any, samples: list, images: np.ndarray, preprocessing
         stack = lambda part: images[[row[id(s)] for s in part]]  # noqa: E731
         model = build_for(config, None if config.weights == "none" else config.weights)
         started = time.perf_counter()
-        fit_on_arrays(config, model, stack(fit_part), [s.label for s in fit_part], stack(val_part),
-                      [s.label for s in val_part])
+        fit_on_arrays(
+            config, model, stack(fit_part), [s.label for s in fit_part], stack(val_part), [s.label for s in val_part]
+        )
         test_images, y = stack(fold.test), covid_targets(fold.test)
         p = predict_probabilities(model, test_images)[:, COVID_INDEX]
 
@@ -143,9 +156,14 @@ def _trained_folds(config: Any, samples: list, images: np.ndarray, preprocessing
             return predict_probabilities(model, batch)[:, COVID_INDEX]
 
         audit = audit_aucs(predict, test_images, y)
-        pairs[fold.name] = {"auc": float(roc_auc_score(y, p)), "auc_lungs_blanked": audit["lungs_blanked"],
-                            "n_covid": int(y.sum()), "n_normal": int(len(y) - y.sum()), "n_train": len(fold.train),
-                            "seconds": round(time.perf_counter() - started, 1)}
+        pairs[fold.name] = {
+            "auc": float(roc_auc_score(y, p)),
+            "auc_lungs_blanked": audit["lungs_blanked"],
+            "n_covid": int(y.sum()),
+            "n_normal": int(len(y) - y.sum()),
+            "n_train": len(fold.train),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         print(f"  {fold.name}: {pairs[fold.name]}", file=sys.stderr, flush=True)
     return pairs
 
@@ -172,11 +190,18 @@ def render_markdown(results: dict[str, dict]) -> str:
             fold = r["pairs"].get(pair)
             cells.append("n/a" if fold is None else f"{fold['auc']:.3f} ({fold['auc_lungs_blanked']:.2f})")
         worst_name, worst_auc = r["worst_pair"]
-        lines.append(f"| {name} | {r['mean_auc']:.3f} | {worst_auc:.3f} ({worst_name}) | "
-                     f"{r['mean_auc_lungs_blanked']:.3f} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {r['mean_auc']:.3f} | {worst_auc:.3f} ({worst_name}) | "
+            f"{r['mean_auc_lungs_blanked']:.3f} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |"
+        )
     first = next(iter(results.values()))["pairs"]
-    lines += ["", "Pair sizes (test covid / test normal / train): " + ", ".join(
-        f"{pair} {fold['n_covid']}/{fold['n_normal']}/{fold['n_train']}" for pair, fold in sorted(first.items()))]
+    lines += [
+        "",
+        "Pair sizes (test covid / test normal / train): "
+        + ", ".join(
+            f"{pair} {fold['n_covid']}/{fold['n_normal']}/{fold['n_train']}" for pair, fold in sorted(first.items())
+        ),
+    ]
     lines += ["", "Candidate settings (overrides of the recipe's defaults):", ""]
     for name in sorted(results):
         lines.append(f"- `{name}`: `{json.dumps(CANDIDATES.get(name, {}), sort_keys=True)}`")
@@ -187,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen candidates, merge their results into the JSON file and rewrite the markdown table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the dev set (class folders + manifest.csv with source_repo)")
-    parser.add_argument("--candidates", default="frozen-b4-mask", help=f"comma-separated, from: {', '.join(CANDIDATES)}")
+    parser.add_argument(
+        "--candidates", default="frozen-b4-mask", help=f"comma-separated, from: {', '.join(CANDIDATES)}"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--results", default="benchmarks/results/loso.json")
     parser.add_argument("--markdown", default="benchmarks/results/loso.md")
@@ -205,14 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
         if name not in CANDIDATES:
             parser.error(f"unknown candidate {name!r}")
-        results[name] = run_candidate(name, CANDIDATES[name], samples, args.seed, images_cache, args.feature_cache,
-                                      args.progress)
+        results[name] = run_candidate(
+            name, CANDIDATES[name], samples, args.seed, images_cache, args.feature_cache, args.progress
+        )
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1, sort_keys=True))
         Path(args.markdown).write_text(render_markdown(results))
         worst_name, worst_auc = results[name]["worst_pair"]
-        print(f"{name}: mean AUC {results[name]['mean_auc']:.3f}, worst pair {worst_name} {worst_auc:.3f}, "
-              f"mean lungs-blanked AUC {results[name]['mean_auc_lungs_blanked']:.3f}", flush=True)
+        print(
+            f"{name}: mean AUC {results[name]['mean_auc']:.3f}, worst pair {worst_name} {worst_auc:.3f}, "
+            f"mean lungs-blanked AUC {results[name]['mean_auc_lungs_blanked']:.3f}",
+            flush=True,
+        )
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def seed_head(feature_shape: tuple[int, int, int]):
@@ -54,8 +54,9 @@ def fit_and_score(config, train_maps: np.ndarray, train_labels: list[str], test_
     keras.utils.set_random_seed(config.seed)
     model = seed_head(tuple(train_maps.shape[1:]))
     compile_model(model, config)
-    model.fit(train_maps, one_hot(train_labels), batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
-              verbose=0)
+    model.fit(
+        train_maps, one_hot(train_labels), batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=0
+    )
     return np.asarray(model.predict(test_maps, batch_size=64, verbose=0))[:, 0]
 
 
@@ -86,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     row = {id(sample): index for index, sample in enumerate(loaded.samples)}
     rows = lambda part: [row[id(s)] for s in part]  # noqa: E731
 
-    train_part, test_part = split_samples(loaded.samples, test_fraction=config.test_fraction, seed=config.seed,
-                                          group_by_patient=config.group_by_patient)
+    train_part, test_part = split_samples(
+        loaded.samples, test_fraction=config.test_fraction, seed=config.seed, group_by_patient=config.group_by_patient
+    )
     started = time.perf_counter()
     p = fit_and_score(config, maps[rows(train_part)], [s.label for s in train_part], maps[rows(test_part)])
     head_seconds = time.perf_counter() - started
@@ -101,11 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {fold.name}: AUC {pairs[fold.name]:.3f}", flush=True)
     worst = min(pairs, key=pairs.__getitem__)
     mean = float(np.mean(list(pairs.values())))
-    print(f"seed recipe on hed-vgg16: leave-one-source-out mean AUC {mean:.3f}, worst pair {worst} {pairs[worst]:.3f}; "
-          f"backbone maps {feature_seconds:.0f} s, one head fit {head_seconds:.0f} s")
-    result = {"metrics": metrics, "pairs": pairs, "mean_auc": mean, "worst_pair": [worst, pairs[worst]],
-              "feature_seconds": round(feature_seconds, 1), "head_seconds": round(head_seconds, 1),
-              "deviation": "no rotation augmentation (the seed rotated up to 15 degrees)"}
+    print(
+        f"seed recipe on hed-vgg16: leave-one-source-out mean AUC {mean:.3f}, worst pair {worst} {pairs[worst]:.3f}; "
+        f"backbone maps {feature_seconds:.0f} s, one head fit {head_seconds:.0f} s"
+    )
+    result = {
+        "metrics": metrics,
+        "pairs": pairs,
+        "mean_auc": mean,
+        "worst_pair": [worst, pairs[worst]],
+        "feature_seconds": round(feature_seconds, 1),
+        "head_seconds": round(head_seconds, 1),
+        "deviation": "no rotation augmentation (the seed rotated up to 15 degrees)",
+    }
     Path(args.results).write_text(json.dumps(result, indent=1, sort_keys=True, default=float))
     return 0
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -97,9 +97,9 @@ def pipeline(bundle_dir: Path, files: list[Path], batch_size: int, store_kind: s
     from helpers import start_worker, wait_until
 
     from shared import db
+    from shared.queueing import make_app, submit_scans
     from shared.settings import Settings
     from shared.store import scan_key, store_from_settings
-    from shared.queueing import make_app, submit_scans
 
     env = {
         "LUNGCAM_BROKER_URL": broker,
@@ -175,8 +175,11 @@ def main() -> None:
             bundle_dir = make_bundle(tmp / "bundle", "resnet50", 224)
         bundle = load_bundle(bundle_dir)
         files = image_files(args.images, args.n, tmp)
-        print(f"model {bundle.name}/{bundle.version} ({bundle.manifest['architecture']}, {bundle.input_size}px), "
-              f"{len(files)} images from {args.images or 'synthetic'}, batch {args.batch_size}, store {args.store}", flush=True)
+        print(
+            f"model {bundle.name}/{bundle.version} ({bundle.manifest['architecture']}, {bundle.input_size}px), "
+            f"{len(files)} images from {args.images or 'synthetic'}, batch {args.batch_size}, store {args.store}",
+            flush=True,
+        )
         a = seed_way(bundle, files[: args.seed_n])
         print(f"(a) seed, per image:        {a:7.2f} images/s", flush=True)
         b = batched_pass(bundle, files, args.batch_size)

@@ -75,7 +75,9 @@ class Bundle:
         from shared.gradcam import GradCam
 
         return GradCam(
-            self.model, self.manifest["gradcam_layer"], positive_gradients_only=positive_gradients_only,
+            self.model,
+            self.manifest["gradcam_layer"],
+            positive_gradients_only=positive_gradients_only,
             smoothing_cells=float(self.manifest.get("gradcam_smoothing_cells", 0.0)),
         )
 
@@ -102,7 +104,12 @@ def save_bundle(
         # A bundle naming its frozen backbone stores only the head; the caller passes the head.
         model.save(model_path)
         model_bytes = model_path.read_bytes()
-    full_manifest = {**manifest, "format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_sha256": sha256_bytes(model_bytes)}
+    full_manifest = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "model_sha256": sha256_bytes(model_bytes),
+    }
     store = _store_for(str(dest), endpoint_url, region)
     store.put(MODEL_FILE, model_bytes, "application/octet-stream")
     for name, data in (extra_files or {}).items():
@@ -143,7 +150,11 @@ def update_manifest(
 
 
 def copy_bundle(
-    source: str | Path, dest: str | Path, manifest: dict[str, Any], *, endpoint_url: str | None = None,
+    source: str | Path,
+    dest: str | Path,
+    manifest: dict[str, Any],
+    *,
+    endpoint_url: str | None = None,
     region: str = "us-east-1",
 ) -> dict[str, Any]:
     """Publish a new version of a bundle: every file of `source` copied unchanged, then `manifest` at `dest`.
@@ -204,15 +215,19 @@ def named_backbone(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return entry
 
 
-def _with_named_backbone(head: keras.Model, backbone: dict[str, Any], manifest: dict[str, Any], uri: str | Path
-                         ) -> keras.Model:
+def _with_named_backbone(
+    head: keras.Model, backbone: dict[str, Any], manifest: dict[str, Any], uri: str | Path
+) -> keras.Model:
     """The bundle's head on the packaged backbone it names, refused if the installed file's sha256 differs."""
     from shared.pretrained import PretrainedWeightsError
     from shared.zoo import attach_head, build_packaged_backbone
 
     try:
         built = build_packaged_backbone(
-            manifest["architecture"], backbone["weights"], int(manifest["input_size"]), backbone["output_layer"],
+            manifest["architecture"],
+            backbone["weights"],
+            int(manifest["input_size"]),
+            backbone["output_layer"],
             expected_sha256=backbone["sha256"],
         )
     except PretrainedWeightsError as exc:

@@ -136,7 +136,7 @@ class OperatingPoint:
         return apply_temperature(p_covid, self.temperature)
 
     def label(self, p_calibrated: Sequence[float] | np.ndarray) -> list[str]:
-        """"covid" at or above the threshold, "normal" below it, "indeterminate" inside the band."""
+        """ "covid" at or above the threshold, "normal" below it, "indeterminate" inside the band."""
         p = _as_probabilities(p_calibrated)
         labels = np.where(p >= self.threshold, COVID, NORMAL).astype(object)
         if self.indeterminate_band is not None:
@@ -191,7 +191,9 @@ def fit_temperature(y_true: Sequence[int] | np.ndarray, p_covid: Sequence[float]
 
 
 def threshold_for_sensitivity(
-    y_true: Sequence[int] | np.ndarray, p_covid: Sequence[float] | np.ndarray, target: float = DEFAULT_TARGET_SENSITIVITY
+    y_true: Sequence[int] | np.ndarray,
+    p_covid: Sequence[float] | np.ndarray,
+    target: float = DEFAULT_TARGET_SENSITIVITY,
 ) -> float:
     """The highest threshold t with mean(p[covid] >= t) >= target on these images.
 
@@ -234,7 +236,7 @@ def fit_operating_point(
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     fitted_on = {
         "split": split,
-        "n": int(len(y)),
+        "n": len(y),
         "n_covid": n_pos,
         "n_normal": n_neg,
         "sensitivity": float(predicted[y == 1].mean()) if n_pos else None,

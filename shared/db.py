@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Boolean,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -32,8 +32,8 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -119,7 +119,9 @@ class BatchModel(Base):
 
     __tablename__ = "batch_models"
 
-    batch_id: Mapped[str] = mapped_column(String(128), ForeignKey("batches.batch_id", ondelete="CASCADE"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("batches.batch_id", ondelete="CASCADE"), primary_key=True
+    )
     model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(64), primary_key=True)
     # True for a bundle whose manifest says it is a demonstration model (trained on synthetic images).
@@ -350,7 +352,15 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
 
 
 _PREDICTION_FIELDS = (
-    "scan_id", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "cam_note", "inference_ms",
+    "scan_id",
+    "model_name",
+    "model_version",
+    "label",
+    "p_covid",
+    "threshold",
+    "overlay_key",
+    "cam_note",
+    "inference_ms",
 )
 _PREDICTION_UPDATED = ("label", "p_covid", "threshold", "overlay_key", "cam_note", "inference_ms", "created_at")
 
@@ -431,7 +441,10 @@ def claim_scans(
         "lease_expires_at": now + dt.timedelta(seconds=lease_s),
     }
     free = or_(
-        Scan.status != RUNNING, Scan.lease_expires_at.is_(None), Scan.lease_expires_at <= now, Scan.worker_id == worker_id
+        Scan.status != RUNNING,
+        Scan.lease_expires_at.is_(None),
+        Scan.lease_expires_at <= now,
+        Scan.worker_id == worker_id,
     )
     claimed: set[str] = set()
     ids = list(dict.fromkeys(scan_ids))
@@ -483,9 +496,10 @@ def requeue_scans(session: Session, scan_ids: Iterable[str], worker_id: str | No
         statement = statement.values(status=QUEUED, published_at=utcnow(), **_NO_LEASE).returning(
             Scan.scan_id, Scan.priority
         )
-        requeued.extend((scan_id, priority) for scan_id, priority in session.execute(
-            statement.execution_options(synchronize_session=False)
-        ))
+        requeued.extend(
+            (scan_id, priority)
+            for scan_id, priority in session.execute(statement.execution_options(synchronize_session=False))
+        )
     return requeued
 
 
@@ -505,7 +519,9 @@ def dicom_received_ids(session: Session, scan_ids: Sequence[str]) -> set[str]:
     """The subset of scan_ids received over DICOM (listener or DICOMweb pull): rows that carry a SOP Instance UID."""
     found: set[str] = set()
     for chunk in _chunks(list(scan_ids)):
-        found.update(session.scalars(select(Scan.scan_id).where(Scan.scan_id.in_(chunk), Scan.sop_instance_uid.is_not(None))))
+        found.update(
+            session.scalars(select(Scan.scan_id).where(Scan.scan_id.in_(chunk), Scan.sop_instance_uid.is_not(None)))
+        )
     return found
 
 
@@ -558,7 +574,13 @@ def add_scans(
 def record_batch_models(session: Session, batch_ids: Iterable[str], models: Iterable[tuple[str, str, bool]]) -> None:
     """Note that these batches were screened with these (name, version, demonstration) models; idempotent."""
     rows = [
-        {"batch_id": batch_id, "model_name": name, "model_version": version, "demonstration": demo, "recorded_at": utcnow()}
+        {
+            "batch_id": batch_id,
+            "model_name": name,
+            "model_version": version,
+            "demonstration": demo,
+            "recorded_at": utcnow(),
+        }
         for batch_id in sorted(set(batch_ids))
         for name, version, demo in models
     ]
@@ -567,9 +589,9 @@ def record_batch_models(session: Session, batch_ids: Iterable[str], models: Iter
     insert = _dialect_insert(session)
     for chunk in _chunks(rows):
         session.execute(
-            insert(BatchModel).values(list(chunk)).on_conflict_do_nothing(
-                index_elements=["batch_id", "model_name", "model_version"]
-            )
+            insert(BatchModel)
+            .values(list(chunk))
+            .on_conflict_do_nothing(index_elements=["batch_id", "model_name", "model_version"])
         )
 
 
@@ -577,7 +599,9 @@ def batch_model_versions(session: Session, batch_id: str) -> list[BatchModel]:
     """The model versions a batch was screened with, in the order they were first recorded."""
     return list(
         session.scalars(
-            select(BatchModel).where(BatchModel.batch_id == batch_id).order_by(BatchModel.recorded_at, BatchModel.model_name)
+            select(BatchModel)
+            .where(BatchModel.batch_id == batch_id)
+            .order_by(BatchModel.recorded_at, BatchModel.model_name)
         )
     )
 

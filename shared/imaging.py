@@ -298,7 +298,9 @@ def _raster_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     return None
 
 
-def check_image_header(data: bytes, *, verify_pixel_data: bool = False, max_pixel_bytes: int = MAX_PIXEL_DATA_BYTES) -> int:
+def check_image_header(
+    data: bytes, *, verify_pixel_data: bool = False, max_pixel_bytes: int = MAX_PIXEL_DATA_BYTES
+) -> int:
     """The shared size guard: refuse, from the header alone, what would cost more than the limits; the pixels of one frame.
 
     PNG, JPEG and TIFF: the header's width and height against MAX_IMAGE_SIDE and MAX_IMAGE_PIXELS.
@@ -344,9 +346,7 @@ def _reduce_integer(
     if factor >= 2:
         # Cropping (at most factor-1 edge rows/columns) makes the factor exact; a view, not a copy.
         rows, columns = height - height % factor, width - width % factor
-        pixels = cv2.resize(
-            pixels[:rows, :columns], (columns // factor, rows // factor), interpolation=cv2.INTER_AREA
-        )
+        pixels = cv2.resize(pixels[:rows, :columns], (columns // factor, rows // factor), interpolation=cv2.INTER_AREA)
     unit = _to_unit(pixels, full_scale)
     if unit.shape[1] == target[0] and unit.shape[0] == target[1]:
         return unit
@@ -468,7 +468,11 @@ def _jpeg2000_reduced(
         from openjpeg.utils import get_parameters
         from PIL import Image
 
-        frame = next(pydicom.encaps.generate_frames(dataset.PixelData, number_of_frames=max(_dicom_int(dataset, "NumberOfFrames"), 1)))
+        frame = next(
+            pydicom.encaps.generate_frames(
+                dataset.PixelData, number_of_frames=max(_dicom_int(dataset, "NumberOfFrames"), 1)
+            )
+        )
         facts = get_parameters(frame, 0 if frame[:2] == b"\xff\x4f" else None)
         precision, signed = int(facts["precision"]), bool(facts["is_signed"])
         levels = _jpeg2000_levels(frame)
@@ -757,17 +761,18 @@ class _DicomReader:
         rows, columns = _dicom_int(dataset, "Rows"), _dicom_int(dataset, "Columns")
         _check_size(columns, rows)
         photometric = str(dataset.get("PhotometricInterpretation") or "").strip().upper()
-        if "PhotometricInterpretation" in dataset:
-            if photometric not in _DICOM_GREY | _DICOM_COLOUR | {_DICOM_PALETTE}:
-                raise ImageDecodeError(
-                    f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
-                )
+        if "PhotometricInterpretation" in dataset and photometric not in _DICOM_GREY | _DICOM_COLOUR | {_DICOM_PALETTE}:
+            raise ImageDecodeError(
+                f"unsupported DICOM photometric interpretation {_safe_code(photometric)}", kind="unsupported"
+            )
         samples = _dicom_int(dataset, "SamplesPerPixel") or 1
         default_bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(self.pixel_tag, 8)
         bits = _dicom_int(dataset, "BitsAllocated") or default_bits
         frames = max(_dicom_int(dataset, "NumberOfFrames"), 1)
         if bits not in (1, 8, 16, 32, 64) or not 1 <= samples <= 4:
-            raise ImageDecodeError(f"unsupported DICOM pixel layout ({bits} bits, {samples} samples)", kind="unsupported")
+            raise ImageDecodeError(
+                f"unsupported DICOM pixel layout ({bits} bits, {samples} samples)", kind="unsupported"
+            )
         frame_bits = rows * columns * samples * bits
         if photometric == "YBR_FULL_422" and self.pixel_length != 0xFFFFFFFF:
             frame_bits = frame_bits * 2 // 3  # native 4:2:2 stores two chroma samples per two pixels
@@ -803,7 +808,8 @@ class _DicomReader:
             available = False
         if not available:
             raise ImageDecodeError(
-                f"unsupported DICOM transfer syntax: {_safe_uid_name(syntax)} (no decoder installed)", kind="unsupported"
+                f"unsupported DICOM transfer syntax: {_safe_uid_name(syntax)} (no decoder installed)",
+                kind="unsupported",
             )
         if syntax == pydicom.uid.JPEGExtended12Bit and bits > 8:
             # Only the GPL libjpeg plugin, not a dependency, decodes 12-bit lossy JPEG (docs/decoding.md).
@@ -831,7 +837,9 @@ class _DicomReader:
             self.stream.end_at_cap = True
         try:
             pixels = read_dataset(
-                self.stream, self.implicit, self.little,
+                self.stream,
+                self.implicit,
+                self.little,
                 stop_when=lambda tag, vr, length: tag not in self._PIXEL_TAGS,
                 specific_tags=[Tag(self.pixel_tag)],
             )
@@ -1022,8 +1030,8 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
     if preferred in decoder.available_plugins:
         try:
             return pydicom.pixels.pixel_array(dataset, index=0, decoding_plugin=preferred)
-        except Exception:
-            pass  # the other plugins may still manage (a layout this one declines); their error is reported
+        except Exception:  # noqa: BLE001 - the other plugins may still manage a layout this one declines
+            pass  # their error is the one reported
     try:
         # as_rgb (the default) converts the YBR family to RGB, leaving PALETTE COLOR as indices.
         return pydicom.pixels.pixel_array(dataset, index=0)
@@ -1033,7 +1041,9 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
         name = _safe_uid_name(transfer_syntax)
         if _all_plugins_decline(exc):
             # e.g. 12-bit JPEG Extended, which only the GPL libjpeg plugin decodes (not installed).
-            raise ImageDecodeError(f"unsupported DICOM pixel data ({name}: no installed decoder handles it)", kind="unsupported") from exc
+            raise ImageDecodeError(
+                f"unsupported DICOM pixel data ({name}: no installed decoder handles it)", kind="unsupported"
+            ) from exc
         raise ImageDecodeError(f"corrupt DICOM pixel data ({name})") from exc
 
 
@@ -1250,9 +1260,17 @@ def robust_preprocessing(
         raise ValueError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
     # Version 2 manifests stay exactly as they were: no "square" key, no extra step.
     centre_crop = square == "centre_crop"
-    steps = ["grey (mean of RGB)", "crop", *(["centre crop to square"] if centre_crop else []),
-             "resize to working_size", "intensity", "blur", "resize to input",
-             *(["keep only the lung box"] if lung_mask else []), "grey to RGB"]
+    steps = [
+        "grey (mean of RGB)",
+        "crop",
+        *(["centre crop to square"] if centre_crop else []),
+        "resize to working_size",
+        "intensity",
+        "blur",
+        "resize to input",
+        *(["keep only the lung box"] if lung_mask else []),
+        "grey to RGB",
+    ]
     version = 4 if lung_mask else 3 if centre_crop else 2
     mask = {"lung_box": list(LUNG_BOX), "lung_mask_fill": LUNG_MASK_FILL} if lung_mask else {}
     return {

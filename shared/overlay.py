@@ -37,7 +37,9 @@ def _blend(image: np.ndarray, cam: np.ndarray, *, alpha: float, max_side: int, b
         display = cv2.cvtColor(display, cv2.COLOR_RGB2BGR)
     heat = cv2.resize(np.clip(cam, 0.0, 1.0).astype(np.float32), (display.shape[1], display.shape[0]))
     heat_bgr = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)
-    return cv2.addWeighted(display, 1.0 - alpha, heat_bgr if bgr else cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB), alpha, 0.0)
+    return cv2.addWeighted(
+        display, 1.0 - alpha, heat_bgr if bgr else cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB), alpha, 0.0
+    )
 
 
 def encode_png(rgb: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:

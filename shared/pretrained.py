@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.hashing import sha256_file
 from shared.errors import LungcamError
+from shared.hashing import sha256_file
 
 if TYPE_CHECKING:
     import keras
@@ -153,7 +153,9 @@ def load_vgg16_conv_weights(model: keras.Model, path: Path) -> list[str]:
         layer = model.get_layer(name)
         current = [tuple(w.shape) for w in layer.get_weights()]
         if current != [tuple(v.shape) for v in values]:
-            raise PretrainedWeightsError(f"{name}: weights {[v.shape for v in values]} do not fit the layer's {current}")
+            raise PretrainedWeightsError(
+                f"{name}: weights {[v.shape for v in values]} do not fit the layer's {current}"
+            )
         layer.set_weights(values)
         loaded.append(name)
     convs = [layer.name for layer in model.layers if layer.__class__.__name__ == "Conv2D"]

@@ -82,7 +82,9 @@ class SubmitResult:
     already: list[str] = field(default_factory=list)
 
 
-def publish(app: Celery, scan_id: str, priority: str, *, attempt: int = 0, force: bool = False, countdown: float | None = None) -> None:
+def publish(
+    app: Celery, scan_id: str, priority: str, *, attempt: int = 0, force: bool = False, countdown: float | None = None
+) -> None:
     """Send one classify message for a scan to the queue of its priority."""
     if priority not in QUEUES:
         raise ValueError(f"priority must be one of {QUEUES}, not {priority!r}")

@@ -61,8 +61,12 @@ def requeue_stale(sessions: sessionmaker[Session], app: Celery, *, older_than_s:
     with sessions.begin() as session:
         # The reconciler's grace period counts from this re-send, so it does not send the same scans again at once.
         ids = [scan_id for scan_id, _ in to_publish]
-        session.execute(update(db.Scan).where(db.Scan.scan_id.in_(ids), db.Scan.status == db.QUEUED)
-                        .values(published_at=db.utcnow()).execution_options(synchronize_session=False))
+        session.execute(
+            update(db.Scan)
+            .where(db.Scan.scan_id.in_(ids), db.Scan.status == db.QUEUED)
+            .values(published_at=db.utcnow())
+            .execution_options(synchronize_session=False)
+        )
     for scan_id, priority in to_publish:
         if restored.intersection(held_too_long.get(scan_id, ())):
             result.restored.append(scan_id)

@@ -63,14 +63,18 @@ def batch_model_keys(session: Session, batch_id: str | None) -> list[ModelKey]:
 
 def demonstration_keys(session: Session, batch_id: str) -> set[ModelKey]:
     """The batch's models whose bundles are demonstration models."""
-    return {(row.model_name, row.model_version) for row in db.batch_model_versions(session, batch_id) if row.demonstration}
+    return {
+        (row.model_name, row.model_version) for row in db.batch_model_versions(session, batch_id) if row.demonstration
+    }
 
 
 def _predictions(models: list[ModelKey] | None) -> Any:
     """Load a scan's predictions, only those of `models` when given (None: all of them)."""
     if models is None:
         return selectinload(db.Scan.predictions)
-    match = or_(*(and_(db.Prediction.model_name == name, db.Prediction.model_version == version) for name, version in models))
+    match = or_(
+        *(and_(db.Prediction.model_name == name, db.Prediction.model_version == version) for name, version in models)
+    )
     return selectinload(db.Scan.predictions.and_(match if models else false()))
 
 

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; unset means SQLite under data_dir.")
     store_url: str | None = Field(
-        default=None, description="Object store: a folder path or file:// URL, or s3://bucket[/prefix]; unset means data_dir/store."
+        default=None,
+        description="Object store: a folder path or file:// URL, or s3://bucket[/prefix]; unset means data_dir/store.",
     )
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint for MinIO, moto or another S3 server.")
     s3_public_endpoint_url: str | None = Field(
@@ -117,7 +118,9 @@ class Settings(BaseSettings):
         ),
     )
     pipeline_depth: int = Field(
-        default=2, ge=1, description="Batches in flight per worker: one on the device while the next is fetched and decoded."
+        default=2,
+        ge=1,
+        description="Batches in flight per worker: one on the device while the next is fetched and decoded.",
     )
     task_max_retries: int = Field(default=5, ge=0, description="Retries of a transient store/database error.")
     io_threads: int = Field(default=8, ge=1, description="Threads that fetch, decode, render and upload per worker.")
@@ -160,9 +163,14 @@ class Settings(BaseSettings):
 
     # --- PACS (`lungcam dicom-listen`, `lungcam dicom-send`, `lungcam ingest dicomweb+...`); docs/pacs.md ---
     dicom_ae_title: str = Field(
-        default="LUNGCAM", min_length=1, max_length=16, description="AE title of `lungcam dicom-listen` (the C-STORE SCP)."
+        default="LUNGCAM",
+        min_length=1,
+        max_length=16,
+        description="AE title of `lungcam dicom-listen` (the C-STORE SCP).",
     )
-    dicom_port: int = Field(default=11112, ge=1, le=65535, description="TCP port `lungcam dicom-listen` accepts associations on.")
+    dicom_port: int = Field(
+        default=11112, ge=1, le=65535, description="TCP port `lungcam dicom-listen` accepts associations on."
+    )
     dicom_stat_ae_titles: str = Field(
         default="LUNGCAM_STAT",
         description="Comma-separated AE titles: an association whose called or calling AE title is one of them queues its images as stat.",
@@ -176,15 +184,20 @@ class Settings(BaseSettings):
         description="Comma-separated IP addresses or networks (CIDR) the listener accepts connections from (empty: any).",
     )
     dicom_max_pdu_bytes: int = Field(
-        default=65536, ge=4096, le=16 * 1024 * 1024,
+        default=65536,
+        ge=4096,
+        le=16 * 1024 * 1024,
         description="Largest PDU the listener receives (announced as its maximum length); a larger one drops the connection.",
     )
     dicom_idle_timeout_s: float = Field(
-        default=30.0, gt=0,
+        default=30.0,
+        gt=0,
         description="Seconds a listener connection may stay silent, before or during an association, before it is closed.",
     )
     dicom_max_associations: int = Field(
-        default=16, ge=1, description="Concurrent associations the listener serves; more are rejected (transient) until one ends."
+        default=16,
+        ge=1,
+        description="Concurrent associations the listener serves; more are rejected (transient) until one ends.",
     )
     dicom_destination: str = Field(
         default="",
@@ -194,13 +207,18 @@ class Settings(BaseSettings):
         ),
     )
     dicom_calling_ae_title: str = Field(
-        default="LUNGCAM", min_length=1, max_length=16, description="AE title lungcam calls from when it sends results by C-STORE."
+        default="LUNGCAM",
+        min_length=1,
+        max_length=16,
+        description="AE title lungcam calls from when it sends results by C-STORE.",
     )
     dicom_uid_prefix: str = Field(
         default="1.2.826.0.1.3680043.8.498.",
         description="UID root (ending in '.') of the SR and Secondary Capture UIDs; use your organisation's root.",
     )
-    dicom_send_interval_s: float = Field(default=5.0, gt=0, description="How often `lungcam dicom-send` looks for new results.")
+    dicom_send_interval_s: float = Field(
+        default=5.0, gt=0, description="How often `lungcam dicom-send` looks for new results."
+    )
     dicom_send_max_attempts: int = Field(default=8, ge=1, description="Sends of one result before it is marked failed.")
     dicom_send_backoff_s: float = Field(
         default=10.0, gt=0, description="First retry delay of a failed send; doubles per attempt, capped at one hour."
@@ -210,9 +228,13 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest instance a DICOMweb pull reads from one WADO-RS answer part; a larger one is refused, not read.",
     )
-    dicomweb_username: str | None = Field(default=None, description="HTTP basic user for DICOMweb (ingest and STOW-RS).")
+    dicomweb_username: str | None = Field(
+        default=None, description="HTTP basic user for DICOMweb (ingest and STOW-RS)."
+    )
     dicomweb_password: SecretStr | None = Field(default=None, description="HTTP basic password for DICOMweb.")
-    dicomweb_token: SecretStr | None = Field(default=None, description="Bearer token for DICOMweb (instead of user and password).")
+    dicomweb_token: SecretStr | None = Field(
+        default=None, description="Bearer token for DICOMweb (instead of user and password)."
+    )
 
     @field_validator("dicom_allowed_peers")
     @classmethod

@@ -45,11 +45,11 @@ class SourcePolicy:
         folders: list[Path] = []
         for entry in [settings.resolved_store_url(), *settings.allowed_source_list()]:
             if entry.startswith("s3://"):
-                bucket, _, prefix = entry[len("s3://"):].partition("/")
+                bucket, _, prefix = entry[len("s3://") :].partition("/")
                 prefix = prefix.strip("/")
                 s3.append(f"s3://{bucket}/{prefix}/" if prefix else f"s3://{bucket}/")
             else:
-                path = entry[len("file://"):] if entry.startswith("file://") else entry
+                path = entry[len("file://") :] if entry.startswith("file://") else entry
                 folders.append(Path(os.path.realpath(os.path.expanduser(path))))
         return cls(tuple(s3), tuple(folders))
 
@@ -101,4 +101,6 @@ class SourceFetcher:
             return self.default_store.get(source_uri)
         store_url, key = split_uri(source_uri)
         # One client per bucket, shared by the fetch threads (boto3 clients are thread-safe).
-        return cached_store(store_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region).get(key)
+        return cached_store(store_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region).get(
+            key
+        )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from functools import lru_cache
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
@@ -40,12 +40,24 @@ class ObjectNotFound(LungcamError, KeyError):
 
 
 # S3 error codes that a later attempt may not get (throttling, timeouts, server trouble).
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "RequestTimeout",
-    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "ServiceUnavailableException",
-    "OperationAborted",
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "OperationAborted",
+    }
+)
 # Local errors that are a configuration problem, not a passing one.
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
 
@@ -388,7 +400,9 @@ def _error_code(exc: Exception) -> str | None:
     return None
 
 
-def open_store(url: str, *, endpoint_url: str | None = None, region: str = "us-east-1", **s3_options: Any) -> ObjectStore:
+def open_store(
+    url: str, *, endpoint_url: str | None = None, region: str = "us-east-1", **s3_options: Any
+) -> ObjectStore:
     """Open "s3://bucket[/prefix]" as an S3Store, "file:///abs/path" or a plain path as a LocalStore."""
     if url.startswith("s3://"):
         parts = urlsplit(url)

@@ -228,7 +228,7 @@ def make_dicom(
     bits_allocated = pixels.dtype.itemsize * 8
     # A uint8 array cannot use more than 8 bits, whatever the (uint16-oriented) default says.
     stored = min(bits_stored, bits_allocated)
-    if not 1 <= stored or (pixels.size and int(pixels.max()) >= 2**stored):
+    if not stored >= 1 or (pixels.size and int(pixels.max()) >= 2**stored):
         raise ValueError(f"pixel values do not fit in {stored} stored bits")
 
     default_class = _DIGITAL_XRAY_FOR_PRESENTATION if photometric.startswith("MONOCHROME") else _SECONDARY_CAPTURE
@@ -328,7 +328,11 @@ def _compress(dataset: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> Non
 
     import gdcm  # python-gdcm: pydicom has no JPEG Lossless encoder
 
-    syntax = gdcm.TransferSyntax.JPEGLosslessProcess14_1 if transfer_syntax == JPEGLosslessSV1 else gdcm.TransferSyntax.JPEGLosslessProcess14
+    syntax = (
+        gdcm.TransferSyntax.JPEGLosslessProcess14_1
+        if transfer_syntax == JPEGLosslessSV1
+        else gdcm.TransferSyntax.JPEGLosslessProcess14
+    )
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "in.dcm", Path(folder) / "out.dcm"
         pydicom.dcmwrite(source, dataset, enforce_file_format=True)

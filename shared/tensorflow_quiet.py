@@ -19,7 +19,9 @@ from typing import Any
 
 def gpu_present() -> bool:
     """True when this machine exposes an NVIDIA GPU (device node or nvidia-smi); no TensorFlow import."""
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir() or bool(shutil.which("nvidia-smi"))
+    return (
+        Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir() or bool(shutil.which("nvidia-smi"))
+    )
 
 
 @contextmanager

@@ -81,8 +81,9 @@ class SubtractReference(layers.Layer):
     def __init__(self, reference_shape: tuple[int, int, int], **kwargs):
         super().__init__(**kwargs)
         self.reference_shape = tuple(int(v) for v in reference_shape)
-        self.reference = self.add_weight(shape=self.reference_shape, initializer="zeros", trainable=False,
-                                         name="reference")
+        self.reference = self.add_weight(
+            shape=self.reference_shape, initializer="zeros", trainable=False, name="reference"
+        )
 
     def call(self, inputs):
         return inputs - self.reference

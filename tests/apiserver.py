@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import redis
 import uvicorn
+from helpers import redis_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from helpers import redis_url
 from shared import db
 from shared.settings import Settings
 from shared.store import LocalStore

@@ -35,8 +35,11 @@ def _own_redis_for_this_process() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     atexit.register(process.terminate)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -67,7 +70,7 @@ def _postgres_admin() -> Iterator[tuple[sa.Engine, str, str]]:
     try:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # any failure to connect means "no PostgreSQL here"
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no PostgreSQL here"
         engine.dispose()
         reason = (
             f"PostgreSQL not reachable at {url.render_as_string(hide_password=True)} "
@@ -160,9 +163,19 @@ def s3_store(moto_server: str) -> S3Store:
 # start first so both processes finish at about the same time; measured on 2 cores, longest first.
 # A serial run keeps pytest's order.
 LONGEST_MODULES_FIRST = (
-    "test_recovery.py", "test_trainer.py", "test_pacs.py", "test_worker.py", "test_demo.py", "test_models.py",
-    "test_robust_recipe.py", "test_selection.py", "test_audit.py", "test_cli.py", "test_waiting.py",
-    "test_api_worker.py", "test_decoding.py",
+    "test_recovery.py",
+    "test_trainer.py",
+    "test_pacs.py",
+    "test_worker.py",
+    "test_demo.py",
+    "test_models.py",
+    "test_robust_recipe.py",
+    "test_selection.py",
+    "test_audit.py",
+    "test_cli.py",
+    "test_waiting.py",
+    "test_api_worker.py",
+    "test_decoding.py",
 )
 
 

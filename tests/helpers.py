@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import sqlalchemy as sa
 import numpy as np
+import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
 LUNGCAM = str(Path(sys.executable).with_name("lungcam"))
@@ -39,12 +39,19 @@ def headless_chromium(width: int = 1200, height: int = 900) -> Iterator[Any]:
     """A selenium driver on Debian's chromium + chromium-driver (fails under CI when they are missing)."""
     import pytest
 
-    missing = [f"{name} ({package})" for name, path, package in (("chromium", CHROMIUM, "chromium"),
-                                                                   ("chromedriver", CHROMEDRIVER, "chromium-driver"))
-               if not Path(path).exists()]
+    missing = [
+        f"{name} ({package})"
+        for name, path, package in (
+            ("chromium", CHROMIUM, "chromium"),
+            ("chromedriver", CHROMEDRIVER, "chromium-driver"),
+        )
+        if not Path(path).exists()
+    ]
     if missing:
         # Name only what is missing: chromium without its driver is a common half-install.
-        message = f"not installed: {' and '.join(missing)} (Debian packages; `python3 run.py test` installs them as root)"
+        message = (
+            f"not installed: {' and '.join(missing)} (Debian packages; `python3 run.py test` installs them as root)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -53,9 +60,18 @@ def headless_chromium(width: int = 1200, height: int = 900) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--allow-file-access-from-files", f"--window-size={width},{height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--allow-file-access-from-files",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -103,8 +119,14 @@ def make_tiny_bundle(dest: Path, input_size: int = 224) -> Path:
     logits = keras.layers.Dense(len(CLASS_NAMES), name=LOGITS_LAYER)(keras.layers.GlobalAveragePooling2D()(features))
     model = keras.Model(inputs, keras.layers.Activation("softmax")(logits))
     manifest = {
-        "name": "tiny-test", "version": "t1", "architecture": "tiny", "input_size": input_size,
-        "class_names": list(CLASS_NAMES), "preprocessing": PREPROCESSING, "gradcam_layer": "cam_layer", "weights": "none",
+        "name": "tiny-test",
+        "version": "t1",
+        "architecture": "tiny",
+        "input_size": input_size,
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": PREPROCESSING,
+        "gradcam_layer": "cam_layer",
+        "weights": "none",
     }
     save_bundle(model, manifest, dest)
     return dest
@@ -215,12 +237,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = 
 
 def empty_schema(url: str) -> str:
     """Drop every table of the database (schema) at url, whatever migrations have added; returns url."""
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url)
+    engine = sa.create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
+    )
     try:
         with engine.begin() as connection:
             tables = sa.inspect(connection).get_table_names()
             if tables:
-                connection.execute(sa.text("DROP TABLE IF EXISTS " + ", ".join(f'"{name}"' for name in tables) + " CASCADE"))
+                connection.execute(
+                    sa.text("DROP TABLE IF EXISTS " + ", ".join(f'"{name}"' for name in tables) + " CASCADE")
+                )
     finally:
         engine.dispose()
     return url
@@ -228,8 +254,13 @@ def empty_schema(url: str) -> str:
 
 def insert_scans_at_old_revision(connection: sa.Connection, scan_ids: list[str]) -> None:
     """Scans plus one covid prediction for the first, in raw SQL (the ORM knows only the newest schema)."""
-    connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES (:scan_id, :uri)"),
-                       [{"scan_id": scan_id, "uri": f"scans/{scan_id}"} for scan_id in scan_ids])
-    connection.execute(sa.text(
-        "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES (:scan_id, 'm', '1', 'covid', 0.9)"
-    ), {"scan_id": scan_ids[0]})
+    connection.execute(
+        sa.text("INSERT INTO scans (scan_id, source_uri) VALUES (:scan_id, :uri)"),
+        [{"scan_id": scan_id, "uri": f"scans/{scan_id}"} for scan_id in scan_ids],
+    )
+    connection.execute(
+        sa.text(
+            "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) VALUES (:scan_id, 'm', '1', 'covid', 0.9)"
+        ),
+        {"scan_id": scan_ids[0]},
+    )

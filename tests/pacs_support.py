@@ -30,9 +30,7 @@ def free_port() -> int:
 
 
 def orthanc_available() -> bool:
-    return shutil.which("Orthanc") is not None and any(
-        Path(d, "libOrthancDicomWeb.so").exists() for d in PLUGIN_DIRS
-    )
+    return shutil.which("Orthanc") is not None and any(Path(d, "libOrthancDicomWeb.so").exists() for d in PLUGIN_DIRS)
 
 
 @dataclass
@@ -66,7 +64,8 @@ class Orthanc:
 
         response = requests.get(
             f"{self.dicomweb_url}/studies/{study_uid}/instances",
-            params={"includefield": "00080016,0020000E,00080070"}, timeout=30,
+            params={"includefield": "00080016,0020000E,00080070"},
+            timeout=30,
         )
         if response.status_code in (204, 404):
             return []
@@ -135,8 +134,9 @@ def run_orthanc(folder: Path, *, modalities: dict | None = None) -> Iterator[Ort
         log_file.close()
 
 
-def make_study_dicoms(count: int, *, seed: int, size: int = 96, per_study: int = 2, modality: str = "DX",
-                      study_date: str = "20200315") -> list[bytes]:
+def make_study_dicoms(
+    count: int, *, seed: int, size: int = 96, per_study: int = 2, modality: str = "DX", study_date: str = "20200315"
+) -> list[bytes]:
     """count small synthetic chest DICOMs, per_study to a study, with marker patient data."""
     import pydicom
     from pydicom.uid import generate_uid
@@ -285,8 +285,13 @@ class ListenerProcess:
         self.port = port
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([LUNGCAM, "dicom-listen", "--port", str(port)], env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, cwd=REPO)
+        self.process = subprocess.Popen(
+            [LUNGCAM, "dicom-listen", "--port", str(port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         wait_port(port, process=self.process, log=log_path)
 
     def log(self) -> str:

@@ -16,7 +16,6 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis
-
 from apiserver import (
     API_REDIS_URL,
     AUTH,
@@ -24,14 +23,15 @@ from apiserver import (
     MAX_IMAGE_BYTES,
     TOKEN,
     Api,
+    _closed_port,
     api_settings,
     b64,
     png_bytes,
     redis_client,
     running_api,
     serve,
-    _closed_port,
 )
+
 from shared import db
 from shared.store import overlay_key, scan_key
 from worker.api.logs import redact_path
@@ -90,7 +90,9 @@ def test_readyz_ready_when_everything_is_up(api: Api):
     body = response.json()
     assert body["status"] == "ready"
     assert {name: check["ok"] for name, check in body["checks"].items()} == {
-        "broker": True, "database": True, "store": True,
+        "broker": True,
+        "database": True,
+        "store": True,
     }
 
 
@@ -133,8 +135,17 @@ def test_metrics_report_scans_per_status_and_inference_time(fresh_api: Api):
     with fresh_api.sessions.begin() as session:
         db.upsert_predictions(
             session,
-            [{"scan_id": ids[0], "model_name": "m", "model_version": "1", "label": "normal", "p_covid": 0.1,
-              "overlay_key": None, "inference_ms": 250.0}],
+            [
+                {
+                    "scan_id": ids[0],
+                    "model_name": "m",
+                    "model_version": "1",
+                    "label": "normal",
+                    "p_covid": 0.1,
+                    "overlay_key": None,
+                    "inference_ms": 250.0,
+                }
+            ],
         )
         db.mark_scans(session, [ids[0]], db.DONE, finished=True)
         db.mark_scans(session, [ids[1]], db.FAILED, error="undecodable image", finished=True)
@@ -155,8 +166,16 @@ def test_metrics_report_scans_per_status_and_inference_time(fresh_api: Api):
 def test_openapi_and_docs_are_served(api: Api):
     """The OpenAPI document lists every route, and /docs renders."""
     spec = httpx.get(f"{api.url}/openapi.json").json()
-    assert {"/v1/scans", "/v1/scans/{scan_id}", "/v1/batches", "/v1/batches/{batch_id}", "/v1/files/{key}",
-            "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {
+        "/v1/scans",
+        "/v1/scans/{scan_id}",
+        "/v1/batches",
+        "/v1/batches/{batch_id}",
+        "/v1/files/{key}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(spec["paths"])
     assert httpx.get(f"{api.url}/docs").status_code == 200
 
 
@@ -167,8 +186,11 @@ def test_v1_needs_the_bearer_token(api: Api):
     """Missing or wrong token: 401 with WWW-Authenticate: Bearer; the right token: 2xx."""
     body = _scan(_new_id())
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
-        for method, path, payload in (("POST", "/v1/scans", body), ("GET", "/v1/batches/x", None),
-                                      ("GET", "/v1/scans/x", None)):
+        for method, path, payload in (
+            ("POST", "/v1/scans", body),
+            ("GET", "/v1/batches/x", None),
+            ("GET", "/v1/scans/x", None),
+        ):
             response = httpx.request(method, f"{api.url}{path}", json=payload, headers=headers)
             assert response.status_code == 401, (headers, path, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
@@ -193,9 +215,8 @@ def test_without_a_configured_token_every_v1_request_is_refused(broker: redis.Re
 def test_api_refuses_to_start_on_a_database_behind_its_schema(broker: redis.Redis, tmp_path: Path):
     """Migrations run in one place (`lungcam migrate`); an API on an empty database says so and does not serve."""
     settings = api_settings(tmp_path)
-    with pytest.raises(AssertionError, match="failed to start"):
-        with serve(settings, migrate=False):
-            pass
+    with pytest.raises(AssertionError, match="failed to start"), serve(settings, migrate=False):
+        pass
     from shared.errors import SchemaOutOfDate
     from worker.api.main import open_resources
 
@@ -209,8 +230,19 @@ def test_api_refuses_to_start_on_a_database_behind_its_schema(broker: redis.Redi
 @pytest.mark.parametrize(
     "scan_id",
     ["../x", "a/b", "", "x" * 129, ".hidden", "-dash", "a..b", "a b", "a\\b", "é", "a\n"],
-    ids=["dotdot-slash", "slash", "empty", "129-chars", "leading-dot", "leading-dash", "dotdot", "space",
-         "backslash", "non-ascii", "trailing-newline"],
+    ids=[
+        "dotdot-slash",
+        "slash",
+        "empty",
+        "129-chars",
+        "leading-dot",
+        "leading-dash",
+        "dotdot",
+        "space",
+        "backslash",
+        "non-ascii",
+        "trailing-newline",
+    ],
 )
 def test_bad_scan_ids_are_refused(api: Api, scan_id: str):
     """scan_id must be one safe store-key segment: 422 naming scan_id."""
@@ -314,8 +346,16 @@ def test_batch_over_10000_scans_is_refused(api: Api):
 
 @pytest.mark.parametrize(
     "source_uri",
-    ["/etc/passwd", "file:///etc/passwd", "../../etc/passwd", "scans/other-scan", "s3://bucket", "s3://bucket/",
-     "http://example.org/a.png", "s3://B/key"],
+    [
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "../../etc/passwd",
+        "scans/other-scan",
+        "s3://bucket",
+        "s3://bucket/",
+        "http://example.org/a.png",
+        "s3://B/key",
+    ],
 )
 def test_source_uri_must_be_s3(api: Api, source_uri: str):
     """Local paths (and anything but s3://bucket/key) are refused: they would let a client read server files."""
@@ -386,13 +426,15 @@ def test_s3_source_is_referenced_not_copied(api: Api):
 
 @pytest.mark.parametrize(
     "source_uri",
-    ["s3://other-bucket/a.png", "s3://no-such-bucket-at-all/a.png", "s3://archive-bucket-2/a.png",
-     "s3://archive-bucket/2020/../../other-bucket/a.png"],
+    [
+        "s3://other-bucket/a.png",
+        "s3://no-such-bucket-at-all/a.png",
+        "s3://archive-bucket-2/a.png",
+        "s3://archive-bucket/2020/../../other-bucket/a.png",
+    ],
     ids=["existing-unlisted-bucket", "missing-bucket", "prefix-lookalike", "dotdot"],
 )
-def test_a_source_outside_the_allowed_buckets_is_403_and_queues_nothing(
-    broker: redis.Redis, api: Api, source_uri: str
-):
+def test_a_source_outside_the_allowed_buckets_is_403_and_queues_nothing(broker: redis.Redis, api: Api, source_uri: str):
     """The worker reads sources with its own credentials: a caller may only name allowed locations."""
     scan_id = _new_id()
     before = _queue_length(broker, "routine")
@@ -475,8 +517,17 @@ def _done_with_overlay(api: Api, scan_id: str) -> bytes:
     with api.sessions.begin() as session:
         db.upsert_predictions(
             session,
-            [{"scan_id": scan_id, "model_name": "m", "model_version": "1", "label": "covid", "p_covid": 0.9,
-              "overlay_key": key, "inference_ms": 12.0}],
+            [
+                {
+                    "scan_id": scan_id,
+                    "model_name": "m",
+                    "model_version": "1",
+                    "label": "covid",
+                    "p_covid": 0.9,
+                    "overlay_key": key,
+                    "inference_ms": 12.0,
+                }
+            ],
         )
         db.mark_scans(session, [scan_id], db.DONE, finished=True)
     return png
@@ -521,7 +572,8 @@ def test_local_overlay_url_is_signed_and_expiring(api: Api):
     # Missing query parameters are a 422 naming them.
     response = httpx.get(base)
     assert response.status_code == 422 and {tuple(e["loc"]) for e in response.json()["detail"]} == {
-        ("query", "expires"), ("query", "sig"),
+        ("query", "expires"),
+        ("query", "sig"),
     }
     # Uploaded scans are not served, even with a valid signature.
     upload = scan_key(scan_id)

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from apiserver import Api, b64, png_bytes, redis_client, running_api
 from helpers import LUNGCAM, REPO, redis_url
+
 from shared import db
 from shared.store import overlay_key
 
@@ -60,8 +60,20 @@ def test_links_use_the_configured_public_url_whatever_the_host_header(api: Api):
     key = overlay_key("m", "1", scan_id)
     api.store().put(key, png_bytes(2), "image/png")
     with api.sessions.begin() as session:
-        db.upsert_predictions(session, [{"scan_id": scan_id, "model_name": "m", "model_version": "1", "label": "covid",
-                                         "p_covid": 0.9, "overlay_key": key, "inference_ms": 1.0}])
+        db.upsert_predictions(
+            session,
+            [
+                {
+                    "scan_id": scan_id,
+                    "model_name": "m",
+                    "model_version": "1",
+                    "label": "covid",
+                    "p_covid": 0.9,
+                    "overlay_key": key,
+                    "inference_ms": 1.0,
+                }
+            ],
+        )
         db.mark_scans(session, [scan_id], db.DONE, finished=True)
     for host in ("evil.example", "evil.example:443", "127.0.0.1"):
         scan = api.client.get(f"/v1/scans/{scan_id}", headers={"Host": host}).json()
@@ -97,8 +109,10 @@ def _hostile_post(port: int, answers: list[tuple[float, bytes]]) -> None:
     """POST /v1/scans declaring 93 MB without a token, streaming zeros while waiting for the answer."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     started = time.monotonic()
-    head = (f"POST /v1/scans HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {BODY_BYTES}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/scans HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {BODY_BYTES}\r\n\r\n"
+    ).encode()
     sock.sendall(head)
 
     def stream() -> None:
@@ -132,12 +146,18 @@ def test_sixteen_concurrent_93_mb_unauthenticated_posts_get_401_within_a_second_
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")}, "PYTHONPATH": str(REPO),
-           "LUNGCAM_DATA_DIR": str(tmp_path), "LUNGCAM_DATABASE_URL": database, "LUNGCAM_BROKER_URL": REDIS_URL,
-           "LUNGCAM_API_TOKEN": "t-" + uuid.uuid4().hex}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "PYTHONPATH": str(REPO),
+        "LUNGCAM_DATA_DIR": str(tmp_path),
+        "LUNGCAM_DATABASE_URL": database,
+        "LUNGCAM_BROKER_URL": REDIS_URL,
+        "LUNGCAM_API_TOKEN": "t-" + uuid.uuid4().hex,
+    }
     log = (tmp_path / "api.log").open("w")
-    process = subprocess.Popen([LUNGCAM, "api", "--port", str(port), "--loglevel", "WARNING"], env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [LUNGCAM, "api", "--port", str(port), "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -181,8 +201,10 @@ def test_sixteen_concurrent_93_mb_unauthenticated_posts_get_401_within_a_second_
         if body:
             assert "bearer token" in json.loads(body)["detail"]
     grown = peak - idle
-    print(f"API RSS idle {idle / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB (+{grown / 2**20:.1f} MB); "
-          f"slowest 401 {max(a for a, _ in answers) * 1000:.0f} ms")
+    print(
+        f"API RSS idle {idle / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB (+{grown / 2**20:.1f} MB); "
+        f"slowest 401 {max(a for a, _ in answers) * 1000:.0f} ms"
+    )
     assert grown < 500 * 2**20
 
 
@@ -203,6 +225,10 @@ def _headers_only(url: str, request: str) -> bytes:
 def test_answers_come_from_the_headers_before_any_body_byte(api: Api):
     big = "Content-Length: 10000000\r\n\r\n"
     assert _headers_only(api.url, f"POST /v1/batches HTTP/1.1\r\nHost: x\r\n{big}").startswith(b"HTTP/1.1 401")
-    assert _headers_only(api.url, "POST /v1/scans HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").startswith(b"HTTP/1.1 401")
+    assert _headers_only(
+        api.url, "POST /v1/scans HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).startswith(b"HTTP/1.1 401")
     assert _headers_only(api.url, f"POST /healthz HTTP/1.1\r\nHost: x\r\n{big}").startswith(b"HTTP/1.1 413")
-    assert _headers_only(api.url, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n").startswith(b"HTTP/1.1 401")
+    assert _headers_only(api.url, "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic eDp5\r\n\r\n").startswith(
+        b"HTTP/1.1 401"
+    )

@@ -11,14 +11,13 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-
 from apiserver import PNG_MAGIC, WORKER_REDIS_URL, Api, b64, png_bytes, redis_client, running_api
 from helpers import make_bundle, mixed_scans, start_worker, wait_until
+
 from shared import db
 from shared.store import S3Store, scan_key
 
 pytestmark = pytest.mark.slow
-
 
 
 @dataclass

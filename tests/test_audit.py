@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from shared.calibration import OperatingPoint, audit_status
-from shared.synthetic import write_synthetic_dataset
 from shared.imaging import LUNG_BOX, lung_box_mask
+from shared.synthetic import write_synthetic_dataset
 from trainer.audit import blanked, verdict
 
 TRAIN_CLI = [sys.executable, "-m", "trainer.cli"]
@@ -28,8 +28,16 @@ def _train(data: Path, out: Path, **overrides) -> dict:
     from trainer.train import TrainConfig, train
 
     config = TrainConfig(
-        recipe="robust", input_size=SIZE, working_size=SIZE, epochs=12, patience=12, batch_size=16,
-        version="audit-test", progress=False, seed=1, **overrides,
+        recipe="robust",
+        input_size=SIZE,
+        working_size=SIZE,
+        epochs=12,
+        patience=12,
+        batch_size=16,
+        version="audit-test",
+        progress=False,
+        seed=1,
+        **overrides,
     )
     return train(config, [data], out)
 
@@ -105,8 +113,13 @@ def test_robust_bundle_carries_its_operating_point(bundles) -> None:
 def test_cli_audit_prints_the_verdict_and_json(bundles, tmp_path: Path) -> None:
     bundle, data = bundles["border"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([*TRAIN_CLI, "audit", "--bundle", str(bundle), "--data", str(data), "--json",
-                             "--no-progress", "--no-write"], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [*TRAIN_CLI, "audit", "--bundle", str(bundle), "--data", str(data), "--json", "--no-progress", "--no-write"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verdict: FAIL" in result.stdout
     record = json.loads(result.stdout.strip().splitlines()[-1])

@@ -41,9 +41,12 @@ def _overconfident_keras_model_scores(n: int, seed: int) -> tuple[np.ndarray, np
     size = 32
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, size=n)
-    images = np.stack(
-        [np.repeat(synthetic_xray(rng, size=size, covid=bool(c)).image[:, :, None], 3, axis=2) for c in labels]
-    ).astype(np.float32) / 255.0
+    images = (
+        np.stack(
+            [np.repeat(synthetic_xray(rng, size=size, covid=bool(c)).image[:, :, None], 3, axis=2) for c in labels]
+        ).astype(np.float32)
+        / 255.0
+    )
     inputs = keras.Input((size, size, 3))
     centre = keras.layers.Cropping2D(((8, 8), (4, 4)))(inputs)
     pooled = keras.layers.GlobalAveragePooling2D()(centre)
@@ -120,8 +123,13 @@ def test_operating_point_round_trips_through_a_saved_bundle(tmp_path: Path) -> N
     model = keras.Model(inputs, keras.layers.Softmax()(logits))
     point = OperatingPoint(temperature=2.0, threshold=0.3, indeterminate_band=(0.25, 0.4), target_sensitivity=0.9)
     manifest = {
-        "name": "m", "version": "1", "architecture": "tiny", "input_size": 16, "class_names": ["covid", "normal"],
-        "gradcam_layer": "logits", "calibration": point.to_manifest(),
+        "name": "m",
+        "version": "1",
+        "architecture": "tiny",
+        "input_size": 16,
+        "class_names": ["covid", "normal"],
+        "gradcam_layer": "logits",
+        "calibration": point.to_manifest(),
     }
     save_bundle(model, manifest, tmp_path / "bundle")
     bundle = load_bundle(tmp_path / "bundle")
@@ -178,7 +186,7 @@ def test_version_2_preprocessing_standardises_exposure(intensity: str) -> None:
     bright = np.repeat((0.5 + grey * 0.5)[:, :, None], 3, axis=2)
     spec = robust_preprocessing(intensity=intensity, working_size=96, crop_fraction=0.05, blur_sigma=0.5)
     a, b = (preprocess_for_manifest(x, spec, 48) for x in (dark, bright))
-    assert a.shape == (48, 48, 3) and a.dtype == np.float32 and 0.0 <= a.min() and a.max() <= 1.0
+    assert a.shape == (48, 48, 3) and a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0
     assert np.array_equal(a[:, :, 0], a[:, :, 2])
     gap = float(np.abs(a - b).mean())
     if intensity == "none":

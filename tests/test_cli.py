@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import redis
+from helpers import LUNGCAM, headless_chromium, make_bundle, redis_url, start_worker
 
-from helpers import LUNGCAM, headless_chromium, make_bundle, start_worker, redis_url
 from shared.synthetic import synthetic_xray
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
@@ -56,7 +56,7 @@ def screened(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_bulk_ingest_of_500_images_shows_progress_and_ends_all_done(screened):
-    env, _root, ingest = screened
+    _env, _root, ingest = screened
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     assert "queueing" in ingest.stderr and "500/500" in ingest.stderr  # the tqdm progress bars
     assert "screening" in ingest.stderr

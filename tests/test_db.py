@@ -14,10 +14,10 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from helpers import insert_scans_at_old_revision
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from helpers import insert_scans_at_old_revision
 from shared import db
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,22 @@ def test_migrate_creates_tables_matching_models(engine: sa.Engine) -> None:
     inspector = sa.inspect(engine)
     assert {"batches", "scans", "predictions", "alembic_version"} <= set(inspector.get_table_names())
     assert {c["name"] for c in inspector.get_columns("scans")} == {
-        "scan_id", "source_uri", "priority", "batch_id", "status", "error", "submitted_at", "finished_at", "attempts",
-        "worker_id", "claimed_at", "lease_expires_at", "published_at",
-        "study_uid", "series_uid", "sop_instance_uid",
+        "scan_id",
+        "source_uri",
+        "priority",
+        "batch_id",
+        "status",
+        "error",
+        "submitted_at",
+        "finished_at",
+        "attempts",
+        "worker_id",
+        "claimed_at",
+        "lease_expires_at",
+        "published_at",
+        "study_uid",
+        "series_uid",
+        "sop_instance_uid",
     }
     uniques = inspector.get_unique_constraints("predictions")
     assert [sorted(u["column_names"]) for u in uniques] == [["model_name", "model_version", "scan_id"]]
@@ -177,17 +190,23 @@ def test_upsert_keeps_one_row_per_model_and_handles_duplicates_in_a_call(session
         keys = session.execute(
             sa.select(db.Prediction.scan_id, db.Prediction.model_name, db.Prediction.model_version)
         ).all()
-        assert sorted(keys) == [("s1", "densenet121", "1"), ("s1", "vgg16", "1"), ("s1", "vgg16", "2"), ("s2", "vgg16", "1")]
-        assert session.scalar(sa.select(db.Prediction.p_covid).where(db.Prediction.scan_id == "s2")) == pytest.approx(0.3)
+        assert sorted(keys) == [
+            ("s1", "densenet121", "1"),
+            ("s1", "vgg16", "1"),
+            ("s1", "vgg16", "2"),
+            ("s2", "vgg16", "1"),
+        ]
+        assert session.scalar(sa.select(db.Prediction.p_covid).where(db.Prediction.scan_id == "s2")) == pytest.approx(
+            0.3
+        )
         scan = session.get(db.Scan, "s1")
         assert scan is not None and [p.model_name for p in scan.predictions] == ["densenet121", "vgg16", "vgg16"]
 
 
 def test_prediction_for_unknown_scan_violates_foreign_key(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        with pytest.raises(IntegrityError):
-            db.upsert_predictions(session, [_prediction("no-such-scan")])
-            session.flush()
+    with sessions() as session, pytest.raises(IntegrityError):
+        db.upsert_predictions(session, [_prediction("no-such-scan")])
+        session.flush()
 
 
 def test_mark_scans(sessions: sessionmaker[Session]) -> None:
@@ -216,9 +235,8 @@ def test_mark_scans(sessions: sessionmaker[Session]) -> None:
 
 
 def test_status_check_constraint(engine: sa.Engine) -> None:
-    with pytest.raises(IntegrityError):
-        with engine.begin() as connection:
-            connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri, status) VALUES ('z', 'z', 'bogus')"))
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri, status) VALUES ('z', 'z', 'bogus')"))
 
 
 def test_batch_counts(sessions: sessionmaker[Session]) -> None:
@@ -229,15 +247,28 @@ def test_batch_counts(sessions: sessionmaker[Session]) -> None:
         db.mark_scans(session, ["b1-2"], "failed", error="boom", finished=True)
         db.mark_scans(session, ["b1-3"], "running")
         session.commit()
-        assert db.batch_counts(session, "b1") == {"queued": 2, "running": 1, "done": 2, "failed": 1, "skipped": 0, "total": 6}
-        assert db.batch_counts(session, "b2") == {"queued": 1, "running": 0, "done": 0, "failed": 0, "skipped": 0, "total": 1}
+        assert db.batch_counts(session, "b1") == {
+            "queued": 2,
+            "running": 1,
+            "done": 2,
+            "failed": 1,
+            "skipped": 0,
+            "total": 6,
+        }
+        assert db.batch_counts(session, "b2") == {
+            "queued": 1,
+            "running": 0,
+            "done": 0,
+            "failed": 0,
+            "skipped": 0,
+            "total": 1,
+        }
         assert db.batch_counts(session, "nope")["total"] == 0
 
 
 def test_naive_datetimes_are_refused(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        with pytest.raises(sa.exc.StatementError):
-            db.add_scans(session, [{"scan_id": "n", "source_uri": "x", "submitted_at": dt.datetime(2024, 1, 1)}], None)
+    with sessions() as session, pytest.raises(sa.exc.StatementError):
+        db.add_scans(session, [{"scan_id": "n", "source_uri": "x", "submitted_at": dt.datetime(2024, 1, 1)}], None)
 
 
 def test_sqlite_engine_settings(tmp_path: Path) -> None:
@@ -270,7 +301,7 @@ def test_sqlite_concurrent_writers(tmp_path: Path) -> None:
                     db.upsert_predictions(session, [_prediction(i) for i in ids])
                     db.mark_scans(session, ids, "done", finished=True)
                     session.commit()
-        except BaseException as exc:  # collected and re-raised in the main thread
+        except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the main thread
             errors.append(exc)
         finally:
             engine.dispose()
@@ -284,7 +315,14 @@ def test_sqlite_concurrent_writers(tmp_path: Path) -> None:
     engine = db.make_engine(url)
     try:
         with db.make_session_factory(engine)() as session:
-            assert db.batch_counts(session, "shared") == {"queued": 0, "running": 0, "done": 200, "failed": 0, "skipped": 0, "total": 200}
+            assert db.batch_counts(session, "shared") == {
+                "queued": 0,
+                "running": 0,
+                "done": 200,
+                "failed": 0,
+                "skipped": 0,
+                "total": 200,
+            }
     finally:
         engine.dispose()
 
@@ -323,7 +361,9 @@ def test_migration_0004_adds_skipped_and_keeps_every_result(db_url: str) -> None
             insert_scans_at_old_revision(connection, ["s1", "s2"])
         db.migrate(engine)
         with engine.begin() as connection:
-            connection.execute(sa.text("UPDATE scans SET status = 'skipped', error = 'lateral view (LL)' WHERE scan_id = 's2'"))
+            connection.execute(
+                sa.text("UPDATE scans SET status = 'skipped', error = 'lateral view (LL)' WHERE scan_id = 's2'")
+            )
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
             connection.execute(sa.text("UPDATE scans SET status = 'bogus' WHERE scan_id = 's1'"))
         with engine.connect() as connection:

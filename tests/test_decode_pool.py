@@ -14,11 +14,13 @@ from shared.imaging import robust_preprocessing
 from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, decode_for_models
 
-
 # The paper's preprocessing (version 1) at one size, CLAHE with stretch (version 2, the robust
 # recipe's) and with a centre crop (version 3) at others.
-SPECS = (("v1:64", None, 64), ("v2:224", robust_preprocessing(), 224),
-         ("v3:96", robust_preprocessing(square="centre_crop"), 96))
+SPECS = (
+    ("v1:64", None, 64),
+    ("v2:224", robust_preprocessing(), 224),
+    ("v3:96", robust_preprocessing(square="centre_crop"), 96),
+)
 
 
 def _dicom() -> bytes:
@@ -33,7 +35,9 @@ def test_processes_give_exactly_what_the_thread_path_gives():
     finally:
         pool.close()
     expected_inputs, expected_display = decode_for_models(data, 1024, SPECS)
-    assert set(inputs) == {"v1:64", "v2:224", "v3:96"} and all(np.array_equal(inputs[k], expected_inputs[k]) for k in inputs)
+    assert set(inputs) == {"v1:64", "v2:224", "v3:96"} and all(
+        np.array_equal(inputs[k], expected_inputs[k]) for k in inputs
+    )
     assert np.array_equal(display, expected_display)
 
 
@@ -44,7 +48,7 @@ def test_a_killed_decoder_process_is_replaced_and_the_scan_still_decodes():
     pool = DecodePool(1)
     try:
         pool.decode(_dicom(), 256, (("v1:32", None, 32),))  # the child is up
-        (child,) = list(pool._pool._processes.values())  # noqa: SLF001 - the test needs the child's pid
+        (child,) = list(pool._pool._processes.values())
         killer = threading.Timer(0.2, lambda: os.kill(child.pid, signal.SIGKILL))
         killer.start()
         started = time.monotonic()

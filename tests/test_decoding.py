@@ -22,13 +22,13 @@ from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    MPEG2MPML,
+    UID,
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    MPEG2MPML,
     RLELossless,
-    UID,
 )
 
 from shared.dicom import DicomHeader, dicom_header, selection_reason
@@ -97,7 +97,7 @@ def transfer_syntax(path: Path) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pydicom raises, the file has no readable syntax
         return None
     return str(meta.get("TransferSyntaxUID") or "") or None
 
@@ -108,7 +108,7 @@ def pydicom_can_decode(path: Path) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pydicom.pixels.pixel_array(pydicom.dcmread(path), index=0)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the reference: any pydicom failure means it cannot decode
         return False
     return True
 
@@ -131,7 +131,7 @@ def test_corpus_file_decodes_or_raises_image_decode_error(name: str) -> None:
                 decode_reduced(data, 64)
             return
         assert image.dtype == np.float32 and image.ndim == 3 and image.shape[2] == 3
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert image.min() >= 0.0 and image.max() <= 1.0
         reduced = decode_reduced(data, 64)
     assert max(reduced.image.shape[:2]) <= 64
     assert reduced.original_size == image.shape[:2]
@@ -157,7 +157,12 @@ def test_every_file_pydicom_decodes_decodes_and_so_does_every_valid_lossless_jpe
     invalid = {"JPEG2000-embedded-sequence-delimiter.dcm", "UN_sequence.dcm"}
     assert {p.name for p in compressed} - {p.name for p in valid} <= invalid
     syntaxes = {transfer_syntax(path) for path in valid}
-    assert {"1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= syntaxes
+    assert {
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+    } <= syntaxes
 
 
 @pytest.mark.parametrize(("compressed", "twin", "tolerance"), TWINS)
@@ -271,7 +276,9 @@ def tiff_header(width: int, height: int, order: str = "<") -> bytes:
     """A classic TIFF whose only image directory claims width x height (LONG values) and has no pixels."""
     magic = b"II*\x00" if order == "<" else b"MM\x00*"
     entries = [struct.pack(order + "HHII", tag, 4, 1, value) for tag, value in ((256, width), (257, height))]
-    return magic + struct.pack(order + "I", 8) + struct.pack(order + "H", len(entries)) + b"".join(entries) + b"\x00" * 4
+    return (
+        magic + struct.pack(order + "I", 8) + struct.pack(order + "H", len(entries)) + b"".join(entries) + b"\x00" * 4
+    )
 
 
 @pytest.mark.parametrize("order", ["<", ">"])
@@ -284,7 +291,7 @@ def test_tiff_header_claiming_30000_square_is_refused_before_decoding(order: str
 
 
 def test_truncated_tiff_is_corrupt() -> None:
-    ok, tiff = cv2.imencode(".tiff", np.full((64, 64), 1234, np.uint16))
+    _ok, tiff = cv2.imencode(".tiff", np.full((64, 64), 1234, np.uint16))
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(tiff.tobytes()[:20])
     assert caught.value.kind == "corrupt"
@@ -305,7 +312,7 @@ def test_error_kinds_and_messages() -> None:
         "corrupt": [b"", png[:40], b"<html>no</html>", np.random.default_rng(0).bytes(600)],
         "unsupported": [
             make_dicom(RAMP, with_pixels=False),
-            make_dicom(RAMP, bits_stored=12, window=None) .replace(b"MONOCHROME2", b"HSV        "),
+            make_dicom(RAMP, bits_stored=12, window=None).replace(b"MONOCHROME2", b"HSV        "),
             cv2.imencode(".tiff", np.zeros((4, 4), np.float32))[1].tobytes(),
         ],
     }
@@ -521,7 +528,11 @@ def test_decode_reduced_images_match_the_full_path(name: str, data: bytes) -> No
         reduced = decode_reduced(data, max_side)
         assert reduced.original_size == (2500, 2048)
         assert_close_to_full_path(reduced.image, full, max_side, f"{name} {max_side}")
-    np.testing.assert_allclose(decode_reduced(data, 3000).image.reshape(full.shape[:2] + (-1,)), full[..., : 3 if reduced.image.ndim == 3 else 1], atol=1e-6)
+    np.testing.assert_allclose(
+        decode_reduced(data, 3000).image.reshape(full.shape[:2] + (-1,)),
+        full[..., : 3 if reduced.image.ndim == 3 else 1],
+        atol=1e-6,
+    )
 
 
 def test_preprocess_of_a_grey_image_equals_its_three_channel_copy() -> None:
@@ -571,7 +582,9 @@ def test_decode_reduced_of_a_10000_square_16bit_png_stays_within_two_uint16_copi
     path = tmp_path / "huge.png"
     path.write_bytes(png.tobytes())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     peak_mb = int(result.stdout.strip())
     # One uint16 copy is 200 MB; decode_image needs ~2 GB (3 channels, float32). Measured: ~230 MB.
@@ -583,7 +596,11 @@ def test_decode_reduced_of_a_10000_square_16bit_png_stays_within_two_uint16_copi
 
 @pytest.mark.parametrize(
     ("fmt", "content_type", "extension", "magic"),
-    [("png", "image/png", ".png", b"\x89PNG"), ("jpeg", "image/jpeg", ".jpg", b"\xff\xd8\xff"), ("webp", "image/webp", ".webp", b"RIFF")],
+    [
+        ("png", "image/png", ".png", b"\x89PNG"),
+        ("jpeg", "image/jpeg", ".jpg", b"\xff\xd8\xff"),
+        ("webp", "image/webp", ".webp", b"RIFF"),
+    ],
 )
 def test_encode_overlay_formats(fmt: str, content_type: str, extension: str, magic: bytes) -> None:
     display = (FILM[:600, :500] >> 4).astype(np.uint8)

@@ -23,13 +23,13 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
+from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, redis_url, wait_until
 
-from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, wait_until, redis_url
-from worker.ops import exit_codes
 from shared.calibration import audit_status
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
+from worker.ops import exit_codes
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
@@ -62,7 +62,10 @@ def _lungcam(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
     return subprocess.run(
         [LUNGCAM, *args, "--gpu", "none", "--timeout", "300"],
-        env={**clean, **env}, capture_output=True, text=True, timeout=600,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -72,7 +75,7 @@ def _table(stdout: str) -> list[dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if re.match(r"^scan_id\s+status", line))
     header = re.split(r"\s{2,}", lines[start].strip())
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.strip():
             break
         rows.append(dict(zip(header, re.split(r"\s{2,}", line.strip()))))
@@ -188,7 +191,10 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     assert "tiny-test" in report and "resnet50-test" not in report
     batch = re.search(r"\(batch (\w+)\)", second.stdout).group(1)
     clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
-    run = lambda *args: subprocess.run([LUNGCAM, *args], env={**clean, **data}, capture_output=True, text=True, timeout=300)  # noqa: E731
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LUNGCAM, *args], env={**clean, **data}, capture_output=True, text=True, timeout=300)
+
     csv_path = tmp_path / "b.csv"
     assert run("results", batch, "--csv", str(csv_path)).returncode == 0
     import csv
@@ -198,8 +204,11 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     every = run("results", batch, "--all-models")
     assert every.returncode == 0, every.stderr
     # The 100-column table may shorten a model's name to start…end.
-    older = [row for row in _table(every.stdout)
-             if _unshortened(row.get("model_name"), ("resnet50-test", "tiny-test")) == "resnet50-test"]
+    older = [
+        row
+        for row in _table(every.stdout)
+        if _unshortened(row.get("model_name"), ("resnet50-test", "tiny-test")) == "resnet50-test"
+    ]
     assert len(older) == 8 and all(row.get("older_model") == "yes" for row in older)
 
 
@@ -265,7 +274,9 @@ def test_screen_of_real_films_with_nothing_configured_uses_the_shipped_model(tmp
     assert result.returncode == exit_codes.OK, result.stderr[-3000:]
     assert "no model configured (LUNGCAM_MODELS): using the shipped model" in result.stderr
     rows = _table(result.stdout)
-    assert len(rows) == 4 and {_unshortened(row["model_name"], [SHIPPED_MODEL_NAME]) for row in rows} == {SHIPPED_MODEL_NAME}
+    assert len(rows) == 4 and {_unshortened(row["model_name"], [SHIPPED_MODEL_NAME]) for row in rows} == {
+        SHIPPED_MODEL_NAME
+    }
     assert all(row["true_label"] == row["scan_id"].split("_")[0] for row in rows)
     assert "agreement of " in result.stdout
     # Not the sample: no remark about in-distribution sample films.

@@ -46,8 +46,14 @@ COMPOSE_SECRETS = {
 # Settings without which a multi-host deployment does not work (each would silently fall back to
 # an embedded, host-local default, or refuse every request in the API token's case).
 DEPLOYMENT_SETTINGS = ("broker_url", "database_url", "store_url", "s3_endpoint_url", "models", "api_token")
-SECRET_NAMES = ("POSTGRES_PASSWORD", "LUNGCAM_API_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+SECRET_NAMES = (
+    "POSTGRES_PASSWORD",
+    "LUNGCAM_API_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+)
 
 # LUNGCAM_ followed by words: no trailing underscore, so "LUNGCAM_<FIELD>" in prose is not a name.
 LUNGCAM_NAME = re.compile(r"\bLUNGCAM_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
@@ -96,8 +102,11 @@ def load_compose() -> dict[str, Any]:
 
 def lungcam_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Services that run the lungcam image."""
-    return {name: service for name, service in compose["services"].items() if "/lungcam:" in service.get("image", "")
-            or "lungcam}:" in service.get("image", "")}
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if "/lungcam:" in service.get("image", "") or "lungcam}:" in service.get("image", "")
+    }
 
 
 def k8s_files() -> list[Path]:
@@ -196,7 +205,18 @@ def test_compose_config_is_accepted_by_docker_compose(tmp_path: Path) -> None:
         pytest.skip("the Docker Compose v2 CLI (`docker compose` plugin) is not installed on this machine")
     empty_env_file = tmp_path / "empty.env"
     empty_env_file.write_text("")
-    command = [*cli, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "--profile", "gpu", "--profile", "cpu", "config"]
+    command = [
+        *cli,
+        "--env-file",
+        str(empty_env_file),
+        "-f",
+        str(COMPOSE_FILE),
+        "--profile",
+        "gpu",
+        "--profile",
+        "cpu",
+        "config",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=compose_env(), timeout=120)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     resolved = yaml.safe_load(result.stdout)
@@ -214,14 +234,20 @@ def test_compose_config_is_accepted_by_docker_compose(tmp_path: Path) -> None:
 def test_compose_has_the_services_with_health_checks_and_ordering() -> None:
     compose = load_compose()
     services = compose["services"]
-    assert {"redis", "postgres", "s3", "s3-init", "migrate", "api", "worker-gpu0", "worker-gpu1", "worker-cpu"} <= set(services)
+    assert {"redis", "postgres", "s3", "s3-init", "migrate", "api", "worker-gpu0", "worker-gpu1", "worker-cpu"} <= set(
+        services
+    )
     assert services["redis"]["image"].startswith("redis:7")
-    assert "redis-cli" in services["redis"]["healthcheck"]["test"] and "ping" in services["redis"]["healthcheck"]["test"]
+    assert (
+        "redis-cli" in services["redis"]["healthcheck"]["test"] and "ping" in services["redis"]["healthcheck"]["test"]
+    )
     assert services["postgres"]["image"].startswith("postgres:16")
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "minio" in services["s3"]["image"]
     assert "mc mb" in " ".join(services["s3-init"]["command"])
-    assert "lungcam/lungcam" in " ".join(services["s3-init"]["command"]), "s3-init must create the bucket of LUNGCAM_STORE_URL"
+    assert "lungcam/lungcam" in " ".join(services["s3-init"]["command"]), (
+        "s3-init must create the bucket of LUNGCAM_STORE_URL"
+    )
 
     api = services["api"]
     assert api["command"][:1] == ["api"] and "0.0.0.0" in api["command"]
@@ -233,7 +259,9 @@ def test_compose_has_the_services_with_health_checks_and_ordering() -> None:
         for dependency in ("redis", "postgres"):
             assert depends[dependency]["condition"] == "service_healthy", f"{name} must wait for {dependency}"
         for one_shot in ("s3-init", "migrate"):
-            assert depends[one_shot]["condition"] == "service_completed_successfully", f"{name} must wait for {one_shot}"
+            assert depends[one_shot]["condition"] == "service_completed_successfully", (
+                f"{name} must wait for {one_shot}"
+            )
     # Named volumes for the stateful services and the model cache.
     assert {"postgres-data", "minio-data", "model-cache"} <= set(compose["volumes"])
     assert any(v.startswith("postgres-data:") for v in services["postgres"]["volumes"])
@@ -241,7 +269,7 @@ def test_compose_has_the_services_with_health_checks_and_ordering() -> None:
 
 
 def test_compose_lungcam_commands_parse_with_the_real_cli() -> None:
-    for name, service in lungcam_services(load_compose()).items():
+    for service in lungcam_services(load_compose()).values():
         if "entrypoint" in service:
             continue  # the migrate one-shot runs python; see test_migration_one_liners_run
         lungcam_argv_ok(service["command"])
@@ -295,19 +323,27 @@ def test_compose_settings_come_from_one_shared_anchor() -> None:
     assert resolved["LUNGCAM_STORE_URL"] == "s3://lungcam"
     assert resolved["LUNGCAM_S3_ENDPOINT_URL"] == "http://s3:9000"
     # The settings parse, and name what the services in this file are.
-    settings = Settings(**{key[len("LUNGCAM_"):].lower(): value for key, value in resolved.items() if key.startswith("LUNGCAM_")})
+    settings = Settings(
+        **{key[len("LUNGCAM_") :].lower(): value for key, value in resolved.items() if key.startswith("LUNGCAM_")}
+    )
     assert settings.resolved_store_url() == "s3://lungcam"
-    assert settings.api_token is not None and settings.api_token.get_secret_value() == COMPOSE_SECRETS["LUNGCAM_API_TOKEN"]
+    assert (
+        settings.api_token is not None and settings.api_token.get_secret_value() == COMPOSE_SECRETS["LUNGCAM_API_TOKEN"]
+    )
 
 
 def test_compose_secrets_are_never_hard_coded() -> None:
     compose = load_compose()
-    environments = [compose["x-lungcam-env"]] + [service.get("environment") or {} for service in compose["services"].values()]
+    environments = [compose["x-lungcam-env"]] + [
+        service.get("environment") or {} for service in compose["services"].values()
+    ]
     for environment in environments:
         assert isinstance(environment, dict), "use the mapping form for environment"
         for key, value in environment.items():
             if key in SECRET_NAMES:
-                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), f"{key} must be a required ${{...}} reference, not {value!r}"
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), (
+                    f"{key} must be a required ${{...}} reference, not {value!r}"
+                )
     database_url = compose["x-lungcam-env"]["LUNGCAM_DATABASE_URL"]
     assert "${POSTGRES_PASSWORD" in database_url
     with pytest.raises(KeyError):
@@ -329,7 +365,9 @@ def test_k8s_manifests_parse_and_are_named() -> None:
     namespaces = {d["metadata"]["name"] for d in k8s_kind("Namespace")}
     for path, document in documents:
         if document["kind"] not in ("Namespace", "Kustomization"):
-            assert document["metadata"].get("namespace") in namespaces, f"{path.name}: {document['kind']} outside the namespace"
+            assert document["metadata"].get("namespace") in namespaces, (
+                f"{path.name}: {document['kind']} outside the namespace"
+            )
 
 
 def test_k8s_kustomization_lists_existing_files_but_not_the_example_secret() -> None:
@@ -353,13 +391,19 @@ def test_k8s_settings_cover_a_deployment_and_are_referenced() -> None:
     provided = set(configmap["data"]) | set(secret.get("stringData", {})) | set(secret.get("data", {}))
     for field in DEPLOYMENT_SETTINGS:
         assert env_name(field) in provided, f"no {env_name(field)} in the ConfigMap or Secret"
-    assert not set(configmap["data"]) & {"LUNGCAM_API_TOKEN", "LUNGCAM_DATABASE_URL", "AWS_SECRET_ACCESS_KEY"}, "secrets in the ConfigMap"
+    assert not set(configmap["data"]) & {"LUNGCAM_API_TOKEN", "LUNGCAM_DATABASE_URL", "AWS_SECRET_ACCESS_KEY"}, (
+        "secrets in the ConfigMap"
+    )
     for kind in ("Deployment", "Job"):
         for document in k8s_kind(kind):
             for container in pod_containers(document):
                 refs = container.get("envFrom", [])
-                assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in refs, f"{document['metadata']['name']}: envFrom ConfigMap"
-                assert {"secretRef": {"name": secret["metadata"]["name"]}} in refs, f"{document['metadata']['name']}: envFrom Secret"
+                assert {"configMapRef": {"name": configmap["metadata"]["name"]}} in refs, (
+                    f"{document['metadata']['name']}: envFrom ConfigMap"
+                )
+                assert {"secretRef": {"name": secret["metadata"]["name"]}} in refs, (
+                    f"{document['metadata']['name']}: envFrom Secret"
+                )
 
 
 def test_k8s_api_probes_and_service() -> None:
@@ -405,7 +449,9 @@ def test_compose_and_k8s_name_the_same_images() -> None:
     assert len({repository(image) for image in compose_images}) == 1, "one repository; the variant is in the tag"
     # Compose also has a CPU worker (profile `cpu`); Kubernetes runs GPU workers only.
     assert k8s_images <= compose_images, "same tags for the API and the GPU workers"
-    assert any(image.endswith("-gpu") for image in k8s_images) and any(not image.endswith("-gpu") for image in k8s_images)
+    assert any(image.endswith("-gpu") for image in k8s_images) and any(
+        not image.endswith("-gpu") for image in k8s_images
+    )
 
 
 def test_the_api_and_migrate_job_run_the_api_image_without_tensorflow() -> None:
@@ -416,8 +462,12 @@ def test_the_api_and_migrate_job_run_the_api_image_without_tensorflow() -> None:
         assert services[name]["build"]["args"]["ROLE"] == "api"
     for name in ("worker-gpu0", "worker-gpu1", "worker-cpu"):
         assert services[name]["build"]["args"]["ROLE"] == "worker"
-    api_images = {c["image"] for d in k8s_kind("Deployment") + k8s_kind("Job") for c in pod_containers(d)
-                  if c["args"][0] in ("api", "migrate")}
+    api_images = {
+        c["image"]
+        for d in k8s_kind("Deployment") + k8s_kind("Job")
+        for c in pod_containers(d)
+        if c["args"][0] in ("api", "migrate")
+    }
     assert api_images and all(image.endswith("-api") for image in api_images)
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG ROLE=worker$", text, re.MULTILINE) and "extras.py" in text
@@ -448,7 +498,7 @@ def test_docs_name_the_deployment_settings_and_real_commands() -> None:
     text = DOCS.read_text()
     for field in DEPLOYMENT_SETTINGS + ("visibility_timeout_s",):
         assert env_name(field) in text
-    subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse has no public accessor
+    subcommands = set(build_parser()._subparsers._group_actions[0].choices)
     for line in code_lines(text):
         # `lungcam` in command position (start of a line or span, or after && ; |), not `kubectl -n lungcam`.
         for match in re.finditer(r"(?:^|&&|;|\|)\s*lungcam\s+([a-z][a-z-]*)", line):
@@ -483,7 +533,14 @@ def test_compose_and_kubernetes_migrate_with_lungcam_migrate(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")}
     env["LUNGCAM_DATABASE_URL"] = f"sqlite:///{tmp_path / 'migrated.sqlite'}"
     env["LUNGCAM_DATA_DIR"] = str(tmp_path / "data")
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "migrate"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "migrate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     import sqlalchemy as sa
 
@@ -499,9 +556,15 @@ def test_compose_and_kubernetes_migrate_with_lungcam_migrate(tmp_path: Path) -> 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")))
-    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "") for parts in
-            (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())]
+    joined = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for parts in (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())
+    ]
 
 
 def test_dockerfile_entrypoint_user_and_environment() -> None:
@@ -532,7 +595,9 @@ def test_dockerfile_installs_the_project_with_real_extras() -> None:
 
 
 def test_dockerfile_copies_exist_and_pass_the_dockerignore() -> None:
-    ignore = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
     assert ignore[0] == "*", "allow-list: exclude everything first"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "**/.env" in ignore
@@ -542,7 +607,9 @@ def test_dockerfile_copies_exist_and_pass_the_dockerignore() -> None:
         *sources, _destination = [part for part in args.split() if not part.startswith("--")]
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-            assert source.rstrip("/") in allowed or source.split("/")[0] in allowed, f"COPY {source}: excluded by {DOCKERIGNORE.name}"
+            assert source.rstrip("/") in allowed or source.split("/")[0] in allowed, (
+                f"COPY {source}: excluded by {DOCKERIGNORE.name}"
+            )
     # Everything a `pip install .` needs is in the image: the package folders setuptools finds.
     includes = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     for pattern in includes:
@@ -568,8 +635,15 @@ def test_k8s_dicom_listen_and_send_run_the_cpu_worker_image() -> None:
     assert service["spec"]["ports"][0]["port"] == port
     # The peer allow-list must see the modality's address, not a node's.
     assert service["spec"].get("externalTrafficPolicy") == "Local"
-    assert send["spec"]["replicas"] == 1 and send["spec"]["strategy"]["type"] == "Recreate", "one sender per destination"
+    assert send["spec"]["replicas"] == 1 and send["spec"]["strategy"]["type"] == "Recreate", (
+        "one sender per destination"
+    )
     (configmap,) = k8s_kind("ConfigMap")
-    for name in ("LUNGCAM_DICOM_DESTINATION", "LUNGCAM_DICOM_ALLOWED_AETS", "LUNGCAM_DICOM_ALLOWED_PEERS",
-                 "LUNGCAM_DICOM_IDLE_TIMEOUT_S", "LUNGCAM_DICOM_MAX_ASSOCIATIONS"):
+    for name in (
+        "LUNGCAM_DICOM_DESTINATION",
+        "LUNGCAM_DICOM_ALLOWED_AETS",
+        "LUNGCAM_DICOM_ALLOWED_PEERS",
+        "LUNGCAM_DICOM_IDLE_TIMEOUT_S",
+        "LUNGCAM_DICOM_MAX_ASSOCIATIONS",
+    ):
         assert name in configmap["data"], name

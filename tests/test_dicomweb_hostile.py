@@ -22,9 +22,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import sqlalchemy as sa
-
 from helpers import LUNGCAM, REPO
 from pacs_support import make_study_dicoms, sop_uid_of, study_uid_of
+
 from shared import db
 from shared.queueing import make_app
 from shared.settings import Settings
@@ -64,8 +64,12 @@ class Archive:
 
 
 def _record(study: str, series: str, sop: str, sop_class: str) -> dict:
-    return {"0020000D": {"vr": "UI", "Value": [study]}, "0020000E": {"vr": "UI", "Value": [series]},
-            "00080018": {"vr": "UI", "Value": [sop]}, "00080016": {"vr": "UI", "Value": [sop_class]}}
+    return {
+        "0020000D": {"vr": "UI", "Value": [study]},
+        "0020000E": {"vr": "UI", "Value": [series]},
+        "00080018": {"vr": "UI", "Value": [sop]},
+        "00080016": {"vr": "UI", "Value": [sop_class]},
+    }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -82,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         archive = self.archive
         parts = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -108,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
             if archive.endless:
                 page = [_record("1.2", "1.3", f"1.2.3.{archive.searches}.{i}", CR) for i in range(limit)]
             else:
-                page = archive.records[(0 if archive.ignore_offset else offset):][:limit]
+                page = archive.records[(0 if archive.ignore_offset else offset) :][:limit]
             self._send(200, json.dumps(page).encode(), "application/dicom+json")
             return
         sop = parts.path.rsplit("/", 1)[-1]
@@ -116,7 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", "text/plain")
             return
         boundary = "hostile-" + uuid.uuid4().hex
-        header = f"multipart/related; type=\"application/dicom\"; boundary={boundary}"
+        header = f'multipart/related; type="application/dicom"; boundary={boundary}'
         if sop in archive.huge:
             self._stream_huge(boundary, header)
             return
@@ -141,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = b"\x00" * 200 + b"this is not dicom at all"
         elif sop in archive.other_instance:
             data = next(d for s, d in archive.files.items() if s != sop)
-        body = (f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode())
+        body = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
         self._send(200, body, header)
 
     def _stream_huge(self, boundary: str, header: str) -> None:
@@ -186,8 +190,16 @@ class Site:
     def pull(self, source: str, **options: object):
         app = make_app(self.settings, broker_url="memory://")
         try:
-            return pull(source, {}, settings=self.settings, sessions=self.sessions, store=self.store, app=app,
-                        batch_name="hostile", **options)
+            return pull(
+                source,
+                {},
+                settings=self.settings,
+                sessions=self.sessions,
+                store=self.store,
+                app=app,
+                batch_name="hostile",
+                **options,
+            )
         finally:
             app.close()
 
@@ -221,7 +233,9 @@ def test_one_404_among_ten_gives_nine_scans_and_one_recorded_failure_and_a_rerun
     scans = site.scans()
     assert scans[sops[3]].status == db.FAILED and scans[sops[3]].error == RETRIEVAL_FAILED + "WADO-RS answered HTTP 404"
     assert {s for s in sops if scans[s].status == db.QUEUED} == set(sops) - {sops[3]}
-    assert site.stored() == set(sops) - {sops[3]}  # nothing stored without its row, nothing recorded as stored that is not
+    assert site.stored() == set(sops) - {
+        sops[3]
+    }  # nothing stored without its row, nothing recorded as stored that is not
     for sop in set(sops) - {sops[3]}:
         assert site.store.get(scan_key(sop)) == archive.files[sop]
 
@@ -236,7 +250,9 @@ def test_one_404_among_ten_gives_nine_scans_and_one_recorded_failure_and_a_rerun
         assert db.batch_counts(session, first.batch_id)["total"] == 10
 
 
-def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_part_is_never_buffered(hostile, site: Site):
+def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_part_is_never_buffered(
+    hostile, site: Site
+):
     archive, source = hostile
     files = make_study_dicoms(7, seed=32, size=32, per_study=7)
     sops = [archive.add(data) for data in files]
@@ -255,9 +271,11 @@ def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_par
         garbage: RETRIEVAL_FAILED + "WADO-RS answered a part that does not parse as DICOM",
         other: RETRIEVAL_FAILED + "WADO-RS answered another instance than the one asked for",
         huge: RETRIEVAL_FAILED + f"WADO-RS answered a part larger than the limit of {4 * 2**20} bytes "
-                                 "(LUNGCAM_DICOMWEB_MAX_PART_BYTES); not read further",
+        "(LUNGCAM_DICOMWEB_MAX_PART_BYTES); not read further",
     }
-    print(f"1 GB part: the server wrote {archive.huge_bytes_sent / 2**20:.0f} MB before the pull dropped the connection")
+    print(
+        f"1 GB part: the server wrote {archive.huge_bytes_sent / 2**20:.0f} MB before the pull dropped the connection"
+    )
     assert archive.huge_bytes_sent < 64 * 2**20  # read up to the cap, then the connection was dropped
     assert site.stored() == {good, sops[5], sops[6]}
     assert "1 search records refused" in result.summary()
@@ -314,7 +332,9 @@ def test_endless_pages_stop_at_the_page_cap_and_malformed_json_is_named(hostile,
     with pytest.raises(PullError, match=r"answered the search \(QIDO-RS, at offset 0\) with malformed JSON$"):
         site.pull(source)
     archive.malformed_json, archive.gzip_bomb = False, True
-    with pytest.raises(PullError, match=r"the search answer is larger than the limit of 67108864 bytes; not read further"):
+    with pytest.raises(
+        PullError, match=r"the search answer is larger than the limit of 67108864 bytes; not read further"
+    ):
         site.pull(source)
     assert site.scans() == {} and site.stored() == set()
 
@@ -323,14 +343,18 @@ def test_stalled_and_trickling_servers_end_at_the_deadline_keeping_what_was_stor
     archive, source = hostile
     archive.stall_search = True
     started = time.monotonic()
-    with pytest.raises(PullError, match=r"did not finish within the --deadline of 1.5 s \(the server stalled or trickled\)"):
+    with pytest.raises(
+        PullError, match=r"did not finish within the --deadline of 1.5 s \(the server stalled or trickled\)"
+    ):
         site.pull(source, deadline_s=1.5)
     assert time.monotonic() - started < 5
     archive.stall_search = False
     sops = [archive.add(data) for data in make_study_dicoms(3, seed=34, size=32, per_study=3)]
     archive.trickle.add(sops[1])
     started = time.monotonic()
-    with pytest.raises(PullError, match=r"stopped at the --deadline of 2 s .*: 1 of 3 new instances stored and queued; run"):
+    with pytest.raises(
+        PullError, match=r"stopped at the --deadline of 2 s .*: 1 of 3 new instances stored and queued; run"
+    ):
         site.pull(source, deadline_s=2)
     assert time.monotonic() - started < 6
     assert site.stored() == {sops[0]} and set(site.scans()) == {sops[0]}
@@ -342,12 +366,17 @@ def test_the_cli_says_what_the_server_did_in_one_line_and_exits_2(hostile, tmp_p
     for index in range(600):
         archive.records.append(_record("1.2.3", "1.2.3.4", f"1.2.3.4.{index}", CR))
     archive.ignore_offset = True
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")}, "PYTHONPATH": str(REPO),
-           "LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_BROKER_URL": "memory://"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "PYTHONPATH": str(REPO),
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        "LUNGCAM_BROKER_URL": "memory://",
+    }
     assert subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
     started = time.monotonic()
-    result = subprocess.run([LUNGCAM, "ingest", source, "--deadline", "30"], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [LUNGCAM, "ingest", source, "--deadline", "30"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert time.monotonic() - started < 30
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("lungcam")]

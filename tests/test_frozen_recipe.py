@@ -35,13 +35,17 @@ def test_source_pair_folds_never_share_a_source_between_train_and_test():
     folds = source_pair_folds(samples)
     assert len(folds) == 9
     assert {(f.covid_source, f.normal_source) for f in folds} == {
-        (c, n) for c in SOURCES["covid"] for n in SOURCES["normal"]}
+        (c, n) for c in SOURCES["covid"] for n in SOURCES["normal"]
+    }
     for fold in folds:
         train_sources = {s.source for s in fold.train}
         test_sources = {s.source for s in fold.test}
         assert not train_sources & test_sources, fold.name
         assert {s.label for s in fold.train} == {"covid", "normal"}
-        assert {(s.label, s.source) for s in fold.test} == {("covid", fold.covid_source), ("normal", fold.normal_source)}
+        assert {(s.label, s.source) for s in fold.test} == {
+            ("covid", fold.covid_source),
+            ("normal", fold.normal_source),
+        }
         # A repository that gives both classes leaves training when either side of it is held out.
         if "shared-repo" in (fold.covid_source, fold.normal_source):
             assert "shared-repo" not in train_sources
@@ -110,8 +114,11 @@ def frozen_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
 
     root = tmp_path_factory.mktemp("frozen")
     data = _with_sources(write_synthetic_dataset(root / "data", 32, size=96, seed=3))
-    manifest = train(TrainConfig(recipe="frozen", input_size=64, progress=False, feature_cache=str(root / "cache")),
-                     [data], root / "bundle")
+    manifest = train(
+        TrainConfig(recipe="frozen", input_size=64, progress=False, feature_cache=str(root / "cache")),
+        [data],
+        root / "bundle",
+    )
     return root / "bundle", manifest
 
 
@@ -146,8 +153,9 @@ def test_site_calibration_publishes_a_new_version_with_its_sample_record(frozen_
     bundle_dir, manifest = frozen_bundle
     site = write_synthetic_dataset(tmp_path / "site", MIN_PER_CLASS + 5, size=96, seed=8)
     out = tmp_path / "calibrated"
-    assert main(["calibrate", "--bundle", str(bundle_dir), "--data", str(site), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["calibrate", "--bundle", str(bundle_dir), "--data", str(site), "--out", str(out), "--no-progress"]) == 0
+    )
     new = json.loads((out / "manifest.json").read_text())
     record = new["site_calibration"]
     assert new["version"].startswith(f"{manifest['version']}-site-") and new["model_sha256"] == manifest["model_sha256"]
@@ -168,7 +176,20 @@ def test_site_calibration_refuses_a_sample_with_too_few_films_of_a_class(frozen_
     site = write_synthetic_dataset(tmp_path / "small", MIN_PER_CLASS - 1, size=64, seed=9)
     with pytest.raises(SiteSampleError, match=f"at least {MIN_PER_CLASS} films of each class"):
         calibrate_for_site(frozen_bundle[0], [site], tmp_path / "out", progress=False)
-    assert main(["calibrate", "--bundle", str(frozen_bundle[0]), "--data", str(site), "--out",
-                 str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--bundle",
+                str(frozen_bundle[0]),
+                "--data",
+                str(site),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "19 covid, 19 normal" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -17,9 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from hardening_support import MB, PeakMemory, _explicit_body, _file_meta, deflate_bomb, image_header, lying_headers
 from helpers import redis_url
+
 from shared import db
 from shared.dicom import dicom_header
 from shared.imaging import (
@@ -50,14 +50,20 @@ def test_every_reader_refuses_the_bomb_from_its_header(bomb: bytes) -> None:
             with pytest.raises(ImageDecodeError, match="image too large: 22600x22600") as caught:
                 read(bomb)
             assert caught.value.kind == "unsupported"
-    print(f"header, pixel count, guard and both decoders on the bomb: peak {memory.max_growth() / MB:.1f} MB above idle")
+    print(
+        f"header, pixel count, guard and both decoders on the bomb: peak {memory.max_growth() / MB:.1f} MB above idle"
+    )
     assert memory.max_growth() < LIMIT
 
 
 def _deflated(dataset, body_tail: bytes) -> bytes:
     """A Deflated Explicit VR LE file: dataset, then body_tail (raw elements), all deflated."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return _file_meta(dataset, "1.2.840.10008.1.2.1.99") + compressor.compress(_explicit_body(dataset) + body_tail) + compressor.flush()
+    return (
+        _file_meta(dataset, "1.2.840.10008.1.2.1.99")
+        + compressor.compress(_explicit_body(dataset) + body_tail)
+        + compressor.flush()
+    )
 
 
 def _pixel_element(length: int, actual: int | None = None) -> bytes:
@@ -80,8 +86,11 @@ def test_declared_sizes_short_pixel_data_and_inflation_are_capped(monkeypatch: p
     with pytest.raises(ImageDecodeError, match="corrupt DICOM pixel data"):
         decode_reduced(short, 64)
     # Native pixel data shorter than declared, no pixel data, 60000 x 60000: refused from the header.
-    for name, fragment in (("short pixel data", "shorter than declared"), ("no pixel data", "no pixel data"),
-                           ("60000x60000", "image too large: 60000x60000")):
+    for name, fragment in (
+        ("short pixel data", "shorter than declared"),
+        ("no pixel data", "no pixel data"),
+        ("60000x60000", "image too large: 60000x60000"),
+    ):
         with pytest.raises(ImageDecodeError, match=fragment):
             check_image_header(lying_headers()[name], verify_pixel_data=True)
     # Whatever precedes the pixel data inflates only up to a cap (here lowered to 1 MiB): an 8 MB
@@ -92,7 +101,9 @@ def test_declared_sizes_short_pixel_data_and_inflation_are_capped(monkeypatch: p
         check_image_header(_deflated(image_header(64, 64), blob + _pixel_element(64 * 64 * 2)))
     # Data following the pixel data is never inflated: a well-formed image decodes.
     image = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
-    good = _deflated(image_header(64, 64), _pixel_element(0)[:8] + struct.pack("<I", image.nbytes) + image.tobytes() + blob)
+    good = _deflated(
+        image_header(64, 64), _pixel_element(0)[:8] + struct.pack("<I", image.nbytes) + image.tobytes() + blob
+    )
     assert check_image_header(good, verify_pixel_data=True) == 64 * 64
     assert decode_reduced(good, 64).image.shape == (64, 64)
 
@@ -112,7 +123,9 @@ def test_the_report_gives_the_bomb_no_thumbnail_at_bounded_memory(bomb: bytes, t
     store.put(scan_key("bomb"), bomb)
     store.put(scan_key("film"), cv2.imencode(".png", np.full((64, 64), 128, np.uint8))[1].tobytes())
     with sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": s, "source_uri": scan_key(s)} for s in ("bomb", "film")], "b1", batch_name="bombs")
+        db.add_scans(
+            session, [{"scan_id": s, "source_uri": scan_key(s)} for s in ("bomb", "film")], "b1", batch_name="bombs"
+        )
         db.mark_scans(session, ["bomb"], db.FAILED, error="undecodable image: image too large", finished=True)
         db.mark_scans(session, ["film"], db.DONE, finished=True)
     with sessions() as session:
@@ -134,7 +147,6 @@ def test_the_report_gives_the_bomb_no_thumbnail_at_bounded_memory(bomb: bytes, t
 def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bomb: bytes, tmp_path: Path) -> None:
     """POST the bomb and a normal film through the real API; a real worker fails the one and classifies the other."""
     import redis
-
     from apiserver import b64, png_bytes, running_api
     from helpers import make_bundle, start_worker, wait_until
 
@@ -170,8 +182,10 @@ def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bo
                 assert bomb_scan.error.startswith("undecodable image: unsupported: image too large: 22600x22600")
         finally:
             worker.stop()
-    print(f"API (this process) peak {api_memory.max_growth() / MB:.1f} MB, worker peak "
-          f"{worker_memory.max_growth() / MB:.1f} MB above idle")
+    print(
+        f"API (this process) peak {api_memory.max_growth() / MB:.1f} MB, worker peak "
+        f"{worker_memory.max_growth() / MB:.1f} MB above idle"
+    )
     assert api_memory.max_growth() < LIMIT
     assert worker_memory.max_growth() < LIMIT
     assert "BOMB^TEST" not in worker.log()

@@ -68,7 +68,7 @@ def assert_decoded(image: np.ndarray, height: int, width: int) -> None:
     """The decode_image contract: float32 HxWx3 in [0, 1]."""
     assert image.shape == (height, width, 3)
     assert image.dtype == np.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
 
 
 def expect_decode_error(data: bytes, fragment: str) -> ImageDecodeError:
@@ -318,7 +318,7 @@ def test_preprocess_shape_dtype_range() -> None:
     image = np.random.default_rng(0).uniform(0, 1, size=(300, 200, 3)).astype(np.float32)
     out = preprocess(image, 64)
     assert out.shape == (64, 64, 3) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_preprocess_downscaling_averages() -> None:
@@ -331,7 +331,7 @@ def test_preprocess_downscaling_averages() -> None:
 def test_preprocess_upscaling_interpolates_and_stays_in_range() -> None:
     out = preprocess(np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32), 8)
     assert out.shape == (8, 8, 3)
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     assert ((out > 0.05) & (out < 0.95)).any()  # not nearest-neighbour blocks
 
 
@@ -396,7 +396,9 @@ def test_write_synthetic_dataset_layout_and_manifest(tmp_path) -> None:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == MANIFEST_COLUMNS
         rows = list(reader)
-    assert sorted(row["file"] for row in rows) == sorted([f"covid/{n}" for n in covid] + [f"normal/{n}" for n in normal])
+    assert sorted(row["file"] for row in rows) == sorted(
+        [f"covid/{n}" for n in covid] + [f"normal/{n}" for n in normal]
+    )
     assert all((root / row["file"]).exists() for row in rows)
     assert {row["label"] for row in rows} == {"covid", "normal"}
     assert all(row["file"].startswith(row["label"] + "/") for row in rows)

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import redis
-
 from helpers import LUNGCAM, REPO, encode_scan, redis_url
+
 from shared import db
 from shared.errors import SubmissionError
 from shared.queueing import make_app
@@ -112,8 +112,12 @@ def test_the_cli_prints_the_summary_and_refuses_a_collision_with_exit_2(tmp_path
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     _colliding_folder(tmp_path / "in")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")}, "PYTHONPATH": str(REPO),
-           "LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_BROKER_URL": REDIS_URL}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "PYTHONPATH": str(REPO),
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        "LUNGCAM_BROKER_URL": REDIS_URL,
+    }
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([LUNGCAM, *args], env=env, capture_output=True, text=True, timeout=120)
@@ -122,7 +126,10 @@ def test_the_cli_prints_the_summary_and_refuses_a_collision_with_exit_2(tmp_path
         assert run("migrate").returncode == 0
         done = run("ingest", str(tmp_path / "in"))
         assert done.returncode == 0, done.stderr[-2000:]
-        assert "ingest: 6 file(s) seen, 4 scan(s) queued, 2 skipped (1 hidden, 1 not an image suffix (.txt))" in done.stdout
+        assert (
+            "ingest: 6 file(s) seen, 4 scan(s) queued, 2 skipped (1 hidden, 1 not an image suffix (.txt))"
+            in done.stdout
+        )
         (tmp_path / "in" / "sub").mkdir()
         (tmp_path / "in" / "sub" / "c.tif").write_bytes(b"II*\0")
         (tmp_path / "in" / "sub_c.tif").write_bytes(b"II*\0")

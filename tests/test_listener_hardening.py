@@ -19,10 +19,10 @@ import pydicom
 import pytest
 import redis
 import sqlalchemy as sa
-
 from hardening_support import MB, PeakMemory, deflate_bomb, lying_headers
-from pacs_support import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
 from helpers import redis_url
+from pacs_support import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
+
 from shared import db
 
 REDIS_URL = redis_url(8)
@@ -61,9 +61,15 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     port = free_port()
     env = subprocess_env(
-        broker_url=REDIS_URL, database_url=url, store_url=str(root / "store"), data_dir=str(root / "data"),
-        dicom_port=port, dicom_idle_timeout_s=IDLE_TIMEOUT_S, dicom_allowed_aets=",".join(ALLOWED_AETS),
-        dicom_allowed_peers="127.0.0.1/32", dicom_stat_ae_titles="LUNGCAM_STAT,ER_MODALITY",
+        broker_url=REDIS_URL,
+        database_url=url,
+        store_url=str(root / "store"),
+        data_dir=str(root / "data"),
+        dicom_port=port,
+        dicom_idle_timeout_s=IDLE_TIMEOUT_S,
+        dicom_allowed_aets=",".join(ALLOWED_AETS),
+        dicom_allowed_peers="127.0.0.1/32",
+        dicom_stat_ae_titles="LUNGCAM_STAT,ER_MODALITY",
         dicom_max_associations=MAX_ASSOCIATIONS,
     )
     listener = ListenerProcess(env, port, root / "listener.log")
@@ -75,8 +81,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         redis.Redis.from_url(REDIS_URL).flushdb()
 
 
-def _associate(port: int, syntaxes: list[str], *, calling: str = "TESTSCU", called: str = "LUNGCAM",
-               bind: tuple[str, int] = ("127.0.0.1", 0)):
+def _associate(
+    port: int,
+    syntaxes: list[str],
+    *,
+    calling: str = "TESTSCU",
+    called: str = "LUNGCAM",
+    bind: tuple[str, int] = ("127.0.0.1", 0),
+):
     from pynetdicom import AE
 
     ae = AE(ae_title=calling)
@@ -154,7 +166,9 @@ def test_a_4_gb_pdu_is_dropped_before_it_costs_memory(running: Running) -> None:
                     dropped = sock.recv(1) == b""
                 except OSError:
                     dropped = True
-    print(f"4 GB PDU: {sent / MB:.0f} MB sent before the drop; listener peak above idle {memory.max_growth() / MB:.1f} MB")
+    print(
+        f"4 GB PDU: {sent / MB:.0f} MB sent before the drop; listener peak above idle {memory.max_growth() / MB:.1f} MB"
+    )
     assert dropped, "the listener kept reading a 4 GB PDU"
     assert sent < 64 * MB, "the connection was not dropped at the PDU header"
     assert memory.max_growth() < 500 * MB
@@ -178,8 +192,10 @@ def test_twenty_idle_connections_do_not_block_an_association_beyond_the_idle_tim
             time.sleep(0.2)
         waited = time.monotonic() - started
         assoc.release()
-        print(f"association established {waited:.1f} s after 20 idle connections, attempt {attempts} "
-              f"(idle timeout {IDLE_TIMEOUT_S} s)")
+        print(
+            f"association established {waited:.1f} s after 20 idle connections, attempt {attempts} "
+            f"(idle timeout {IDLE_TIMEOUT_S} s)"
+        )
         # The idle connections themselves were closed by the listener.
         for sock in idle:
             sock.settimeout(IDLE_TIMEOUT_S + 5)
@@ -203,8 +219,11 @@ def test_only_listed_callers_and_peers_get_in_and_only_they_are_stat(running: Ru
     assert "not in LUNGCAM_DICOM_ALLOWED_PEERS" in running.listener.log()
 
     routine, stat_by_called, stat_by_caller = make_study_dicoms(3, seed=9, size=64, per_study=3)
-    for data, kwargs in ((routine, {}), (stat_by_called, {"called": "LUNGCAM_STAT"}),
-                         (stat_by_caller, {"calling": "ER_MODALITY"})):
+    for data, kwargs in (
+        (routine, {}),
+        (stat_by_called, {"called": "LUNGCAM_STAT"}),
+        (stat_by_caller, {"calling": "ER_MODALITY"}),
+    ):
         path = tmp_path / f"{sop_uid_of(data)}.dcm"
         path.write_bytes(data)
         assert _send_file(running.port, path, syntax, **kwargs) == 0x0000
@@ -217,9 +236,18 @@ def test_only_listed_callers_and_peers_get_in_and_only_they_are_stat(running: Ru
 def test_the_listener_negotiates_the_compressed_syntaxes_the_decoder_reads(running: Running, tmp_path: Path) -> None:
     from pydicom import uid
 
-    offered = [uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEGLSNearLossless,
-               uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless, uid.DeflatedExplicitVRLittleEndian,
-               uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian]
+    offered = [
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.JPEGLSLossless,
+        uid.JPEGLSNearLossless,
+        uid.JPEG2000Lossless,
+        uid.JPEG2000,
+        uid.RLELossless,
+        uid.DeflatedExplicitVRLittleEndian,
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRLittleEndian,
+    ]
     for syntax in offered:
         assoc = _associate(running.port, [syntax])
         assert assoc.is_established
@@ -240,8 +268,10 @@ def test_the_listener_negotiates_the_compressed_syntaxes_the_decoder_reads(runni
     dataset.save_as(path, enforce_file_format=True)
     assert _send_file(running.port, path, uid.RLELossless) == 0x0000
     assert running.scan(str(dataset.SOPInstanceUID)) is not None
-    assert np.array_equal(pydicom.dcmread(running.root / "store" / "scans" / str(dataset.SOPInstanceUID)).pixel_array,
-                          pydicom.dcmread(BytesIO(data)).pixel_array)
+    assert np.array_equal(
+        pydicom.dcmread(running.root / "store" / "scans" / str(dataset.SOPInstanceUID)).pixel_array,
+        pydicom.dcmread(BytesIO(data)).pixel_array,
+    )
 
 
 def test_stat_needs_a_listed_caller_and_bad_peer_lists_are_named() -> None:
@@ -257,7 +287,7 @@ def test_stat_needs_a_listed_caller_and_bad_peer_lists_are_named() -> None:
     assert listed.priority_for("DX_WARD", "LUNGCAM") == "routine"
     networks = Settings(dicom_allowed_peers="10.1.0.0/16, 192.168.5.7").allowed_peer_networks()
     assert [str(n) for n in networks] == ["10.1.0.0/16", "192.168.5.7/32"]
-    with pytest.raises(SettingsError, match="LUNGCAM_DICOM_ALLOWED_PEERS: .*'modality-1' is not an IP address"):
+    with pytest.raises(SettingsError, match=r"LUNGCAM_DICOM_ALLOWED_PEERS: .*'modality-1' is not an IP address"):
         load_settings(dicom_allowed_peers="10.0.0.1,modality-1")
 
 
@@ -269,13 +299,18 @@ def test_the_offered_transfer_syntaxes_are_those_with_a_decoder() -> None:
     from worker.pacs.listener import make_ae
 
     syntaxes = decodable_transfer_syntaxes()
-    assert syntaxes[:4] == [uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
-                            uid.ExplicitVRBigEndian]
+    assert syntaxes[:4] == [
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRLittleEndian,
+        uid.DeflatedExplicitVRLittleEndian,
+        uid.ExplicitVRBigEndian,
+    ]
     for syntax in (uid.JPEGLossless, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless):
         assert syntax in syntaxes
     assert uid.MPEG2MPML not in syntaxes and uid.JPEG2000MC not in syntaxes
-    ae = make_ae(Settings(dicom_max_pdu_bytes=32768, dicom_idle_timeout_s=5, dicom_max_associations=3,
-                          dicom_allowed_aets="A,B"))
+    ae = make_ae(
+        Settings(dicom_max_pdu_bytes=32768, dicom_idle_timeout_s=5, dicom_max_associations=3, dicom_allowed_aets="A,B")
+    )
     dx = next(cx for cx in ae.supported_contexts if cx.abstract_syntax == DX)
     assert list(dx.transfer_syntax) == syntaxes
     assert (ae.maximum_pdu_size, ae.acse_timeout, ae.network_timeout, ae.maximum_associations) == (32768, 5, 5, 3)

@@ -10,8 +10,8 @@ import cv2
 import keras
 import numpy as np
 import pytest
-
 from helpers import make_bundle
+
 from shared.bundle import BundleError, load_bundle, read_manifest, save_bundle
 from shared.gradcam import GradCam, peak_location
 from shared.overlay import cam_note, overlay_png, render_overlay
@@ -34,7 +34,9 @@ def test_zoo_builds_the_papers_head_with_a_frozen_backbone(arch):
     assert model.get_layer("head_dense").units == 64 and model.get_layer("head_dropout").rate == 0.5
     assert model.output_shape == (None, 2)
     model.get_layer(ARCHITECTURES[arch].gradcam_layer)  # the paper's Grad-CAM layer is reachable
-    backbone_layers = [layer for layer in model.layers if layer.weights and not layer.name.startswith(("head_", "logits"))]
+    backbone_layers = [
+        layer for layer in model.layers if layer.weights and not layer.name.startswith(("head_", "logits"))
+    ]
     assert backbone_layers and not any(layer.trainable for layer in backbone_layers)
 
 
@@ -98,7 +100,7 @@ def test_imagenet_weights_unavailable_offline_gives_a_clear_error(monkeypatch, t
         pytest.skip("this machine can reach the weights host, so the offline path is not exercised")
     except OSError:
         pass
-    with pytest.raises(WeightsUnavailableError, match="~/.keras/models"):
+    with pytest.raises(WeightsUnavailableError, match=r"~/\.keras/models"):
         build_model("vgg16", input_size=64, weights="imagenet")
 
 
@@ -108,7 +110,9 @@ def test_local_weights_file_is_loaded_into_the_backbone(tmp_path):
     path = tmp_path / "vgg16_notop.weights.h5"
     backbone.save_weights(path)
     model = build_model("vgg16", input_size=64, weights=str(path))
-    np.testing.assert_array_equal(model.get_layer("block5_conv3").get_weights()[0], backbone.get_layer("block5_conv3").get_weights()[0])
+    np.testing.assert_array_equal(
+        model.get_layer("block5_conv3").get_weights()[0], backbone.get_layer("block5_conv3").get_weights()[0]
+    )
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_model("vgg16", input_size=64, weights=str(tmp_path / "missing.h5"))
 
@@ -135,9 +139,12 @@ def test_cam_note_flags_flat_maps_and_peaks_at_the_border_outside_the_body_or_on
         cam = np.zeros((8, 8), np.float32)
         cam[row, col] = 1.0
         return cam
+
     # A map that picks out a region inside the lungs gets no comment.
     assert cam_note(peak_at(3, 2), image) is None and cam_note(peak_at(4, 5), image / 255.0) is None
-    assert cam_note(np.zeros((8, 8)), image) == cam_note(np.full((8, 8), 0.7), image) == "flat map: no region stands out"
+    assert (
+        cam_note(np.zeros((8, 8)), image) == cam_note(np.full((8, 8), 0.7), image) == "flat map: no region stands out"
+    )
     assert cam_note(peak_at(0, 4), image) == "peak at the image border"
     assert cam_note(np.eye(2), None) is None  # a 2x2 map is all border: too coarse to say
     dark = image.copy()
@@ -177,7 +184,7 @@ def test_tampered_model_file_is_refused(tmp_path):
 
 
 def test_bundle_without_manifest_or_model_is_refused(tmp_path):
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         load_bundle(tmp_path)
     bundle_dir = make_bundle(tmp_path / "bundle", "vgg16", 64)
     (bundle_dir / "model.keras").unlink()
@@ -185,14 +192,24 @@ def test_bundle_without_manifest_or_model_is_refused(tmp_path):
         load_bundle(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     with pytest.raises(BundleError, match="lacks 'gradcam_layer'"):
-        save_bundle(build_model("vgg16", input_size=64, weights=None), {k: v for k, v in manifest.items() if k != "gradcam_layer"}, tmp_path / "x")
+        save_bundle(
+            build_model("vgg16", input_size=64, weights=None),
+            {k: v for k, v in manifest.items() if k != "gradcam_layer"},
+            tmp_path / "x",
+        )
 
 
 def test_bundle_round_trip_through_s3(s3_store, moto_server, batch):
     model = build_model("vgg16", input_size=64, weights=None)
     uri = f"{s3_store.url}/models/vgg16-covid/v1"
-    manifest = {"name": "vgg16-covid", "version": "v1", "architecture": "vgg16", "input_size": 64,
-                "class_names": ["covid", "normal"], "gradcam_layer": "block5_conv3"}
+    manifest = {
+        "name": "vgg16-covid",
+        "version": "v1",
+        "architecture": "vgg16",
+        "input_size": 64,
+        "class_names": ["covid", "normal"],
+        "gradcam_layer": "block5_conv3",
+    }
     save_bundle(model, manifest, uri, endpoint_url=moto_server)
     assert s3_store.exists("models/vgg16-covid/v1/model.keras")
     loaded = load_bundle(uri, endpoint_url=moto_server)

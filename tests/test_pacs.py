@@ -18,8 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
-
-from helpers import LUNGCAM, REPO, make_bundle, start_worker, wait_until, redis_url
+from helpers import LUNGCAM, REPO, make_bundle, redis_url, start_worker, wait_until
 from pacs_support import (
     PHI_ID,
     PHI_NAME,
@@ -33,6 +32,7 @@ from pacs_support import (
     study_uid_of,
     subprocess_env,
 )
+
 from shared import db
 
 REDIS_MAIN = redis_url(1)
@@ -41,8 +41,14 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 P_COVID_CODE = "P-COVID"
 
-needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason="Orthanc with the DICOMweb plugin is not installed (`python3 run.py test` installs it as root)")
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu is not installed (`python3 run.py test` installs it as root)")
+needs_orthanc = pytest.mark.skipif(
+    not orthanc_available(),
+    reason="Orthanc with the DICOMweb plugin is not installed (`python3 run.py test` installs it as root)",
+)
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None,
+    reason="dcmtk's storescu is not installed (`python3 run.py test` installs it as root)",
+)
 
 
 def _flush_redis(url: str) -> None:
@@ -68,9 +74,15 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
     return result
 
 
-def _storescu(port: int, files: list[Path], *, called: str = "LUNGCAM", calling: str = "TESTSCU") -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aec", called, "-aet", calling, "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, timeout=300)
+def _storescu(
+    port: int, files: list[Path], *, called: str = "LUNGCAM", calling: str = "TESTSCU"
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["storescu", "-aec", called, "-aet", calling, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _c_store(port: int, data: bytes, *, called: str = "LUNGCAM") -> int:
@@ -93,7 +105,9 @@ def _sr_facts(data_or_dataset) -> tuple[float, str]:
     """(P(COVID-19), referenced source SOP Instance UID) read back from an SR."""
     import highdicom as hd
 
-    dataset = data_or_dataset if isinstance(data_or_dataset, pydicom.Dataset) else pydicom.dcmread(BytesIO(data_or_dataset))
+    dataset = (
+        data_or_dataset if isinstance(data_or_dataset, pydicom.Dataset) else pydicom.dcmread(BytesIO(data_or_dataset))
+    )
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     sr = hd.sr.srread(BytesIO(buffer.getvalue()))  # highdicom parses it as a Comprehensive SR
@@ -129,12 +143,31 @@ def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
         assert db.current_revision(engine) == "0003"
         sessions = db.make_session_factory(engine)
         with sessions.begin() as session:
-            db.add_scans(session, [{"scan_id": "1.2.3", "source_uri": "scans/1.2.3", "study_uid": "1.2", "series_uid": "1.2.9",
-                                    "sop_instance_uid": "1.2.3"}], None)
+            db.add_scans(
+                session,
+                [
+                    {
+                        "scan_id": "1.2.3",
+                        "source_uri": "scans/1.2.3",
+                        "study_uid": "1.2",
+                        "series_uid": "1.2.9",
+                        "sop_instance_uid": "1.2.3",
+                    }
+                ],
+                None,
+            )
             # Plain SQL: the ORM helpers write today's columns, and this schema is at 0003.
-            session.execute(sa.text("INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) "
-                                    "VALUES ('1.2.3', 'm', '1', 'covid', 0.7)"))
-            session.add(db.ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1", state="sent"))
+            session.execute(
+                sa.text(
+                    "INSERT INTO predictions (scan_id, model_name, model_version, label, p_covid) "
+                    "VALUES ('1.2.3', 'm', '1', 'covid', 0.7)"
+                )
+            )
+            session.add(
+                db.ResultSend(
+                    scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1", state="sent"
+                )
+            )
         with sessions() as session:
             scan = session.get(db.Scan, "1.2.3")
             assert (scan.study_uid, scan.series_uid, scan.sop_instance_uid) == ("1.2", "1.2.9", "1.2.3")
@@ -161,9 +194,15 @@ def test_results_are_an_sr_and_a_secondary_capture_with_derived_uids() -> None:
     source = read_source(data)
     overlay = np.full((64, 64, 3), 128, np.uint8)
     prefix = "1.2.826.0.1.3680043.8.498."
-    first = build_results(source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.61234567891, uid_prefix=prefix)
-    again = build_results(source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.5, uid_prefix=prefix)
-    other = build_results(source, overlay, model="resnet50-test", version="t2", label="covid", p_covid=0.5, uid_prefix=prefix)
+    first = build_results(
+        source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.61234567891, uid_prefix=prefix
+    )
+    again = build_results(
+        source, overlay, model="resnet50-test", version="t1", label="covid", p_covid=0.5, uid_prefix=prefix
+    )
+    other = build_results(
+        source, overlay, model="resnet50-test", version="t2", label="covid", p_covid=0.5, uid_prefix=prefix
+    )
     assert (first.sr_uid, first.sc_uid) == (again.sr_uid, again.sc_uid)  # a re-send replaces
     assert len({first.sr_uid, first.sc_uid, other.sr_uid, other.sc_uid, str(source.SOPInstanceUID)}) == 5
     for dataset, sop_class in ((first.sr, SR_CLASS), (first.sc, SC_CLASS)):
@@ -194,8 +233,13 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
     sessions = db.make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
     closed_port = free_port()
-    settings = Settings(database_url=url, store_url=str(tmp_path / "store"), dicom_destination=f"dicom://ORTHANC@127.0.0.1:{closed_port}",
-                        dicom_send_max_attempts=2, dicom_send_backoff_s=0.2)
+    settings = Settings(
+        database_url=url,
+        store_url=str(tmp_path / "store"),
+        dicom_destination=f"dicom://ORTHANC@127.0.0.1:{closed_port}",
+        dicom_send_max_attempts=2,
+        dicom_send_backoff_s=0.2,
+    )
     files = make_study_dicoms(4, seed=61, size=64)
     sops = [sop_uid_of(d) for d in files]
     png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()
@@ -204,13 +248,32 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
             scans = []
             for index, (data, sop) in enumerate(zip(files, sops)):
                 store.put(scan_key(sop), data)
-                scans.append({"scan_id": sop, "source_uri": scan_key(sop), "study_uid": study_uid_of(data), "series_uid": "1.2.3",
-                              "sop_instance_uid": sop if index != 3 else None})  # the fourth: a PNG-like scan, no DICOM context
+                scans.append(
+                    {
+                        "scan_id": sop,
+                        "source_uri": scan_key(sop),
+                        "study_uid": study_uid_of(data),
+                        "series_uid": "1.2.3",
+                        "sop_instance_uid": sop if index != 3 else None,
+                    }
+                )  # the fourth: a PNG-like scan, no DICOM context
             db.add_scans(session, scans, None)
             for sop in sops:
                 store.put(overlay_key("m", "1", sop), png)
-            db.upsert_predictions(session, [{"scan_id": sop, "model_name": "m", "model_version": "1", "label": "covid", "p_covid": 0.9,
-                                             "overlay_key": overlay_key("m", "1", sop)} for sop in sops])
+            db.upsert_predictions(
+                session,
+                [
+                    {
+                        "scan_id": sop,
+                        "model_name": "m",
+                        "model_version": "1",
+                        "label": "covid",
+                        "p_covid": 0.9,
+                        "overlay_key": overlay_key("m", "1", sop),
+                    }
+                    for sop in sops
+                ],
+            )
             db.mark_scans(session, [sops[0], sops[3]], db.DONE, finished=True)
             db.mark_scans(session, [sops[1]], db.FAILED, error="x", finished=True)  # failed: sends nothing
         transport = transport_for(settings)
@@ -244,10 +307,17 @@ def test_dicomweb_sources_filters_credentials_and_destinations() -> None:
     from worker.pacs.dicomweb import base_url, client_for, is_dicomweb, parse_filters
     from worker.pacs.sender import CStoreTransport, StowTransport, transport_for
 
-    assert is_dicomweb("dicomweb+https://pacs/dicom-web") and not is_dicomweb("dicomweb+ftp://x") and not is_dicomweb("/data")
+    assert (
+        is_dicomweb("dicomweb+https://pacs/dicom-web")
+        and not is_dicomweb("dicomweb+ftp://x")
+        and not is_dicomweb("/data")
+    )
     assert base_url("dicomweb+http://h:8042/dicom-web/") == "http://h:8042/dicom-web"
     assert parse_filters(["Modality=DX", "StudyDate=20200101-20201231", "PatientID="]) == {
-        "Modality": "DX", "StudyDate": "20200101-20201231", "PatientID": ""}
+        "Modality": "DX",
+        "StudyDate": "20200101-20201231",
+        "PatientID": "",
+    }
     with pytest.raises(SubmissionError):
         parse_filters(["Modality"])
     basic = client_for("dicomweb+https://h/dw", Settings(dicomweb_username="u", dicomweb_password="p"))
@@ -257,7 +327,12 @@ def test_dicomweb_sources_filters_credentials_and_destinations() -> None:
     stow = transport_for(Settings(dicom_destination="dicomweb+https://h:8443/dicom-web", dicomweb_password="secret"))
     assert isinstance(stow, StowTransport) and stow.label == "dicomweb+https://h:8443/dicom-web"
     cstore = transport_for(Settings(dicom_destination="dicom://PACS@10.0.0.5:104", dicom_calling_ae_title="LC"))
-    assert isinstance(cstore, CStoreTransport) and (cstore.called_ae, cstore.host, cstore.port, cstore.calling_ae) == ("PACS", "10.0.0.5", 104, "LC")
+    assert isinstance(cstore, CStoreTransport) and (cstore.called_ae, cstore.host, cstore.port, cstore.calling_ae) == (
+        "PACS",
+        "10.0.0.5",
+        104,
+        "LC",
+    )
     for bad in ("", "http://h/dicom-web", "dicom://10.0.0.5:104"):
         with pytest.raises(SettingsError):
             transport_for(Settings(dicom_destination=bad))
@@ -282,7 +357,10 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
     broken_store = LocalStore(tmp_path / "not-a-folder" / "store")
     broker_url = redis_url(3)
     _flush_redis(broker_url)
-    apps = [make_app(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"), make_app(settings, broker_url=broker_url)]
+    apps = [
+        make_app(settings, broker_url=f"redis://127.0.0.1:{free_port()}/0"),
+        make_app(settings, broker_url=broker_url),
+    ]
     try:
         receiver = Receiver(settings, sessions, broken_store, apps[1])
         assert receiver.priority_for("ER_CR", "LUNGCAM") == "stat" and receiver.priority_for("X", "URGENT ") == "stat"
@@ -299,7 +377,12 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
         assert _queue_lengths(broker_url) == {"stat": 1, "routine": 0}
         with sessions() as session:
             scan = session.get(db.Scan, sop)
-            assert (scan.status, scan.priority, scan.sop_instance_uid, scan.batch_id[:6]) == ("queued", "stat", sop, "dicom-")
+            assert (scan.status, scan.priority, scan.sop_instance_uid, scan.batch_id[:6]) == (
+                "queued",
+                "stat",
+                sop,
+                "dicom-",
+            )
     finally:
         for app in apps:
             app.close()
@@ -327,9 +410,17 @@ class Stack:
         self.listen_port = free_port()
         bundle = make_bundle(root / "bundle", "resnet50", 64)
         self.env = subprocess_env(
-            broker_url=REDIS_MAIN, database_url=self.db_url, store_url=str(root / "store"), models=str(bundle),
-            batch_size=8, batch_flush_ms=300, pipeline_depth=1, data_dir=str(root / "data"), dicom_port=self.listen_port,
-            dicom_destination=f"dicomweb+{orthanc.dicomweb_url}", dicom_send_backoff_s=1,
+            broker_url=REDIS_MAIN,
+            database_url=self.db_url,
+            store_url=str(root / "store"),
+            models=str(bundle),
+            batch_size=8,
+            batch_flush_ms=300,
+            pipeline_depth=1,
+            data_dir=str(root / "data"),
+            dicom_port=self.listen_port,
+            dicom_destination=f"dicomweb+{orthanc.dicomweb_url}",
+            dicom_send_backoff_s=1,
         )
         _flush_redis(REDIS_MAIN)
         db.migrate(self.db_url)
@@ -353,8 +444,11 @@ class Stack:
             return {s.scan_id: s for s in session.scalars(sa.select(db.Scan).where(db.Scan.scan_id.in_(ids)))}
 
     def wait_finished(self, ids: list[str], timeout: float = 240) -> dict[str, db.Scan]:
-        wait_until(lambda: len(ids) == sum(s.status in (db.DONE, db.FAILED) for s in self.scans(ids).values()),
-                   timeout, message=f"{len(ids)} scans finished")
+        wait_until(
+            lambda: len(ids) == sum(s.status in (db.DONE, db.FAILED) for s in self.scans(ids).values()),
+            timeout,
+            message=f"{len(ids)} scans finished",
+        )
         return self.scans(ids)
 
     def predictions(self, ids: list[str]) -> dict[str, db.Prediction]:
@@ -410,7 +504,9 @@ def _assert_results_in_orthanc(orthanc, stack: Stack, files: list[bytes]) -> Non
         srs = [r for r in records if r["00080016"]["Value"][0] == SR_CLASS]
         seen = set()
         for record in srs:
-            dataset = client.retrieve_instance(study_uid, record["0020000E"]["Value"][0], record["00080018"]["Value"][0])
+            dataset = client.retrieve_instance(
+                study_uid, record["0020000E"]["Value"][0], record["00080018"]["Value"][0]
+            )
             assert dataset.StudyInstanceUID == study_uid and str(dataset.PatientName) == PHI_NAME
             p_covid, reference = _sr_facts(dataset)
             assert reference in study_sops
@@ -459,7 +555,16 @@ def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) 
         orthanc.upload(data)
     stack.start_worker()
     source = f"dicomweb+{orthanc.dicomweb_url}"
-    args = ["ingest", source, "--filter", "Modality=DX", "--filter", "StudyDate=20200101-20201231", "--name", "archive-2020"]
+    args = [
+        "ingest",
+        source,
+        "--filter",
+        "Modality=DX",
+        "--filter",
+        "StudyDate=20200101-20201231",
+        "--name",
+        "archive-2020",
+    ]
     result = _run([*args, "--wait", "--timeout", "240"], stack.env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "10 queued, 0 already known" in result.stdout
@@ -489,7 +594,9 @@ def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) 
 
 @pytest.mark.slow
 @needs_dcmtk
-def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replaces(stack: Stack, orthanc, tmp_path: Path) -> None:
+def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replaces(
+    stack: Stack, orthanc, tmp_path: Path
+) -> None:
     files = make_study_dicoms(10, seed=31, size=96, per_study=5)
     paths = _write_files(tmp_path / "in", files)
     stack.start_worker()
@@ -522,11 +629,19 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
         submit_scans(stack.sessions, app, [{"scan_id": sops[0], "source_uri": f"scans/{sops[0]}"}], force=True)
     finally:
         app.close()
-    wait_until(lambda: stack.predictions(sops[:1])[sops[0]].created_at > first and stack.scans(sops[:1])[sops[0]].status == db.DONE,
-               180, message="re-classified")
+    wait_until(
+        lambda: (
+            stack.predictions(sops[:1])[sops[0]].created_at > first and stack.scans(sops[:1])[sops[0]].status == db.DONE
+        ),
+        180,
+        message="re-classified",
+    )
     _send_once(stack)
     (resend,) = stack.sends(sops[:1])
-    assert resend.sent_at > first_send.sent_at and (resend.sr_uid, resend.sc_uid) == (first_send.sr_uid, first_send.sc_uid)
+    assert resend.sent_at > first_send.sent_at and (resend.sr_uid, resend.sc_uid) == (
+        first_send.sr_uid,
+        first_send.sc_uid,
+    )
     assert orthanc.count() == before
     _assert_results_in_orthanc(orthanc, stack, files)
     # The same results by C-STORE (a second destination, its own result_sends rows): same UIDs, replaced.
@@ -558,8 +673,11 @@ def test_orthanc_pushes_a_study_to_the_listener_by_c_store_as_stat(stack: Stack,
     requests.put(f"{orthanc.http_url}/modalities/lungcam-stat", json=modality, timeout=30).raise_for_status()
     echo = requests.post(f"{orthanc.http_url}/modalities/lungcam-stat/echo", json={}, timeout=60)
     assert echo.ok, echo.text
-    push = requests.post(f"{orthanc.http_url}/modalities/lungcam-stat/store", json={"Resources": instance_ids, "Synchronous": True},
-                         timeout=120)
+    push = requests.post(
+        f"{orthanc.http_url}/modalities/lungcam-stat/store",
+        json={"Resources": instance_ids, "Synchronous": True},
+        timeout=120,
+    )
     assert push.ok, push.text
     sops = [sop_uid_of(d) for d in files]
     scans = stack.scans(sops)
@@ -593,7 +711,13 @@ def test_listener_refuses_non_images_and_survives_malformed_associations(stack: 
     # lungcam's own Secondary Capture, routed back by a PACS: acknowledged, never classified.
     from worker.pacs.objects import build_sc, read_source, to_bytes
 
-    own = build_sc(read_source(image), np.zeros((64, 64, 3), np.uint8), model="m", version="1", uid_prefix="1.2.826.0.1.3680043.8.498.")
+    own = build_sc(
+        read_source(image),
+        np.zeros((64, 64, 3), np.uint8),
+        model="m",
+        version="1",
+        uid_prefix="1.2.826.0.1.3680043.8.498.",
+    )
     assert _c_store(stack.listen_port, to_bytes(own)) == 0x0000
     assert not stack.scans([str(own.SOPInstanceUID)])
 
@@ -619,7 +743,6 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
     """The database goes away (its TCP path is cut): the C-STORE fails with 0xA700 and nothing is recorded."""
     from sqlalchemy.engine import make_url
 
-
     db.migrate(postgres_url)
     url = make_url(postgres_url)
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
@@ -627,8 +750,13 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     _flush_redis(REDIS_DB_DOWN)
     port = free_port()
-    env = subprocess_env(broker_url=REDIS_DB_DOWN, database_url=proxied, store_url=str(tmp_path / "store"),
-                         data_dir=str(tmp_path / "data"), dicom_port=port)
+    env = subprocess_env(
+        broker_url=REDIS_DB_DOWN,
+        database_url=proxied,
+        store_url=str(tmp_path / "store"),
+        data_dir=str(tmp_path / "data"),
+        dicom_port=port,
+    )
     listener = ListenerProcess(env, port, tmp_path / "listener.log")
     engine = db.make_engine(postgres_url)
     with engine.connect() as connection:

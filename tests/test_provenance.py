@@ -16,11 +16,11 @@ import pydicom
 import pytest
 import redis
 import requests
+from apiserver import b64, running_api
+from helpers import redis_url
+from pacs_support import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
 from pydicom.uid import generate_uid
 
-from apiserver import b64, running_api
-from pacs_support import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
-from helpers import redis_url
 from shared import db
 from shared.errors import SubmissionError
 from shared.queueing import make_app
@@ -77,17 +77,29 @@ def test_a_dicom_received_scan_is_refused_by_the_api_and_results_go_to_the_origi
 
             # Re-posting a received scan through the API: 409 with and without force, single and batch.
             for force in (True, False):
-                response = api.client.post("/v1/scans", json={"scan_id": sop, "image_base64": b64(forged), "force": force})
+                response = api.client.post(
+                    "/v1/scans", json={"scan_id": sop, "image_base64": b64(forged), "force": force}
+                )
                 assert response.status_code == 409, response.text
                 assert "received over DICOM" in response.json()["detail"] and sop not in response.text
-            batch = {"scans": [{"scan_id": sop, "image_base64": b64(forged), "force": True},
-                               {"scan_id": "innocent-1", "image_base64": b64(forged)}]}
+            batch = {
+                "scans": [
+                    {"scan_id": sop, "image_base64": b64(forged), "force": True},
+                    {"scan_id": "innocent-1", "image_base64": b64(forged)},
+                ]
+            }
             assert api.client.post("/v1/batches", json=batch).status_code == 409
             assert api.client.get("/v1/scans/innocent-1").status_code == 404  # nothing of the batch was recorded
             # ...and through `lungcam ingest --force` (a CSV naming the UID as scan_id).
             (tmp_path / "forged.dcm").write_bytes(forged)
             with pytest.raises(SubmissionError, match="received over DICOM"):
-                ingest([IngestItem(sop, str(tmp_path / "forged.dcm"))], store=store, sessions=api.sessions, app=app, force=True)
+                ingest(
+                    [IngestItem(sop, str(tmp_path / "forged.dcm"))],
+                    store=store,
+                    sessions=api.sessions,
+                    app=app,
+                    force=True,
+                )
             assert store.get(scan_key(sop)) == original
             with api.sessions() as session:
                 scan = session.get(db.Scan, sop)
@@ -97,18 +109,34 @@ def test_a_dicom_received_scan_is_refused_by_the_api_and_results_go_to_the_origi
             png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()
             store.put(overlay_key("m", "1", sop), png)
             with api.sessions.begin() as session:
-                db.upsert_predictions(session, [{"scan_id": sop, "model_name": "m", "model_version": "1", "label": "covid",
-                                                 "p_covid": 0.8, "overlay_key": overlay_key("m", "1", sop)}])
+                db.upsert_predictions(
+                    session,
+                    [
+                        {
+                            "scan_id": sop,
+                            "model_name": "m",
+                            "model_version": "1",
+                            "label": "covid",
+                            "p_covid": 0.8,
+                            "overlay_key": overlay_key("m", "1", sop),
+                        }
+                    ],
+                )
                 db.mark_scans(session, [sop], db.DONE, finished=True)
             with run_orthanc(tmp_path / "orthanc") as orthanc:
-                sender_settings = Settings(database_url=url, store_url=str(store_dir),
-                                           dicom_destination=f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+                sender_settings = Settings(
+                    database_url=url,
+                    store_url=str(store_dir),
+                    dicom_destination=f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                )
                 sender = Sender(sender_settings, api.sessions, store, transport_for(sender_settings))
                 counts = sender.run_once()
                 assert (counts.sent, counts.retry, counts.failed) == (1, 0, 0), counts.errors
                 filed = orthanc.study_instances(study)
                 assert {record["00080016"]["Value"][0] for record in filed} == {
-                    "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"}  # the SR and the Secondary Capture
+                    "1.2.840.10008.5.1.4.1.1.88.33",
+                    "1.2.840.10008.5.1.4.1.1.7",
+                }  # the SR and the Secondary Capture
                 assert orthanc.study_instances(study_uid_of(forged)) == []
                 original_patient = str(pydicom.dcmread(BytesIO(original), stop_before_pixels=True).PatientID)
                 assert _patient_ids(orthanc) == {original_patient}

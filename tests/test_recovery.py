@@ -21,9 +21,17 @@ import pytest
 import redis
 import sqlalchemy as sa
 from alembic import command
+from helpers import (
+    empty_schema,
+    insert_scans_at_old_revision,
+    make_bundle,
+    mixed_scans,
+    redis_url,
+    start_worker,
+    wait_until,
+)
 from sqlalchemy import func, select
 
-from helpers import empty_schema, insert_scans_at_old_revision, make_bundle, mixed_scans, start_worker, wait_until, redis_url
 from shared import db
 from shared.broker_state import RedisBroker
 from shared.queueing import make_app, publish, submit_scans
@@ -81,9 +89,21 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 20, 0.1, "the private redis-server to answer")
 
@@ -126,7 +146,9 @@ def _all_done(sessions, total: int) -> bool:
 def _rows_per_scan(sessions) -> dict[str, int]:
     with sessions() as session:
         rows = session.execute(
-            select(db.Prediction.scan_id, func.count()).where(db.Prediction.model_name == MODEL).group_by(db.Prediction.scan_id)
+            select(db.Prediction.scan_id, func.count())
+            .where(db.Prediction.model_name == MODEL)
+            .group_by(db.Prediction.scan_id)
         ).all()
     return dict(rows)
 
@@ -219,7 +241,9 @@ def test_broker_snapshot_sees_waiting_and_held_messages_and_restores_to_the_head
         assert after.waiting == {"a", "b", "c", "s"} and after.held == {}
         with app.connection_for_read() as connection:
             assert connection.default_channel.basic_get("routine", no_ack=True).headers["argsrepr"] == "['a']"
-        assert broker.try_lock("lungcam:test-lock", "me", 5000) and not broker.try_lock("lungcam:test-lock", "you", 5000)
+        assert broker.try_lock("lungcam:test-lock", "me", 5000) and not broker.try_lock(
+            "lungcam:test-lock", "you", 5000
+        )
     finally:
         app.close()
 
@@ -234,11 +258,15 @@ def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_p
     try:
         old = db.utcnow() - dt.timedelta(seconds=120)
         with sessions.begin() as session:
-            db.add_scans(session, [
-                {"scan_id": "lost-stat", "source_uri": "x", "priority": "stat", "submitted_at": old},
-                {"scan_id": "waiting", "source_uri": "x", "submitted_at": old},
-                {"scan_id": "young", "source_uri": "x"},
-            ], None)
+            db.add_scans(
+                session,
+                [
+                    {"scan_id": "lost-stat", "source_uri": "x", "priority": "stat", "submitted_at": old},
+                    {"scan_id": "waiting", "source_uri": "x", "submitted_at": old},
+                    {"scan_id": "young", "source_uri": "x"},
+                ],
+                None,
+            )
         publish(app, "waiting", "routine")
         reconciler = Reconciler(app, sessions, settings, owner="test")
         report = reconciler.run_once()
@@ -261,7 +289,9 @@ def test_an_expired_lease_puts_the_dead_workers_message_back_at_the_head(tmp_pat
     app = make_app(settings)
     try:
         with sessions.begin() as session:
-            db.add_scans(session, [{"scan_id": s, "source_uri": "x", "priority": "stat"} for s in ("held", "next")], None)
+            db.add_scans(
+                session, [{"scan_id": s, "source_uri": "x", "priority": "stat"} for s in ("held", "next")], None
+            )
         publish(app, "held", "stat", force=True)
         publish(app, "next", "stat")
         # The "dead" worker's connection stays open: closing it cleanly would hand the message back itself.
@@ -295,9 +325,11 @@ def _worker_id(worker) -> str:
 
 def _held_by(sessions, worker_prefix: str) -> set[str]:
     with sessions() as session:
-        return set(session.scalars(
-            select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id.startswith(worker_prefix))
-        ))
+        return set(
+            session.scalars(
+                select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id.startswith(worker_prefix))
+            )
+        )
 
 
 class ResumeClock:
@@ -309,7 +341,9 @@ class ResumeClock:
         self._polled = 0.0
 
     def killed(self, in_flight: set[str]) -> None:
-        self.kills.append({"in_flight": in_flight, "at": db.utcnow(), "t": time.monotonic(), "first": None, "all": None})
+        self.kills.append(
+            {"in_flight": in_flight, "at": db.utcnow(), "t": time.monotonic(), "first": None, "all": None}
+        )
 
     def poll(self) -> None:
         """Check the open kills (at most twice a second)."""
@@ -321,7 +355,9 @@ class ResumeClock:
                 continue
             with self.sessions() as session:
                 rows = session.execute(
-                    select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(db.Scan.scan_id.in_(kill["in_flight"]))
+                    select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(
+                        db.Scan.scan_id.in_(kill["in_flight"])
+                    )
                 ).all()
             finished = any(r.status == db.DONE and r.finished_at and r.finished_at > kill["at"] for r in rows)
             again = all(r.status == db.DONE or (r.claimed_at is not None and r.claimed_at > kill["at"]) for r in rows)
@@ -395,8 +431,14 @@ def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundl
     scans = _stage(tmp_path / "store", 120, seed=4)
     private_redis.start()
     # Lost messages are re-sent after 5 s (default 60) by a reconciler passing every 2 s (default 10).
-    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="5",
-               LUNGCAM_RECONCILE_INTERVAL_S="2")
+    env = _env(
+        private_redis.url,
+        url,
+        tmp_path / "store",
+        bundle,
+        LUNGCAM_REQUEUE_AFTER_S="5",
+        LUNGCAM_RECONCILE_INTERVAL_S="2",
+    )
     app = make_app(Settings(broker_url=private_redis.url, database_url=url))
     worker = start_worker(env, tmp_path / "worker.log")
     try:
@@ -434,7 +476,14 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
         app.close()
     assert _statuses(sessions) == {db.QUEUED: 3}
     private_redis.start()
-    env = _env(private_redis.url, url, tmp_path / "store", bundle, LUNGCAM_REQUEUE_AFTER_S="5", LUNGCAM_RECONCILE_INTERVAL_S="2")
+    env = _env(
+        private_redis.url,
+        url,
+        tmp_path / "store",
+        bundle,
+        LUNGCAM_REQUEUE_AFTER_S="5",
+        LUNGCAM_RECONCILE_INTERVAL_S="2",
+    )
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         worker.wait_ready()
@@ -467,20 +516,39 @@ def test_ingesting_the_same_source_again_resumes_its_batch_and_keeps_stored_imag
     try:
         batch = batch_id_for(str(folder), "archive")
         assert batch == batch_id_for(f"{folder}/", "archive") != batch_id_for(str(folder), "other")
-        first_id, first = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
-                                 batch_name="archive", batch_id=batch)
+        first_id, first = ingest(
+            discover(str(folder), settings),
+            store=store,
+            sessions=sessions,
+            app=app,
+            batch_name="archive",
+            batch_id=batch,
+        )
         assert first_id == batch and len(first.queued) == 2
         stored = {key: store.get(key) for key in store.list("scans/")}
         # The interrupted ingest is run again, one file changed on disk and one new file added.
         first_file = sorted(folder.iterdir())[0]
         first_file.write_bytes(b"changed on disk")
         (folder / "late").write_bytes(images[list(images)[2]])
-        again_id, again = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
-                                 batch_name="archive", batch_id=batch_id_for(str(folder), "archive"))
+        again_id, again = ingest(
+            discover(str(folder), settings),
+            store=store,
+            sessions=sessions,
+            app=app,
+            batch_name="archive",
+            batch_id=batch_id_for(str(folder), "archive"),
+        )
         assert again_id == batch and again.queued == ["late"] and len(again.already) == 2
         assert all(store.get(key) == data for key, data in stored.items())
-        _id, forced = ingest(discover(str(folder), settings), store=store, sessions=sessions, app=app,
-                             batch_name="archive", batch_id=batch, force=True)
+        _id, forced = ingest(
+            discover(str(folder), settings),
+            store=store,
+            sessions=sessions,
+            app=app,
+            batch_name="archive",
+            batch_id=batch,
+            force=True,
+        )
         assert len(forced.queued) == 3
         assert b"changed on disk" in {store.get(key) for key in store.list("scans/")}
         with sessions() as session:

@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from helpers import ARTIFACTS, headless_chromium
+
 from shared import db
 from shared.bundle import read_manifest
 from shared.calibration import AUDIT_PASSED
@@ -43,16 +43,28 @@ def batch(tmp_path: Path):
     scans, rows = [], []
     for index, (scan_id, p) in enumerate(P_COVID.items()):
         image = synthetic_xray(rng, 128, covid=p > 0.5).image
-        data = make_dicom(image.astype(np.uint16) * 16, bits_stored=12) if index == 0 else cv2.imencode(".png", image)[1].tobytes()
+        data = (
+            make_dicom(image.astype(np.uint16) * 16, bits_stored=12)
+            if index == 0
+            else cv2.imencode(".png", image)[1].tobytes()
+        )
         store.put(scan_key(scan_id), data)
         scans.append({"scan_id": scan_id, "source_uri": scan_key(scan_id)})
         for (name, version), shift in ((DEMO, 0.0), (OTHER, 0.01)):
             key = overlay_key(name, version, scan_id)
             store.put(key, overlay_png(image, rng.random((8, 8)).astype(np.float32)), "image/png")
             prob = min(1.0, p + shift)
-            rows.append({"scan_id": scan_id, "model_name": name, "model_version": version,
-                         "label": "covid" if prob >= 0.5 else "normal", "p_covid": prob, "overlay_key": key,
-                         "inference_ms": 1.0})
+            rows.append(
+                {
+                    "scan_id": scan_id,
+                    "model_name": name,
+                    "model_version": version,
+                    "label": "covid" if prob >= 0.5 else "normal",
+                    "p_covid": prob,
+                    "overlay_key": key,
+                    "inference_ms": 1.0,
+                }
+            )
     scans.append({"scan_id": "s-bad", "source_uri": scan_key("s-bad")})
     store.put(scan_key("s-bad"), b"not an image")
     with sessions.begin() as session:
@@ -70,9 +82,17 @@ def batch(tmp_path: Path):
 def test_report_in_chromium_banner_summary_sorting_filter_and_links(batch, tmp_path: Path):
     progress, scans, store, fetcher = batch
     shipped = read_manifest(shipped_model_dir())
-    page = write_report(tmp_path / "report.html", progress, scans, store=store, fetcher=fetcher,
-                        demonstration_models=[DEMO], model_facts=[model_facts(shipped)], true_labels=TRUTH,
-                        agreements=agreement(scans, TRUTH, {DEMO}))
+    page = write_report(
+        tmp_path / "report.html",
+        progress,
+        scans,
+        store=store,
+        fetcher=fetcher,
+        demonstration_models=[DEMO],
+        model_facts=[model_facts(shipped)],
+        true_labels=TRUTH,
+        agreements=agreement(scans, TRUTH, {DEMO}),
+    )
     html = page.read_text()
     assert "<script src" not in html and "http://" not in html and "https://" not in html  # readable offline
     assert "the map shows the regions that raised the score of the predicted class" in html.lower()
@@ -93,7 +113,9 @@ def test_report_in_chromium_banner_summary_sorting_filter_and_links(batch, tmp_p
         verdict = (shipped.get("audit") or {}).get("verdict")
         assert facts["shortcut audit"].startswith(verdict or "never audited")
         assert f"{shipped['calibration']['threshold']:.3f}" in facts["operating point"]
-        warnings = driver.execute_script("return [...document.querySelectorAll('.audit-warning')].map(d => d.textContent);")
+        warnings = driver.execute_script(
+            "return [...document.querySelectorAll('.audit-warning')].map(d => d.textContent);"
+        )
         assert bool(warnings) == (verdict != AUDIT_PASSED)
         # True labels beside each scan, and the agreement: s-c (p 0.55) is a false positive.
         truth = driver.execute_script(
@@ -105,7 +127,11 @@ def test_report_in_chromium_banner_summary_sorting_filter_and_links(batch, tmp_p
             "const out = {}; document.querySelectorAll('#agreement tr[data-model=\"demo-densenet121 synthetic-1\"] td[data-figure]')"
             ".forEach(td => out[td.dataset.figure] = td.textContent); return out;"
         )
-        assert figures == {"accuracy": "0.75 (3/4)", "sensitivity": "1.00 (1/1 covid)", "specificity": "0.67 (2/3 normal)"}
+        assert figures == {
+            "accuracy": "0.75 (3/4)",
+            "sensitivity": "1.00 (1/1 covid)",
+            "specificity": "0.67 (2/3 normal)",
+        }
         counts = driver.execute_script(
             "const out = {};"
             "document.querySelectorAll('#summary td[data-status]').forEach(td => out[td.dataset.status] = +td.textContent);"
@@ -116,14 +142,24 @@ def test_report_in_chromium_banner_summary_sorting_filter_and_links(batch, tmp_p
         assert counts["done"] == 4 and counts["failed"] == 1 and counts["queued"] == 0
         assert counts["demo-densenet121 synthetic-1/covid"] == 2 and counts["demo-densenet121 synthetic-1/normal"] == 2
         # Sorting by probability, highest first, then lowest first.
-        order = "return [...document.querySelectorAll('#scans tbody tr')].filter(r => !r.hidden).map(r => r.dataset.scan);"
-        driver.execute_script("const s = document.getElementById('sort'); s.value = 'desc'; s.dispatchEvent(new Event('change'));")
+        order = (
+            "return [...document.querySelectorAll('#scans tbody tr')].filter(r => !r.hidden).map(r => r.dataset.scan);"
+        )
+        driver.execute_script(
+            "const s = document.getElementById('sort'); s.value = 'desc'; s.dispatchEvent(new Event('change'));"
+        )
         assert driver.execute_script(order) == ["s-a", "s-c", "s-b", "s-d", "s-bad"]
-        driver.execute_script("const s = document.getElementById('sort'); s.value = 'asc'; s.dispatchEvent(new Event('change'));")
+        driver.execute_script(
+            "const s = document.getElementById('sort'); s.value = 'asc'; s.dispatchEvent(new Event('change'));"
+        )
         assert driver.execute_script(order)[:4] == ["s-bad", "s-d", "s-b", "s-c"]
-        driver.execute_script("const f = document.getElementById('filter'); f.value = 'covid'; f.dispatchEvent(new Event('change'));")
+        driver.execute_script(
+            "const f = document.getElementById('filter'); f.value = 'covid'; f.dispatchEvent(new Event('change'));"
+        )
         assert sorted(driver.execute_script(order)) == ["s-a", "s-c"]
-        driver.execute_script("const f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('change'));")
+        driver.execute_script(
+            "const f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('change'));"
+        )
         # Every thumbnail is shown and links to a full-size image that loads too.
         result = driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
@@ -158,8 +194,11 @@ def test_true_labels_from_a_manifest_or_from_covid_and_normal_folders(tmp_path: 
     from worker.ops.ingest import survey
 
     items = survey(str(tmp_path), Settings(data_dir=tmp_path / "data"))
-    assert true_labels(tmp_path, items.items) == {"covid_a.png": "covid", "normal_a.jpg": "normal",
-                                                   "normal_deeper_b.dcm": "normal"}
+    assert true_labels(tmp_path, items.items) == {
+        "covid_a.png": "covid",
+        "normal_a.jpg": "normal",
+        "normal_deeper_b.dcm": "normal",
+    }
     (tmp_path / "manifest.csv").write_text("file,label\nd.png,COVID\nother/c.png,normal\ncovid/a.png,unknown\n")
     assert true_labels(tmp_path, items.items) == {"d.png": "covid", "other_c.png": "normal"}
     assert true_labels(tmp_path, [IngestItem("x.png", str(tmp_path / "x.png"))]) == {}
@@ -182,8 +221,14 @@ def test_model_facts_of_a_bare_manifest_say_what_is_missing():
     assert facts.leave_one_source_out == "not measured" and facts.audit == "never audited"
     assert "uncalibrated" in facts.operating_point
     assert len(facts.warnings) == 2 and "DEMONSTRATION MODEL" in facts.warnings[0] and "never" in facts.warnings[1]
-    passed = model_facts({"name": "m", "version": "1", "audit": {"verdict": AUDIT_PASSED},
-                          "dataset": {"n_by_label": {"covid": 2, "normal": 3}, "data_paths": ["/home/x/data/set-a"]}})
+    passed = model_facts(
+        {
+            "name": "m",
+            "version": "1",
+            "audit": {"verdict": AUDIT_PASSED},
+            "dataset": {"n_by_label": {"covid": 2, "normal": 3}, "data_paths": ["/home/x/data/set-a"]},
+        }
+    )
     assert passed.warnings == [] and passed.audit == AUDIT_PASSED
     assert passed.training_data == "5 images (2 covid, 3 normal) from set-a"
 

@@ -9,8 +9,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import redis
-
 from helpers import redis_url
+
 from shared import db
 from shared.broker_state import decode_message
 from shared.queueing import QUEUES, make_app, publish
@@ -44,8 +44,14 @@ def test_requeue_leaves_waiting_and_held_messages_alone_and_sends_the_lost_one(t
     try:
         long_ago = db.utcnow() - dt.timedelta(hours=2)
         with sessions.begin() as session:
-            db.add_scans(session, [{"scan_id": s, "source_uri": f"scans/{s}", "submitted_at": long_ago}
-                                   for s in ("waiting", "held", "lost")], None)
+            db.add_scans(
+                session,
+                [
+                    {"scan_id": s, "source_uri": f"scans/{s}", "submitted_at": long_ago}
+                    for s in ("waiting", "held", "lost")
+                ],
+                None,
+            )
         publish(app, "held", "routine")  # taken by a consumer below, not acknowledged: held, live
         # The consumer's connection stays open (kombu puts its unacknowledged messages back when it closes).
         consumer = app.connection_for_read()

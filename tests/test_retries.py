@@ -21,10 +21,10 @@ import pytest
 import redis
 import sqlalchemy as sa
 from celery_batches import SimpleRequest
+from helpers import empty_schema, mixed_scans, redis_url
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from helpers import empty_schema, mixed_scans, redis_url
 from shared import db
 from shared.queueing import CLASSIFY_TASK, make_app, submit_scans
 from shared.settings import Settings
@@ -100,7 +100,9 @@ class Rig:
     def request(self, scan_id: str, queue: str = "routine", **kwargs: Any) -> SimpleRequest:
         """A request as celery-batches hands it to the task."""
         kwargs = {"attempt": 0, "force": False, **kwargs}
-        return SimpleRequest("id-" + scan_id, CLASSIFY_TASK, (scan_id,), kwargs, {"routing_key": queue}, "t", True, None, None, None)
+        return SimpleRequest(
+            "id-" + scan_id, CLASSIFY_TASK, (scan_id,), kwargs, {"routing_key": queue}, "t", True, None, None, None
+        )
 
     def scan(self, scan_id: str) -> db.Scan:
         with self.sessions() as session:
@@ -113,11 +115,19 @@ def _with_lock_timeout(url: str, ms: int) -> str:
     """url with a PostgreSQL lock_timeout added to its connection options."""
     parsed = make_url(url)
     options = parsed.query.get("options", "")
-    return parsed.update_query_dict({"options": f"{options} -c lock_timeout={ms}".strip()}).render_as_string(hide_password=False)
+    return parsed.update_query_dict({"options": f"{options} -c lock_timeout={ms}".strip()}).render_as_string(
+        hide_password=False
+    )
 
 
-def make_rig(db_url: str, tmp_path: Path, store: Any = None, on_call: Callable[[], None] | None = None,
-             bundle: StubBundle | None = None, **overrides: Any) -> Rig:
+def make_rig(
+    db_url: str,
+    tmp_path: Path,
+    store: Any = None,
+    on_call: Callable[[], None] | None = None,
+    bundle: StubBundle | None = None,
+    **overrides: Any,
+) -> Rig:
     """Migrate db_url and build the task's runner around a stub model."""
     db.migrate(db_url)
     url = _with_lock_timeout(db_url, 300) if db_url.startswith("postgresql") else db_url
@@ -171,10 +181,12 @@ def refuse_negative_probabilities(rig: Rig) -> None:
     """A real constraint on predictions that a black image's row violates."""
     with rig.engine.begin() as connection:
         if connection.dialect.name == "sqlite":
-            connection.execute(sa.text(
-                "CREATE TRIGGER p_covid_positive BEFORE INSERT ON predictions WHEN NEW.p_covid < 0 "
-                "BEGIN SELECT RAISE(ABORT, 'p_covid must be >= 0'); END"
-            ))
+            connection.execute(
+                sa.text(
+                    "CREATE TRIGGER p_covid_positive BEFORE INSERT ON predictions WHEN NEW.p_covid < 0 "
+                    "BEGIN SELECT RAISE(ABORT, 'p_covid must be >= 0'); END"
+                )
+            )
         else:
             connection.execute(sa.text("ALTER TABLE predictions ADD CONSTRAINT p_covid_positive CHECK (p_covid >= 0)"))
 
@@ -266,8 +278,11 @@ class FlakyStore(LocalStore):
 
 @pytest.mark.parametrize(
     "error, transient",
-    [(TypeError("a bug"), False), (StoreError("S3 PutObject failed: AccessDenied", transient=False), False),
-     (StoreError("S3 PutObject failed: SlowDown"), True)],
+    [
+        (TypeError("a bug"), False),
+        (StoreError("S3 PutObject failed: AccessDenied", transient=False), False),
+        (StoreError("S3 PutObject failed: SlowDown"), True),
+    ],
     ids=["TypeError", "AccessDenied", "SlowDown"],
 )
 def test_overlay_upload_errors(tmp_path, broker, rigs, error, transient):
@@ -360,10 +375,13 @@ def test_stat_scan_survives_two_failed_database_writes(fresh_postgres, tmp_path,
     assert history[0] < history[1]
 
 
-def test_database_down_at_the_last_retry_leaves_an_expiring_lease_not_a_loop(fresh_postgres, tmp_path, broker, rigs, table_lock):
+def test_database_down_at_the_last_retry_leaves_an_expiring_lease_not_a_loop(
+    fresh_postgres, tmp_path, broker, rigs, table_lock
+):
     """The database goes away mid-batch at the last retry: nothing is re-published; the lease expires; the reconciler re-queues it at its priority."""
-    rig = make_rig(fresh_postgres, tmp_path, task_max_retries=2, lease_s=5,
-                   on_call=lambda: table_lock.lock("scans, predictions"))
+    rig = make_rig(
+        fresh_postgres, tmp_path, task_max_retries=2, lease_s=5, on_call=lambda: table_lock.lock("scans, predictions")
+    )
     rigs.append(rig)
     (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
     started = db.utcnow()
@@ -409,8 +427,11 @@ def dt_seconds(seconds: float):
 
 def test_the_last_retry_fails_the_scan_with_its_reason_and_never_undoes_a_result(tmp_path, broker, rigs):
     """Past task_max_retries a transient error fails the scan ("gave up after"); a scan already done stays done."""
-    rig = make_rig(f"sqlite:///{tmp_path / 'x.sqlite'}", tmp_path,
-                   store=FlakyStore(tmp_path / "store", StoreError("S3 PutObject failed: SlowDown")))
+    rig = make_rig(
+        f"sqlite:///{tmp_path / 'x.sqlite'}",
+        tmp_path,
+        store=FlakyStore(tmp_path / "store", StoreError("S3 PutObject failed: SlowDown")),
+    )
     rigs.append(rig)
     (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
     assert rig.runner.run([rig.request(scan_id, "stat", attempt=2)]) == {"done": 0, "failed": 1, "retry": 0}

@@ -32,7 +32,13 @@ def _last_json_line(stdout: str) -> dict:
 
 def test_recipe_defaults() -> None:
     paper = TrainConfig().resolved()
-    assert (paper.arch, paper.input_size, paper.epochs, paper.batch_size, paper.weights) == ("vgg16", 224, 15, 8, "imagenet")
+    assert (paper.arch, paper.input_size, paper.epochs, paper.batch_size, paper.weights) == (
+        "vgg16",
+        224,
+        15,
+        8,
+        "imagenet",
+    )
     assert paper.freeze_backbone is True and paper.intensity is None and paper.val_fraction == 0
     robust = TrainConfig(recipe="robust").resolved()
     assert robust.arch == "small" and robust.weights == "none" and robust.intensity == "clahe"
@@ -75,9 +81,28 @@ def test_augmentation_keeps_shape_range_and_varies() -> None:
 def test_cli_robust_train_then_evaluate_two_datasets(tmp_path: Path) -> None:
     data = write_synthetic_dataset(tmp_path / "data", n_per_class=60, size=96, seed=5)
     bundle = tmp_path / "bundle"
-    result = _run_cli("train", "--data", str(data), "--recipe", "robust", "--input-size", "64", "--working-size", "64",
-                      "--epochs", "8", "--batch-size", "16", "--indeterminate-band", "0.1", "--version", "r-1",
-                      "--no-progress", "--out", str(bundle))
+    result = _run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--recipe",
+        "robust",
+        "--input-size",
+        "64",
+        "--working-size",
+        "64",
+        "--epochs",
+        "8",
+        "--batch-size",
+        "16",
+        "--indeterminate-band",
+        "0.1",
+        "--version",
+        "r-1",
+        "--no-progress",
+        "--out",
+        str(bundle),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     # Early stopping watches a real validation split, and the per-epoch figures say so.
     assert "validation_loss" in result.stderr and "no validation split" not in result.stderr
@@ -101,12 +126,27 @@ def test_cli_robust_train_then_evaluate_two_datasets(tmp_path: Path) -> None:
     other_a = write_synthetic_dataset(tmp_path / "a", n_per_class=12, size=96, seed=6)
     other_b = write_synthetic_dataset(tmp_path / "b", n_per_class=8, size=96, seed=7)
     plots = tmp_path / "plots"
-    both = _run_cli("evaluate", "--bundle", str(bundle), "--data", str(other_a), "--data", str(other_b),
-                    "--split", "all", "--plots", str(plots), "--json", "--no-progress")
+    both = _run_cli(
+        "evaluate",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(other_a),
+        "--data",
+        str(other_b),
+        "--split",
+        "all",
+        "--plots",
+        str(plots),
+        "--json",
+        "--no-progress",
+    )
     assert both.returncode == 0, both.stderr[-4000:]
     pooled = _last_json_line(both.stdout)
     assert set(pooled["metrics_by_dataset"]) == {str(other_a), str(other_b)}
-    assert pooled["metrics_by_dataset"][str(other_a)]["n"] == 24 and pooled["metrics_by_dataset"][str(other_b)]["n"] == 16
+    assert (
+        pooled["metrics_by_dataset"][str(other_a)]["n"] == 24 and pooled["metrics_by_dataset"][str(other_b)]["n"] == 16
+    )
     assert pooled["metrics"]["n"] == 40
     metrics = pooled["metrics"]
     for name in ("ece", "brier"):

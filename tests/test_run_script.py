@@ -6,9 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
 import helpers
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 import redis
-
 from apiserver import AUTH, api_settings, serve
-from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, start_worker, wait_until, redis_url
+from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, redis_url, start_worker, wait_until
+
 from shared import db
 from shared.queueing import make_app, submit_scans
 from shared.settings import Settings
@@ -40,13 +40,20 @@ class Site:
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         """Run `lungcam ARGS` with this site's settings."""
-        return subprocess.run([LUNGCAM, *args], env={**os.environ, **self.env}, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [LUNGCAM, *args], env={**os.environ, **self.env}, capture_output=True, text=True, timeout=600
+        )
 
     def settings(self) -> Settings:
         """The same settings, for the API and direct database access."""
-        return api_settings(self.root / "api", broker_url=self.env["LUNGCAM_BROKER_URL"],
-                            database_url=self.env["LUNGCAM_DATABASE_URL"], store_url=self.env["LUNGCAM_STORE_URL"],
-                            api_max_image_bytes=50_000_000, api_max_body_bytes=100_000_000)
+        return api_settings(
+            self.root / "api",
+            broker_url=self.env["LUNGCAM_BROKER_URL"],
+            database_url=self.env["LUNGCAM_DATABASE_URL"],
+            store_url=self.env["LUNGCAM_STORE_URL"],
+            api_max_image_bytes=50_000_000,
+            api_max_body_bytes=100_000_000,
+        )
 
 
 def _start_site(root: Path, **extra: str) -> Site:
@@ -62,7 +69,9 @@ def _start_site(root: Path, **extra: str) -> Site:
         "LUNGCAM_BATCH_FLUSH_MS": "200",
         **extra,
     }
-    migrate = subprocess.run([LUNGCAM, "migrate"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    migrate = subprocess.run(
+        [LUNGCAM, "migrate"], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert migrate.returncode == 0, migrate.stderr
     worker = start_worker(env, root / "worker.log")
     worker.wait_ready()
@@ -88,10 +97,22 @@ def test_a_lateral_dx_and_a_ct_slice_are_skipped_and_a_frontal_cr_is_classified(
     """Via the CLI (ingest --wait, results) and the API (batch counts, scan view, a new upload)."""
     folder = tmp_path / "archive"
     folder.mkdir()
-    (folder / "lateral.dcm").write_bytes(make_dicom(_film(1), bits_stored=12, modality="DX", body_part="CHEST", view_position="LL"))
-    (folder / "ct.dcm").write_bytes(make_dicom(_film(2), bits_stored=12, modality="CT", body_part="CHEST",
-                                               view_position=None, sop_class_uid=CT_IMAGE_STORAGE))
-    (folder / "frontal.dcm").write_bytes(make_dicom(_film(3), bits_stored=12, modality="CR", body_part="CHEST", view_position="PA"))
+    (folder / "lateral.dcm").write_bytes(
+        make_dicom(_film(1), bits_stored=12, modality="DX", body_part="CHEST", view_position="LL")
+    )
+    (folder / "ct.dcm").write_bytes(
+        make_dicom(
+            _film(2),
+            bits_stored=12,
+            modality="CT",
+            body_part="CHEST",
+            view_position=None,
+            sop_class_uid=CT_IMAGE_STORAGE,
+        )
+    )
+    (folder / "frontal.dcm").write_bytes(
+        make_dicom(_film(3), bits_stored=12, modality="CR", body_part="CHEST", view_position="PA")
+    )
 
     ingest = site.run("ingest", str(folder), "--wait", "--timeout", "300")
     assert ingest.returncode == 0, ingest.stderr[-3000:]  # skipped is not a failure
@@ -143,7 +164,9 @@ def test_sixteen_images_of_10000_pixels_a_side_stay_under_two_gigabytes(tmp_path
         engine = db.make_engine(settings.resolved_database_url())
         sessions = db.make_session_factory(engine)
         baseline = _vm_hwm_bytes(site.worker.process.pid)
-        submit_scans(sessions, make_app(settings), [{"scan_id": s, "source_uri": scan_key(s)} for s in ids], batch_id="huge")
+        submit_scans(
+            sessions, make_app(settings), [{"scan_id": s, "source_uri": scan_key(s)} for s in ids], batch_id="huge"
+        )
 
         def finished() -> bool:
             with sessions() as session:
@@ -155,7 +178,9 @@ def test_sixteen_images_of_10000_pixels_a_side_stay_under_two_gigabytes(tmp_path
         with sessions() as session:
             assert db.batch_counts(session, "huge")["done"] == 16
         engine.dispose()
-        print(f"worker peak RSS {peak / GIB:.2f} GiB (after start-up {baseline / GIB:.2f} GiB) for 16 x 10000x10000 16-bit PNG")
+        print(
+            f"worker peak RSS {peak / GIB:.2f} GiB (after start-up {baseline / GIB:.2f} GiB) for 16 x 10000x10000 16-bit PNG"
+        )
         assert peak < 2 * GIB, f"worker peak RSS {peak / GIB:.2f} GiB"
     finally:
         site.worker.stop()

@@ -51,7 +51,9 @@ def test_allowed_sources_add_buckets_prefixes_and_folders(tmp_path: Path):
     assert not policy.allows("s3://archive/")
 
 
-def test_the_fetcher_refuses_what_the_policy_refuses_with_one_message(tmp_path: Path, s3_store: S3Store, moto_server: str):
+def test_the_fetcher_refuses_what_the_policy_refuses_with_one_message(
+    tmp_path: Path, s3_store: S3Store, moto_server: str
+):
     """A real object in a real (moto) bucket that is not allowed is not read; the message names nothing."""
     s3_store.put("secret.png", b"not for you")
     store = LocalStore(tmp_path / "store")
@@ -74,7 +76,9 @@ def test_the_worker_fails_a_refused_source_like_a_missing_one(tmp_path: Path, s3
     engine = db.make_engine(url)
     sessions = db.make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, store_url=str(tmp_path / "store"), s3_endpoint_url=moto_server)
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=url, store_url=str(tmp_path / "store"), s3_endpoint_url=moto_server
+    )
     scans = [
         {"scan_id": "refused", "source_uri": f"s3://{s3_store.bucket}/exists.png"},
         {"scan_id": "missing", "source_uri": scan_key("missing")},

@@ -14,12 +14,12 @@ import pytest
 
 from shared.settings import Settings
 from shared.store import (
-    cached_store,
     LocalStore,
     ObjectNotFound,
     ObjectStore,
     S3Store,
     StoreError,
+    cached_store,
     open_store,
     overlay_key,
     scan_key,
@@ -38,7 +38,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
 
 
 def _fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - file:// and the local moto server only
+    with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
 
 
@@ -193,7 +193,12 @@ def test_s3_unreachable_endpoint_is_a_store_error(moto_server: str) -> None:
         port = sock.getsockname()[1]
     store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, connect_timeout_s=2)
     key = "scans/DOE_JOHN_1950-01-01.png"  # archive names can identify patients
-    for call in (lambda: store.get(key), lambda: store.put(key, b"x"), lambda: store.exists(key), lambda: list(store.list(key))):
+    for call in (
+        lambda: store.get(key),
+        lambda: store.put(key, b"x"),
+        lambda: store.exists(key),
+        lambda: list(store.list(key)),
+    ):
         with pytest.raises(StoreError) as info:
             call()
         # Messages and tracebacks end up in logs: no keys there (botocore's own message has the URL).
@@ -212,7 +217,9 @@ def test_open_store(tmp_path: Path, moto_server: str) -> None:
     with pytest.raises(ValueError):
         open_store("ftp://host/x")
     # Referencing many images in one bucket must not build a client per image.
-    assert cached_store("s3://my-bucket", endpoint_url=moto_server) is cached_store("s3://my-bucket", endpoint_url=moto_server)
+    assert cached_store("s3://my-bucket", endpoint_url=moto_server) is cached_store(
+        "s3://my-bucket", endpoint_url=moto_server
+    )
 
 
 def test_store_from_settings(tmp_path: Path, s3_store: S3Store, moto_server: str) -> None:

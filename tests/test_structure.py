@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +59,12 @@ def import_edges(modules: dict[str, Path]) -> list[tuple[str, str, bool]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
@@ -116,7 +119,7 @@ def test_no_import_circles():
                 stack.pop()
                 path.pop()
             elif colour[child] == GREY:
-                circles.append(" -> ".join(path[path.index(child):] + [child]))
+                circles.append(" -> ".join(path[path.index(child) :] + [child]))
             elif colour[child] == WHITE:
                 colour[child] = GREY
                 stack.append((child, iter(sorted(graph.get(child, ())))))
@@ -175,11 +178,17 @@ _PROBE = textwrap.dedent(
 
 
 def _run_probe(script: str, modules: list[str], tmp_path: Path) -> dict:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")
-    } | {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")} | {
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": str(ROOT),
+    }
     result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(modules)], capture_output=True, text=True, env=env, cwd=tmp_path,
+        [sys.executable, "-c", script, json.dumps(modules)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,8 +204,9 @@ def test_importing_any_module_starts_no_process_and_opens_no_connection(tmp_path
     assert not (tmp_path / "data").exists(), "an import created the data folder (settings read at import?)"
 
 
-_WITHOUT_TENSORFLOW = textwrap.dedent(
-    """
+_WITHOUT_TENSORFLOW = (
+    textwrap.dedent(
+        """
     import importlib.abc, json, sys
 
     class NoModelStack(importlib.abc.MetaPathFinder):
@@ -207,13 +217,24 @@ _WITHOUT_TENSORFLOW = textwrap.dedent(
 
     sys.meta_path.insert(0, NoModelStack())
     """
-) + _PROBE
+    )
+    + _PROBE
+)
 
 
 # What the API image runs: the API itself and every operator command except the demo (which trains).
 API_IMAGE_MODULES = [
-    "worker.cli", "worker.api.main", "worker.ops.commands", "worker.ops.ingest", "worker.ops.report",
-    "worker.ops.tables", "shared.queueing", "shared.results", "shared.sources", "shared.db", "shared.store",
+    "worker.cli",
+    "worker.api.main",
+    "worker.ops.commands",
+    "worker.ops.ingest",
+    "worker.ops.report",
+    "worker.ops.tables",
+    "shared.queueing",
+    "shared.results",
+    "shared.sources",
+    "shared.db",
+    "shared.store",
 ]
 
 

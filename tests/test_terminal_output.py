@@ -9,7 +9,9 @@ from worker.ops.tables import TABLE_WIDTH, format_table
 
 
 @pytest.mark.parametrize("command", ["demo", "screen"])
-def test_demo_and_screen_help_say_what_they_do_defaults_and_exit_codes(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_and_screen_help_say_what_they_do_defaults_and_exit_codes(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args([command, "--help"])
     assert exited.value.code == 0
@@ -24,9 +26,15 @@ def test_demo_and_screen_help_say_what_they_do_defaults_and_exit_codes(command: 
 def test_result_tables_fit_the_terminal_and_keep_what_tells_rows_apart() -> None:
     error = "undecodable image: truncated PNG stream (the file ends 1234 bytes before its last chunk, at offset 99)"
     rows = [
-        {"scan_id": f"site-a-2024-03-17-ward-7-portable-chest-{index:03d}.png", "status": "failed" if index else "done",
-         "model_name": "densenet121-covid-robust-clahe-loso", "label": "" if index else "covid",
-         "p_covid": "" if index else "0.9312", "threshold": "0.4100", "error": error if index else ""}
+        {
+            "scan_id": f"site-a-2024-03-17-ward-7-portable-chest-{index:03d}.png",
+            "status": "failed" if index else "done",
+            "model_name": "densenet121-covid-robust-clahe-loso",
+            "label": "" if index else "covid",
+            "p_covid": "" if index else "0.9312",
+            "threshold": "0.4100",
+            "error": error if index else "",
+        }
         for index in range(3)
     ]
     lines = format_table(rows).splitlines()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,6 +265,7 @@ def test_peaks_in_masks_maps_cell_centres_onto_the_mask() -> None:
 
 def test_occlusion_maps_find_the_region_a_model_reads() -> None:
     import keras
+
     from trainer.localisation import occlusion_maps
 
     # A real Keras model whose covid score is the brightness of the top-left quadrant only.
@@ -303,8 +304,23 @@ N_PER_CLASS = 100
 DATA_SEED = 11
 HELD_OUT_POSITIVES = 60
 EPOCHS = 4
-TRAIN_ARGS = ("--arch", ARCH, "--weights", "none", "--input-size", str(INPUT_SIZE), "--epochs", str(EPOCHS),
-              "--batch-size", "8", "--fine-tune", "--gradcam-layer", GRADCAM_LAYER, "--seed", "42")
+TRAIN_ARGS = (
+    "--arch",
+    ARCH,
+    "--weights",
+    "none",
+    "--input-size",
+    str(INPUT_SIZE),
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "8",
+    "--fine-tune",
+    "--gradcam-layer",
+    GRADCAM_LAYER,
+    "--seed",
+    "42",
+)
 
 
 @dataclass
@@ -352,8 +368,14 @@ def test_cli_train_shows_progress_per_epoch_and_after_the_last(trained_run: Trai
 
 def test_cli_train_publishes_a_complete_bundle(trained_run: TrainedRun) -> None:
     manifest = json.loads((trained_run.bundle / "manifest.json").read_text())
-    for name in ("model.keras", "history.json", "plots/training_curves.png", "plots/roc.png",
-                 "plots/confusion_matrix.png", "plots/gradcam_grid.png"):
+    for name in (
+        "model.keras",
+        "history.json",
+        "plots/training_curves.png",
+        "plots/roc.png",
+        "plots/confusion_matrix.png",
+        "plots/gradcam_grid.png",
+    ):
         assert (trained_run.bundle / name).is_file(), name
     assert manifest["name"] == f"{ARCH}-covid" and manifest["version"] == "test-1"
     assert manifest["architecture"] == ARCH and manifest["input_size"] == INPUT_SIZE
@@ -389,16 +411,34 @@ def test_cli_evaluate_in_a_new_process_reproduces_the_manifest(trained_run: Trai
 
 
 def test_cli_evaluate_all_and_changed_data(trained_run: TrainedRun, tmp_path: Path) -> None:
-    result = _run_cli("evaluate", "--bundle", str(trained_run.bundle), "--data", str(trained_run.data),
-                      "--split", "all", "--json", "--no-progress")
+    result = _run_cli(
+        "evaluate",
+        "--bundle",
+        str(trained_run.bundle),
+        "--data",
+        str(trained_run.data),
+        "--split",
+        "all",
+        "--json",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     evaluated = _last_json_line(result.stdout)
     assert evaluated["n_images"] == 2 * N_PER_CLASS
     assert sum(map(sum, evaluated["metrics"]["confusion_matrix"]["matrix"])) == 2 * N_PER_CLASS
     # Other data: evaluation still runs, but says loudly that the hash differs.
     other = write_synthetic_dataset(tmp_path / "other", n_per_class=10, size=IMAGE_SIZE, seed=DATA_SEED + 1)
-    result = _run_cli("evaluate", "--bundle", str(trained_run.bundle), "--data", str(other), "--split", "all",
-                      "--json", "--no-progress")
+    result = _run_cli(
+        "evaluate",
+        "--bundle",
+        str(trained_run.bundle),
+        "--data",
+        str(other),
+        "--split",
+        "all",
+        "--json",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert _last_json_line(result.stdout)["dataset_hash_matches"] is False
     assert "DATASET HASH DIFFERS" in result.stderr

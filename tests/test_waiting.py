@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import redis
-
 from helpers import LUNGCAM, redis_url
+
 from shared.synthetic import synthetic_xray
 from worker.ops import exit_codes
 
@@ -27,8 +27,11 @@ def test_status_without_a_worker_says_it_is_waiting_for_one_and_times_out(tmp_pa
     folder.mkdir()
     for index in range(3):
         cv2.imwrite(str(folder / f"x{index}.png"), synthetic_xray(np.random.default_rng(index), 64).image)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
-           "LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_BROKER_URL": REDIS_URL}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        "LUNGCAM_BROKER_URL": REDIS_URL,
+    }
     run = lambda *args: subprocess.run([LUNGCAM, *args], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
     assert run("migrate").returncode == 0
     try:
@@ -45,8 +48,11 @@ def test_status_without_a_worker_says_it_is_waiting_for_one_and_times_out(tmp_pa
     [("LUNGCAM_DATABASE_URL", "not-a-url"), ("LUNGCAM_BATCH_SIZE", "many")],
 )
 def test_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path, variable: str, value: str):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
-           "LUNGCAM_DATA_DIR": str(tmp_path / "data"), variable: value}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "LUNGCAM_DATA_DIR": str(tmp_path / "data"),
+        variable: value,
+    }
     result = subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == exit_codes.ERROR
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]

@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 import redis
+from helpers import corrupt_scans, make_bundle, mixed_scans, redis_url, start_worker, wait_until
 from sqlalchemy import func, select
 
-from helpers import corrupt_scans, make_bundle, mixed_scans, start_worker, wait_until, redis_url
 from shared import db
+from shared.queueing import make_app, publish, submit_scans
 from shared.settings import Settings
 from shared.sources import NOT_READABLE
 from shared.store import LocalStore, overlay_key, scan_key
-from shared.queueing import make_app, publish, submit_scans
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
@@ -155,11 +155,17 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles
     scans = [{"scan_id": scan_id, "source_uri": scan_key(scan_id)} for scan_id in valid]
     scans.append({"scan_id": "unreachable", "source_uri": "s3://no-such-bucket-lungcam/scan.png"})
     env = _env(
-        broker, db_url, str(tmp_path / "store"), bundles,
-        LUNGCAM_VISIBILITY_TIMEOUT_S="8", LUNGCAM_TASK_MAX_RETRIES="2", LUNGCAM_S3_ENDPOINT_URL=moto_server,
+        broker,
+        db_url,
+        str(tmp_path / "store"),
+        bundles,
+        LUNGCAM_VISIBILITY_TIMEOUT_S="8",
+        LUNGCAM_TASK_MAX_RETRIES="2",
+        LUNGCAM_S3_ENDPOINT_URL=moto_server,
         # Short leases and reconciler passes: the killed worker's claims expire in seconds, not the
         # default 30 s (the recovery path is the same; test_recovery checks it with default settings).
-        LUNGCAM_LEASE_S="6", LUNGCAM_RECONCILE_INTERVAL_S="2",
+        LUNGCAM_LEASE_S="6",
+        LUNGCAM_RECONCILE_INTERVAL_S="2",
         # Allowed, so the worker really asks the store (which has no such bucket).
         LUNGCAM_ALLOWED_SOURCES="s3://no-such-bucket-lungcam",
     )
@@ -224,7 +230,11 @@ def test_worker_sets_cuda_visible_devices_before_tensorflow_is_imported(tmp_path
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "LUNGCAM_MODELS": "", "LUNGCAM_DATA_DIR": str(tmp_path / "data")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "worker", "--gpu", "3"], env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "worker.cli", "worker", "--gpu", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     # No models are configured, so the worker stops with a clear error after TensorFlow started.
     assert result.returncode == 2, result.stderr

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from helpers import make_tiny_bundle, mixed_scans
+
 from shared import db
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
@@ -25,8 +25,13 @@ def _classify(tmp_path: Path, calibration: dict | None) -> list[db.Prediction]:
     db.migrate(url)
     engine = db.make_engine(url)
     sessions = db.make_session_factory(engine)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, store_url=str(tmp_path / "store"),
-                        models=str(bundle), decode_processes=0)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=url,
+        store_url=str(tmp_path / "store"),
+        models=str(bundle),
+        decode_processes=0,
+    )
     store = LocalStore(tmp_path / "store")
     scans = mixed_scans(6, size=64)
     for scan_id, data in scans.items():

@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from shared.calibration import AUDIT_PASSED
 from shared.imaging import LUNG_BOX, lung_box_mask
+
 AUDIT_VERSION = 1
 # A model must be above this AUC on the images as they are for the audit to say anything.
 MIN_INFORMATIVE_AUC = 0.60
@@ -30,7 +31,9 @@ FAIL_RETAINED_SHARE = 0.5
 VARIANTS = ("full", "lungs_blanked", "lungs_only")
 
 
-def blanked(images: np.ndarray, variant: str, *, box: Sequence[float] = LUNG_BOX, fill: float | None = None) -> np.ndarray:
+def blanked(
+    images: np.ndarray, variant: str, *, box: Sequence[float] = LUNG_BOX, fill: float | None = None
+) -> np.ndarray:
     """Float [0,1] copies of uint8 or float images with the lung box ("lungs_blanked") or its outside ("lungs_only") set to `fill`."""
     floats = images.astype(np.float32) / np.float32(255.0) if images.dtype == np.uint8 else images.astype(np.float32)
     if variant == "full":
@@ -46,7 +49,9 @@ def blanked(images: np.ndarray, variant: str, *, box: Sequence[float] = LUNG_BOX
     return out
 
 
-def audit_aucs(predict, images: np.ndarray, y_covid: np.ndarray, *, box: Sequence[float] = LUNG_BOX) -> dict[str, float | None]:
+def audit_aucs(
+    predict, images: np.ndarray, y_covid: np.ndarray, *, box: Sequence[float] = LUNG_BOX
+) -> dict[str, float | None]:
     """AUC of p_covid for each variant; `predict` maps a float [0,1] batch to p_covid."""
     y = np.asarray(y_covid, dtype=int)
     fill = float(images.astype(np.float32).mean() / (255.0 if images.dtype == np.uint8 else 1.0))
@@ -65,15 +70,22 @@ def verdict(aucs: dict[str, float | None]) -> tuple[str, str]:
     if full < MIN_INFORMATIVE_AUC:
         return "inconclusive", f"AUC {full:.3f} on the full images is too low for the audit to say anything"
     retained = (blank - 0.5) / (full - 0.5)
-    described = f"AUC full {full:.3f}, lungs blanked {blank:.3f}, lungs only {only:.3f}" if only is not None else (
-        f"AUC full {full:.3f}, lungs blanked {blank:.3f}")
+    described = (
+        f"AUC full {full:.3f}, lungs blanked {blank:.3f}, lungs only {only:.3f}"
+        if only is not None
+        else (f"AUC full {full:.3f}, lungs blanked {blank:.3f}")
+    )
     if blank >= FAIL_BLANKED_AUC and retained >= FAIL_RETAINED_SHARE:
-        return "fail", (f"{described}: with the lungs blanked the model keeps {retained:.0%} of its above-chance "
-                        "AUC, so it reads cues outside the lungs (shortcuts)")
+        return "fail", (
+            f"{described}: with the lungs blanked the model keeps {retained:.0%} of its above-chance "
+            "AUC, so it reads cues outside the lungs (shortcuts)"
+        )
     return AUDIT_PASSED, f"{described}: the score depends on the lung region"
 
 
-def audit_record(aucs: dict[str, float | None], *, n: int, n_covid: int, data: Sequence[str], split: str) -> dict[str, Any]:
+def audit_record(
+    aucs: dict[str, float | None], *, n: int, n_covid: int, data: Sequence[str], split: str
+) -> dict[str, Any]:
     """The manifest's "audit" entry."""
     outcome, reason = verdict(aucs)
     return {
@@ -83,8 +95,10 @@ def audit_record(aucs: dict[str, float | None], *, n: int, n_covid: int, data: S
         "auc": aucs,
         "lung_box": list(LUNG_BOX),
         "fill": "mean pixel value of the evaluated set",
-        "rule": (f"fail when AUC with the lungs blanked >= {FAIL_BLANKED_AUC} and keeps >= {FAIL_RETAINED_SHARE:.0%} "
-                 f"of the full-image margin above 0.5; inconclusive below AUC {MIN_INFORMATIVE_AUC}"),
+        "rule": (
+            f"fail when AUC with the lungs blanked >= {FAIL_BLANKED_AUC} and keeps >= {FAIL_RETAINED_SHARE:.0%} "
+            f"of the full-image margin above 0.5; inconclusive below AUC {MIN_INFORMATIVE_AUC}"
+        ),
         "n": n,
         "n_covid": n_covid,
         "data": [str(path) for path in data],
@@ -116,17 +130,24 @@ def run_audit(
     samples = load_datasets(data_paths, finding=training.get("finding", "COVID-19"), view=training.get("view", "PA"))
     if split == "test":
         params = manifest.get("dataset", {}).get("split", {})
-        _, samples = split_samples(samples, test_fraction=float(params.get("test_fraction", 0.2)),
-                                   seed=int(params.get("seed", 42)), group_by_patient=bool(params.get("group_by_patient", True)))
-    loaded = load_images(samples, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress,
-                         desc="audit images")
+        _, samples = split_samples(
+            samples,
+            test_fraction=float(params.get("test_fraction", 0.2)),
+            seed=int(params.get("seed", 42)),
+            group_by_patient=bool(params.get("group_by_patient", True)),
+        )
+    loaded = load_images(
+        samples, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress, desc="audit images"
+    )
     y = covid_targets(loaded.samples)
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        return np.concatenate([
-            np.asarray(bundle.model.predict_on_batch(batch[i:i + PREDICT_BATCH_SIZE]))[:, COVID_INDEX]
-            for i in range(0, len(batch), PREDICT_BATCH_SIZE)
-        ])
+        return np.concatenate(
+            [
+                np.asarray(bundle.model.predict_on_batch(batch[i : i + PREDICT_BATCH_SIZE]))[:, COVID_INDEX]
+                for i in range(0, len(batch), PREDICT_BATCH_SIZE)
+            ]
+        )
 
     aucs = audit_aucs(predict, loaded.images, y)
     record = audit_record(aucs, n=len(y), n_covid=int(y.sum()), data=data_paths, split=split)
@@ -139,10 +160,12 @@ def format_audit(record: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     auc = record["auc"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    return "\n".join([
-        f"shortcut audit on {record['n']} images ({record['n_covid']} covid), lung box {record['lung_box']}:",
-        f"  AUC as they are        {fmt(auc['full'])}",
-        f"  AUC lungs blanked      {fmt(auc['lungs_blanked'])}",
-        f"  AUC only lungs shown   {fmt(auc['lungs_only'])}",
-        f"verdict: {record['verdict'].upper()} - {record['reason']}",
-    ])
+    return "\n".join(
+        [
+            f"shortcut audit on {record['n']} images ({record['n_covid']} covid), lung box {record['lung_box']}:",
+            f"  AUC as they are        {fmt(auc['full'])}",
+            f"  AUC lungs blanked      {fmt(auc['lungs_blanked'])}",
+            f"  AUC only lungs shown   {fmt(auc['lungs_only'])}",
+            f"verdict: {record['verdict'].upper()} - {record['reason']}",
+        ]
+    )

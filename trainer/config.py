@@ -201,11 +201,12 @@ class TrainConfig:
         config.version = self.version or utc_version()
         return config
 
-
     def _check_frozen(self) -> None:
         if self.weights not in PACKAGED_WEIGHTS or PACKAGED_WEIGHTS_ARCH[self.weights] != self.arch:
-            raise ConfigError(f"the frozen recipe needs a packaged backbone ({sorted(PACKAGED_WEIGHTS)} for "
-                              f"{sorted(set(PACKAGED_WEIGHTS_ARCH.values()))}), got {self.arch} with {self.weights}")
+            raise ConfigError(
+                f"the frozen recipe needs a packaged backbone ({sorted(PACKAGED_WEIGHTS)} for "
+                f"{sorted(set(PACKAGED_WEIGHTS_ARCH.values()))}), got {self.arch} with {self.weights}"
+            )
         if not self.freeze_backbone:
             raise ConfigError("the frozen recipe never trains the backbone: drop --fine-tune")
         if self.balance not in BALANCE_MODES:

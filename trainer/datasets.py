@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from shared.hashing import sha256_file
 from shared.errors import LungcamError
+from shared.hashing import sha256_file
 from shared.zoo import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,10 @@ def split_samples(
         except ValueError as exc:
             raise DatasetError(f"cannot split by patient: {exc}") from exc
         log.info(
-            "split by patient: %d groups, %d-fold (test fraction %.3f)", len(set(groups)), n_splits, len(test_index) / len(samples)
+            "split by patient: %d groups, %d-fold (test fraction %.3f)",
+            len(set(groups)),
+            n_splits,
+            len(test_index) / len(samples),
         )
     else:
         try:
@@ -286,11 +289,17 @@ def _load_ieee8023(root: Path, *, finding: str | None, view: str | None) -> list
     if missing_files:
         log.warning(
             "%s: %d metadata rows name missing image files, skipped (e.g. %s)",
-            root, len(missing_files), ", ".join(missing_files[:3]),
+            root,
+            len(missing_files),
+            ", ".join(missing_files[:3]),
         )
     log.info(
         "%s: COVID chest X-ray dataset, %d of %d rows kept (finding contains %r, view %r)",
-        root, len(samples), len(rows), finding or "any", view or "any",
+        root,
+        len(samples),
+        len(rows),
+        finding or "any",
+        view or "any",
     )
     if not samples:
         raise DatasetError(f"no images in {root} match finding {finding!r} and view {view!r}")
@@ -324,9 +333,11 @@ def _find_kermany_root(root: Path) -> Path | None:
 
 
 def _load_kermany(root: Path, kermany_root: Path) -> list[Sample]:
-    split_dirs = [kermany_root] if _is_kermany_split(kermany_root) else [
-        split for name in _KERMANY_SPLITS if (split := _child_dir(kermany_root, name)) is not None
-    ]
+    split_dirs = (
+        [kermany_root]
+        if _is_kermany_split(kermany_root)
+        else [split for name in _KERMANY_SPLITS if (split := _child_dir(kermany_root, name)) is not None]
+    )
     samples: list[Sample] = []
     excluded = 0
     for split in split_dirs:
@@ -343,7 +354,9 @@ def _load_kermany(root: Path, kermany_root: Path) -> list[Sample]:
     log.info(
         "%s: Kermany chest_xray layout, %d NORMAL images kept; %d PNEUMONIA images excluded "
         "(bacterial/viral pneumonia is neither covid nor normal)",
-        root, len(samples), excluded,
+        root,
+        len(samples),
+        excluded,
     )
     if not samples:
         raise DatasetError(f"no NORMAL images in the Kermany layout under {root}")

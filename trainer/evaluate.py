@@ -110,7 +110,7 @@ def compute_metrics(
     f1 = f1_score(y_true, y_pred, pos_label=1, zero_division=nan)
     one_class = positives == 0 or negatives == 0
     metrics: dict[str, Any] = {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "n_covid": int(positives),
         "n_normal": int(negatives),
         "threshold": float(threshold),
@@ -122,7 +122,9 @@ def compute_metrics(
         "auc": _defined(
             "auc",
             roc_auc_score(y_true, scores) if not one_class else nan,
-            f"only one class present ({'covid' if negatives == 0 else 'normal'}); ROC AUC is undefined" if one_class else None,
+            f"only one class present ({'covid' if negatives == 0 else 'normal'}); ROC AUC is undefined"
+            if one_class
+            else None,
         ),
         "auc_ci95": None if one_class else bootstrap_auc_ci(y_true, scores),
         "sensitivity_at_specificity": {
@@ -173,9 +175,7 @@ def format_by_source(metrics_by_source: dict[str, dict[str, Any]]) -> str:
     """One line per source: images per class and the metrics that are defined there."""
     lines = ["by source:"]
     for source, metrics in metrics_by_source.items():
-        defined = ", ".join(
-            f"{name} {metrics[name]:.4f}" for name in METRIC_NAMES if metrics.get(name) is not None
-        )
+        defined = ", ".join(f"{name} {metrics[name]:.4f}" for name in METRIC_NAMES if metrics.get(name) is not None)
         lines.append(f"  {source}: {metrics['n_covid']} covid, {metrics['n_normal']} normal; {defined}")
     return "\n".join(lines)
 
@@ -250,7 +250,10 @@ def evaluate_bundle(
         log.warning(
             "\n%s\nDATASET HASH DIFFERS from the one this model was trained on (%s… vs %s…): the split "
             "below is not the training run's test split and the metrics are not comparable.\n%s",
-            "!" * 78, current_hash[:12], expected_hash[:12], "!" * 78,
+            "!" * 78,
+            current_hash[:12],
+            expected_hash[:12],
+            "!" * 78,
         )
     if split == "test":
         _, chosen = split_samples(
@@ -262,7 +265,11 @@ def evaluate_bundle(
     else:
         chosen = list(samples)
     loaded = load_images(
-        chosen, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress, desc=f"{split} images"
+        chosen,
+        bundle.input_size,
+        preprocessing=manifest.get("preprocessing"),
+        progress=progress,
+        desc=f"{split} images",
     )
     probabilities = predict_probabilities(bundle.model, loaded.images)
     p_covid = operating_point.calibrate(probabilities[:, COVID_INDEX])
@@ -278,7 +285,9 @@ def evaluate_bundle(
         "operating_point": {
             "temperature": operating_point.temperature,
             "threshold": threshold,
-            "indeterminate_band": list(operating_point.indeterminate_band) if operating_point.indeterminate_band else None,
+            "indeterminate_band": list(operating_point.indeterminate_band)
+            if operating_point.indeterminate_band
+            else None,
             "calibrated": "calibration" in manifest,
         },
         "metrics": compute_metrics(targets, p_covid, threshold),

@@ -22,21 +22,23 @@ FEATURE_BATCH_SIZE = 16
 
 def pooled_feature_model(backbone: keras.Model, feature_layers: Sequence[str]) -> keras.Model:
     """The backbone's input to the concatenated global average pools of `feature_layers`."""
-    pooled = [layers.GlobalAveragePooling2D(name=f"pool_{name}")(backbone.get_layer(name).output)
-              for name in feature_layers]
+    pooled = [
+        layers.GlobalAveragePooling2D(name=f"pool_{name}")(backbone.get_layer(name).output) for name in feature_layers
+    ]
     output = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="pooled_features")(pooled)
     return keras.Model(backbone.inputs, output, name="pooled_features")
 
 
-def extract_features(model: keras.Model, images: np.ndarray, *, progress: bool = True, desc: str = "features"
-                     ) -> np.ndarray:
+def extract_features(
+    model: keras.Model, images: np.ndarray, *, progress: bool = True, desc: str = "features"
+) -> np.ndarray:
     """The model's outputs for uint8 (or [0,1] float) images, in batches, with a progress bar."""
     from tqdm import tqdm
 
     out = []
     with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False) as bar:
         for start in range(0, len(images), FEATURE_BATCH_SIZE):
-            batch = images[start:start + FEATURE_BATCH_SIZE]
+            batch = images[start : start + FEATURE_BATCH_SIZE]
             floats = batch.astype(np.float32) / np.float32(255.0) if batch.dtype == np.uint8 else batch
             out.append(np.asarray(model.predict_on_batch(floats), dtype=np.float32))
             bar.update(len(batch))

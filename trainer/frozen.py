@@ -93,12 +93,13 @@ def reference_map(backbone, images: np.ndarray) -> np.ndarray:
     """The mean backbone output map over uint8 images (at most REFERENCE_FILMS, evenly spaced)."""
     step = max(1, len(images) // REFERENCE_FILMS)
     chosen = images[::step][:REFERENCE_FILMS].astype(np.float32) / np.float32(255.0)
-    maps = [np.asarray(backbone.predict_on_batch(chosen[i:i + 16])) for i in range(0, len(chosen), 16)]
+    maps = [np.asarray(backbone.predict_on_batch(chosen[i : i + 16])) for i in range(0, len(chosen), 16)]
     return np.concatenate(maps).mean(axis=0)
 
 
-def fit_linear_head(features: np.ndarray, labels: Sequence[str], sources: Sequence[str | None], *,
-                    c: float, balance: str = "source") -> LinearHead:
+def fit_linear_head(
+    features: np.ndarray, labels: Sequence[str], sources: Sequence[str | None], *, c: float, balance: str = "source"
+) -> LinearHead:
     """An L2 logistic regression (inverse strength `c`) on standardised features, balanced by `balance`."""
     from sklearn.linear_model import LogisticRegression
 
@@ -110,8 +111,9 @@ def fit_linear_head(features: np.ndarray, labels: Sequence[str], sources: Sequen
     scale = np.where(scale > 1e-6, scale, 1.0)
     model = LogisticRegression(C=c, max_iter=5000)
     model.fit((features - mean) / scale, y, sample_weight=balanced_weights(labels, sources, balance))
-    return LinearHead(mean=mean, scale=scale, coef=model.coef_[0].astype(np.float64),
-                      intercept=float(model.intercept_[0]))
+    return LinearHead(
+        mean=mean, scale=scale, coef=model.coef_[0].astype(np.float64), intercept=float(model.intercept_[0])
+    )
 
 
 @dataclass
@@ -137,9 +139,15 @@ class OutOfSourceScores:
         return name, float(self.pairs[name]["auc"])
 
 
-def out_of_source_scores(samples: Sequence[Sample], features: np.ndarray, *, c: float, balance: str,
-                         min_per_class: int = 5, variants: Mapping[str, np.ndarray] | None = None
-                         ) -> OutOfSourceScores:
+def out_of_source_scores(
+    samples: Sequence[Sample],
+    features: np.ndarray,
+    *,
+    c: float,
+    balance: str,
+    min_per_class: int = 5,
+    variants: Mapping[str, np.ndarray] | None = None,
+) -> OutOfSourceScores:
     """Leave-one-source-out on both classes over `samples`; an image held out in several pairs gets its mean logit.
 
     With fewer than two sources per class (no pair leaves both classes in training), falls back to
@@ -161,15 +169,20 @@ def out_of_source_scores(samples: Sequence[Sample], features: np.ndarray, *, c: 
     labels = np.array([s.label for s in samples])
     sources = [s.source for s in samples]
     for train_rows, test_rows, name in fold_rows:
-        head = fit_linear_head(features[train_rows], labels[train_rows], [sources[i] for i in train_rows],
-                               c=c, balance=balance)
+        head = fit_linear_head(
+            features[train_rows], labels[train_rows], [sources[i] for i in train_rows], c=c, balance=balance
+        )
         z = head.logits(features[test_rows])
         sums[test_rows] += z
         counts[test_rows] += 1
         y = labels[test_rows] == "covid"
         if name is not None and 0 < y.sum() < len(y):
-            pairs[name] = {"auc": float(roc_auc_score(y, z)), "n_covid": int(y.sum()), "n_normal": int(len(y) - y.sum()),
-                           "n_train": len(train_rows)}
+            pairs[name] = {
+                "auc": float(roc_auc_score(y, z)),
+                "n_covid": int(y.sum()),
+                "n_normal": int(len(y) - y.sum()),
+                "n_train": len(train_rows),
+            }
             for variant, other in (variants or {}).items():
                 pairs[name][f"auc_{variant}"] = float(roc_auc_score(y, head.logits(other[test_rows])))
     with np.errstate(invalid="ignore"):

@@ -30,7 +30,7 @@ class SourcePairFold:
 
     @property
     def name(self) -> str:
-        """"covid-source-owner x normal-source-owner", short enough for a table."""
+        """ "covid-source-owner x normal-source-owner", short enough for a table."""
         return f"{self.covid_source.split('/')[0]} x {self.normal_source.split('/')[0]}"
 
 
@@ -49,8 +49,12 @@ def source_pair_folds(samples: Sequence[Sample], *, min_per_class: int = 1) -> l
     for covid_source in by_class.get("covid", []):
         for normal_source in by_class.get("normal", []):
             held_out = {covid_source, normal_source}
-            test = [s for s in samples if (s.label == "covid" and s.source == covid_source)
-                    or (s.label == "normal" and s.source == normal_source)]
+            test = [
+                s
+                for s in samples
+                if (s.label == "covid" and s.source == covid_source)
+                or (s.label == "normal" and s.source == normal_source)
+            ]
             train = [s for s in samples if s.source not in held_out]
             train_labels = {s.label for s in train}
             test_counts = [sum(s.label == label for s in test) for label in ("covid", "normal")]

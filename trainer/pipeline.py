@@ -67,7 +67,9 @@ def labelled_samples(config: TrainConfig, data_paths: Sequence[str | Path]) -> l
     counts = count_labels(samples)
     if min(counts.values()) == 0:
         missing = [label for label, count in counts.items() if count == 0]
-        raise DatasetError(f"training needs images of both classes; none of class {', '.join(missing)} in the data given")
+        raise DatasetError(
+            f"training needs images of both classes; none of class {', '.join(missing)} in the data given"
+        )
     return samples
 
 
@@ -81,11 +83,15 @@ def load_splits(config: TrainConfig, samples: list) -> Splits:
         # Early stopping and calibration get their own patient-grouped split, carved from the training
         # part: the test split stays untouched until the end.
         train_samples, val_samples = split_samples(
-            train_samples, test_fraction=config.val_fraction, seed=config.seed + 1, group_by_patient=config.group_by_patient
+            train_samples,
+            test_fraction=config.val_fraction,
+            seed=config.seed + 1,
+            group_by_patient=config.group_by_patient,
         )
     counts = count_labels(samples)
     split_text = (
-        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)}" if val_samples
+        f"train {len(train_samples)}, validation {len(val_samples)}, test {len(test_samples)}"
+        if val_samples
         # The paper's recipe has no validation split: what Keras calls val_* each epoch is the test split.
         else f"train {len(train_samples)}, test {len(test_samples)}, no validation split"
         + (" (each epoch is scored on the test split)" if config.recipe == "paper" else "")
@@ -100,11 +106,18 @@ def load_splits(config: TrainConfig, samples: list) -> Splits:
     def _load(part: list, desc: str) -> LoadedImages:
         return load_images(part, config.input_size, preprocessing=preprocessing, progress=config.progress, desc=desc)
 
-    splits = Splits(samples, preprocessing, _load(train_samples, "train images"),
-                    _load(val_samples, "validation images") if val_samples else None, _load(test_samples, "test images"))
+    splits = Splits(
+        samples,
+        preprocessing,
+        _load(train_samples, "train images"),
+        _load(val_samples, "validation images") if val_samples else None,
+        _load(test_samples, "test images"),
+    )
     for part, loaded in splits.parts:
         if len(loaded.samples) == 0 or min(count_labels(loaded.samples).values()) == 0:
-            raise DatasetError(f"the {part} split has no decodable images of some class: {count_labels(loaded.samples)}")
+            raise DatasetError(
+                f"the {part} split has no decodable images of some class: {count_labels(loaded.samples)}"
+            )
     return splits
 
 
@@ -134,14 +147,16 @@ def evaluation_plots(evaluation: TestEvaluation, grid_png: bytes) -> dict[str, b
     return {
         "plots/roc.png": plots.roc_png(evaluation.targets, evaluation.p_covid, evaluation.metrics["auc"]),
         "plots/confusion_matrix.png": plots.confusion_matrix_png(evaluation.metrics["confusion_matrix"]),
-        "plots/reliability.png": plots.reliability_png(evaluation.targets, evaluation.p_covid,
-                                                       title="test split, calibrated p_covid"),
+        "plots/reliability.png": plots.reliability_png(
+            evaluation.targets, evaluation.p_covid, title="test split, calibrated p_covid"
+        ),
         "plots/gradcam_grid.png": grid_png,
     }
 
 
-def base_manifest(config: TrainConfig, data: Splits, evaluation: TestEvaluation, *, weights: str,
-                  data_paths: Sequence[str | Path]) -> dict[str, Any]:
+def base_manifest(
+    config: TrainConfig, data: Splits, evaluation: TestEvaluation, *, weights: str, data_paths: Sequence[str | Path]
+) -> dict[str, Any]:
     """The manifest every recipe writes: identity, preprocessing, training config, data and test metrics."""
     samples = data.samples
     return {
@@ -179,8 +194,9 @@ def base_manifest(config: TrainConfig, data: Splits, evaluation: TestEvaluation,
     }
 
 
-def publish(model: keras.Model, manifest: dict[str, Any], out: str | Path, extra_files: dict[str, bytes]
-            ) -> dict[str, Any]:
+def publish(
+    model: keras.Model, manifest: dict[str, Any], out: str | Path, extra_files: dict[str, bytes]
+) -> dict[str, Any]:
     """Save the bundle to a folder or s3:// prefix (LUNGCAM_S3_ENDPOINT_URL applies) and say so."""
     from shared.settings import get_settings
 
@@ -202,6 +218,4 @@ def gradcam_grid(model: keras.Model, layer: str, test: LoadedImages, *, smoothin
     chosen = chosen or list(range(min(GRADCAM_GRID_SIZE, len(test.samples))))
     images = test.images[chosen]
     probabilities, cams = GradCam(model, layer, smoothing_cells=smoothing_cells)(images.astype(np.float32) / 255.0)
-    return plots.gradcam_grid_png(
-        images, cams, [test.samples[i].label for i in chosen], probabilities[:, COVID_INDEX]
-    )
+    return plots.gradcam_grid_png(images, cams, [test.samples[i].label for i in chosen], probabilities[:, COVID_INDEX])

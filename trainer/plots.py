@@ -11,11 +11,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot's import
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
-from shared.overlay import render_overlay  # noqa: E402
+from shared.overlay import render_overlay
 
 
 def _png(figure: Any) -> bytes:
@@ -94,7 +94,9 @@ def gradcam_grid_png(images: np.ndarray, cams: np.ndarray, true_labels: Sequence
     return _png(figure)
 
 
-def reliability_png(y_true_covid: np.ndarray, p_covid: np.ndarray, *, title: str = "reliability", n_bins: int = 10) -> bytes:
+def reliability_png(
+    y_true_covid: np.ndarray, p_covid: np.ndarray, *, title: str = "reliability", n_bins: int = 10
+) -> bytes:
     """Reliability diagram: observed covid fraction against mean p_covid per bin, with counts, ECE and Brier."""
     from shared.calibration import brier_score, expected_calibration_error, reliability_bins
 

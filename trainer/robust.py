@@ -21,8 +21,14 @@ SMALL_ARCH = "small"
 SMALL_GRADCAM_LAYER = "block4_conv2"
 
 
-def build_small_cnn(input_size: int, *, widths: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.3,
-                    weight_decay: float = 1e-4, seed: int = 0) -> keras.Model:
+def build_small_cnn(
+    input_size: int,
+    *,
+    widths: Sequence[int] = (16, 32, 64, 128),
+    dropout: float = 0.3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> keras.Model:
     """Four conv blocks (conv-BN-ReLU x2, max-pool), global average pooling, dropout, 2 logits, softmax.
 
     Standard Keras layers only, so any worker loads it; Grad-CAM reads `block4_conv2`, and the
@@ -33,9 +39,15 @@ def build_small_cnn(input_size: int, *, widths: Sequence[int] = (16, 32, 64, 128
     x = inputs
     for block, width in enumerate(widths, start=1):
         for conv in (1, 2):
-            x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_regularizer=regulariser,
-                              kernel_initializer=keras.initializers.HeNormal(seed=seed + 10 * block + conv),
-                              name=f"block{block}_conv{conv}")(x)
+            x = layers.Conv2D(
+                width,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_regularizer=regulariser,
+                kernel_initializer=keras.initializers.HeNormal(seed=seed + 10 * block + conv),
+                name=f"block{block}_conv{conv}",
+            )(x)
             # momentum 0.9: a few hundred steps must give usable moving statistics for validation.
             x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
@@ -48,7 +60,9 @@ def build_small_cnn(input_size: int, *, widths: Sequence[int] = (16, 32, 64, 128
     return keras.Model(inputs, probabilities, name="lungcam_small")
 
 
-def augment_batch(batch: tf.Tensor, seed: tf.Tensor, *, strength: float = 1.0, rotation_degrees: float = 10.0) -> tf.Tensor:
+def augment_batch(
+    batch: tf.Tensor, seed: tf.Tensor, *, strength: float = 1.0, rotation_degrees: float = 10.0
+) -> tf.Tensor:
     """Random resized crop, rotation, gamma, contrast, brightness, blur and noise on a [0,1] batch.
 
     Each image gets its own draw. Photometric changes mimic other scanners and pipelines; the crop
@@ -95,11 +109,26 @@ def _rotate(batch: tf.Tensor, angles: tf.Tensor) -> tf.Tensor:
     cx, cy = (width - 1) / 2, (height - 1) / 2
     # Projective transform mapping output to input coordinates.
     transforms = tf.stack(
-        [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
-         tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
+        [
+            cos,
+            -sin,
+            cx - cos * cx + sin * cy,
+            sin,
+            cos,
+            cy - sin * cx - cos * cy,
+            tf.zeros_like(cos),
+            tf.zeros_like(cos),
+        ],
+        axis=1,
+    )
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=batch, transforms=transforms, output_shape=tf.shape(batch)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+        images=batch,
+        transforms=transforms,
+        output_shape=tf.shape(batch)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    )
 
 
 def _gaussian_blur(batch: tf.Tensor, sigmas: tf.Tensor) -> tf.Tensor:
@@ -117,9 +146,16 @@ def _gaussian_blur(batch: tf.Tensor, sigmas: tf.Tensor) -> tf.Tensor:
     return tf.transpose(out, (3, 1, 2, 0))
 
 
-def augmented_dataset(images: np.ndarray, targets: np.ndarray, batch_size: int, *, seed: int,
-                      strength: float, rotation_degrees: float, sample_weights: np.ndarray | None = None
-                      ) -> tf.data.Dataset:
+def augmented_dataset(
+    images: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    strength: float,
+    rotation_degrees: float,
+    sample_weights: np.ndarray | None = None,
+) -> tf.data.Dataset:
     """Shuffled, augmented [0,1] batches (with per-sample weights when given) from uint8 images."""
     height, width, channels = images.shape[1:]
     weights = np.ones(len(images), np.float32) if sample_weights is None else sample_weights.astype(np.float32)
@@ -134,14 +170,20 @@ def augmented_dataset(images: np.ndarray, targets: np.ndarray, batch_size: int, 
         w.set_shape((None,))
         floats = tf.cast(batch, tf.float32) / 255.0
         if strength > 0 or rotation_degrees > 0:
-            floats = augment_batch(floats, tf.stack([tf.cast(seed, tf.int64), step]), strength=strength,
-                                   rotation_degrees=rotation_degrees)
+            floats = augment_batch(
+                floats, tf.stack([tf.cast(seed, tf.int64), step]), strength=strength, rotation_degrees=rotation_degrees
+            )
         return floats, labels, w
 
     dataset = tf.data.Dataset.range(len(images)).shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size).enumerate().map(
-        lambda step, idx: _fetch(step + tf.random.uniform((), 0, 2**31 - 1, dtype=tf.int64, seed=seed), idx),
-        num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = (
+        dataset.batch(batch_size)
+        .enumerate()
+        .map(
+            lambda step, idx: _fetch(step + tf.random.uniform((), 0, 2**31 - 1, dtype=tf.int64, seed=seed), idx),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    )
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -153,8 +195,9 @@ def balanced_sample_weights(labels01: np.ndarray) -> np.ndarray:
     return per_class[labels01].astype(np.float32)
 
 
-def compile_robust(model: keras.Model, *, learning_rate: float, weight_decay: float, label_smoothing: float,
-                   total_steps: int) -> None:
+def compile_robust(
+    model: keras.Model, *, learning_rate: float, weight_decay: float, label_smoothing: float, total_steps: int
+) -> None:
     """AdamW with cosine decay, categorical cross-entropy with label smoothing, accuracy and AUC."""
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps), alpha=0.05)
     model.compile(
@@ -184,14 +227,33 @@ def fit_robust(
 ) -> keras.callbacks.History:
     """Class-balanced, augmented training with early stopping on the validation loss (best weights kept)."""
     steps = math.ceil(len(train_images) / batch_size)
-    compile_robust(model, learning_rate=learning_rate, weight_decay=weight_decay,
-                   label_smoothing=label_smoothing, total_steps=steps * epochs)
+    compile_robust(
+        model,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        total_steps=steps * epochs,
+    )
     labels01 = (train_targets[:, 0] > 0.5).astype(int)  # column 0 is covid
-    train_data = augmented_dataset(train_images, train_targets, batch_size, seed=seed, strength=augment_strength,
-                                   rotation_degrees=rotation_degrees,
-                                   sample_weights=balanced_sample_weights(labels01))
+    train_data = augmented_dataset(
+        train_images,
+        train_targets,
+        batch_size,
+        seed=seed,
+        strength=augment_strength,
+        rotation_degrees=rotation_degrees,
+        sample_weights=balanced_sample_weights(labels01),
+    )
     val_floats = val_images.astype(np.float32) / np.float32(255.0)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
-                                         start_from_epoch=1)
-    return model.fit(train_data, validation_data=(val_floats, val_targets), batch_size=batch_size,
-                     epochs=epochs, shuffle=False, verbose=0, callbacks=[stop, *callbacks])
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True, start_from_epoch=1
+    )
+    return model.fit(
+        train_data,
+        validation_data=(val_floats, val_targets),
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[stop, *callbacks],
+    )

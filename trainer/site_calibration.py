@@ -40,7 +40,9 @@ class SiteSampleError(LungcamError, ValueError):
     """A site sample too small or one-sided to calibrate on."""
 
 
-def wilson_interval(successes: int, n: int, confidence: float = 0.95, *, one_sided: bool = False) -> tuple[float, float]:
+def wilson_interval(
+    successes: int, n: int, confidence: float = 0.95, *, one_sided: bool = False
+) -> tuple[float, float]:
     """Wilson score interval of a proportion (two-sided, or the one-sided bounds at `confidence`)."""
     if n == 0:
         return (0.0, 1.0)
@@ -87,8 +89,9 @@ def calibrate_for_site(
     bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     samples = load_datasets(data_paths, finding=None, view=None)
     _check_counts(count_labels(samples))
-    loaded = load_images(samples, bundle.input_size, preprocessing=bundle.preprocessing, progress=progress,
-                         desc="site sample")
+    loaded = load_images(
+        samples, bundle.input_size, preprocessing=bundle.preprocessing, progress=progress, desc="site sample"
+    )
     _check_counts(count_labels(loaded.samples), decoded=True)
     p_raw = predict_probabilities(bundle.model, loaded.images)[:, COVID_INDEX]
     y = covid_targets(loaded.samples)
@@ -97,27 +100,45 @@ def calibrate_for_site(
     temperature = fit_temperature(y, p_raw)
     p = apply_temperature(p_raw, temperature)
     threshold = conservative_threshold(y, p, target, confidence)
-    point = OperatingPoint(temperature, threshold, _moved_band(previous, threshold), target,
-                           {"split": "site sample", "n": int(len(y)), "n_covid": int(y.sum()),
-                            "n_normal": int(len(y) - y.sum())})
+    point = OperatingPoint(
+        temperature,
+        threshold,
+        _moved_band(previous, threshold),
+        target,
+        {"split": "site sample", "n": len(y), "n_covid": int(y.sum()), "n_normal": int(len(y) - y.sum())},
+    )
     record = site_record(y, p_raw, p, point, confidence, dataset_hash(loaded.samples), previous)
-    manifest = {**bundle.manifest, "calibration": point.to_manifest(), "site_calibration": record,
-                "version": version or f"{bundle.version}-site-{record['sample_sha256'][:8]}"}
+    manifest = {
+        **bundle.manifest,
+        "calibration": point.to_manifest(),
+        "site_calibration": record,
+        "version": version or f"{bundle.version}-site-{record['sample_sha256'][:8]}",
+    }
     manifest["calibration"]["fitted_on"].update(
-        sensitivity=record["sensitivity"], specificity=record["specificity"], ece_before=record["ece_before"],
-        ece_after=record["ece_after"])
+        sensitivity=record["sensitivity"],
+        specificity=record["specificity"],
+        ece_before=record["ece_before"],
+        ece_after=record["ece_after"],
+    )
     return copy_bundle(bundle_uri, out, manifest, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
 
 
-def site_record(y: np.ndarray, p_raw: np.ndarray, p: np.ndarray, point: OperatingPoint, confidence: float,
-                sample_hash: str, previous: OperatingPoint) -> dict[str, Any]:
+def site_record(
+    y: np.ndarray,
+    p_raw: np.ndarray,
+    p: np.ndarray,
+    point: OperatingPoint,
+    confidence: float,
+    sample_hash: str,
+    previous: OperatingPoint,
+) -> dict[str, Any]:
     """What the manifest says about the site calibration: sample, operating point, and its figures with 95% CIs."""
     predicted = p >= point.threshold
     n_covid, n_normal = int(y.sum()), int(len(y) - y.sum())
     true_positive, true_negative = int(predicted[y == 1].sum()), int((~predicted[y == 0]).sum())
     return {
         "sample_sha256": sample_hash,
-        "n": int(len(y)),
+        "n": len(y),
         "n_covid": n_covid,
         "n_normal": n_normal,
         "temperature": point.temperature,
@@ -141,15 +162,17 @@ def format_site_record(record: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     sens_low, sens_high = record["sensitivity_ci95"]
     spec_low, spec_high = record["specificity_ci95"]
-    return "\n".join([
-        f"site sample: {record['n']} films ({record['n_covid']} covid, {record['n_normal']} normal), "
-        f"sha256 {record['sample_sha256'][:12]}…",
-        f"temperature {record['temperature']:.3f}, threshold {record['threshold']:.4f} "
-        f"(target sensitivity {record['target_sensitivity']:.2f} at {record['confidence']:.0%} confidence)",
-        f"on the sample: sensitivity {record['sensitivity']:.3f} (95% CI {sens_low:.3f}-{sens_high:.3f}), "
-        f"specificity {record['specificity']:.3f} (95% CI {spec_low:.3f}-{spec_high:.3f})",
-        f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}",
-    ])
+    return "\n".join(
+        [
+            f"site sample: {record['n']} films ({record['n_covid']} covid, {record['n_normal']} normal), "
+            f"sha256 {record['sample_sha256'][:12]}…",
+            f"temperature {record['temperature']:.3f}, threshold {record['threshold']:.4f} "
+            f"(target sensitivity {record['target_sensitivity']:.2f} at {record['confidence']:.0%} confidence)",
+            f"on the sample: sensitivity {record['sensitivity']:.3f} (95% CI {sens_low:.3f}-{sens_high:.3f}), "
+            f"specificity {record['specificity']:.3f} (95% CI {spec_low:.3f}-{spec_high:.3f})",
+            f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}",
+        ]
+    )
 
 
 def _check_counts(counts: dict[str, int], *, decoded: bool = False) -> None:

@@ -18,6 +18,7 @@ from shared.calibration import OperatingPoint, fit_operating_point
 from shared.pretrained import PACKAGED_WEIGHTS
 from shared.zoo import CLASS_NAMES, build_model, resolve_weights
 from trainer import plots
+
 # TrainConfig and the recipes' defaults live in trainer.config; importable from here as before.
 from trainer.config import (  # noqa: F401
     FROZEN_DEFAULTS,
@@ -68,8 +69,14 @@ class EpochLog(keras.callbacks.Callback):
             from tqdm import tqdm
 
             steps = (self.params or {}).get("steps")
-            self._bar = tqdm(total=steps, desc=f"training epoch {epoch + 1}/{self.epochs}", unit="batch", file=sys.stderr,
-                             dynamic_ncols=True, leave=False)
+            self._bar = tqdm(
+                total=steps,
+                desc=f"training epoch {epoch + 1}/{self.epochs}",
+                unit="batch",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._bar is not None:
@@ -84,8 +91,12 @@ class EpochLog(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self._start
         self.seconds.append(elapsed)
         logs = logs or {}
-        names = {"loss": "loss", "accuracy": "accuracy", "val_loss": f"{self.monitored}_loss",
-                 "val_accuracy": f"{self.monitored}_accuracy"}
+        names = {
+            "loss": "loss",
+            "accuracy": "accuracy",
+            "val_loss": f"{self.monitored}_loss",
+            "val_accuracy": f"{self.monitored}_accuracy",
+        }
         values = "  ".join(f"{name} {logs[key]:.4f}" for key, name in names.items() if key in logs)
         print(f"epoch {epoch + 1}/{self.epochs}  {values}  {elapsed:.1f}s", file=sys.stderr, flush=True)
 
@@ -146,7 +157,9 @@ def build_for(config: TrainConfig, weights: str | None) -> keras.Model:
         if weights is not None:
             raise ConfigError("the small CNN has no pretrained weights; use --weights none with --arch small")
         return build_small_cnn(config.input_size, seed=config.seed, weight_decay=0.0)
-    return build_model(config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone)
+    return build_model(
+        config.arch, input_size=config.input_size, weights=weights, freeze_backbone=config.freeze_backbone
+    )
 
 
 def fit_on_arrays(
@@ -166,18 +179,41 @@ def fit_on_arrays(
     """
     if config.recipe == "paper":
         compile_model(model, config)
-        train_data = make_dataset(train_images, one_hot(train_labels), config.batch_size, shuffle=True,
-                                  rotation_degrees=config.rotation_degrees, seed=config.seed)
-        val_data = make_dataset(val_images, one_hot(val_labels), config.batch_size, shuffle=False,
-                                rotation_degrees=0, seed=config.seed)
+        train_data = make_dataset(
+            train_images,
+            one_hot(train_labels),
+            config.batch_size,
+            shuffle=True,
+            rotation_degrees=config.rotation_degrees,
+            seed=config.seed,
+        )
+        val_data = make_dataset(
+            val_images, one_hot(val_labels), config.batch_size, shuffle=False, rotation_degrees=0, seed=config.seed
+        )
         # shuffle=False: the tf.data pipeline already shuffles (with the run's seed).
-        return model.fit(train_data, validation_data=val_data, epochs=config.epochs, shuffle=False, verbose=0,
-                         callbacks=list(callbacks))
+        return model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=config.epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=list(callbacks),
+        )
     return fit_robust(
-        model, train_images, one_hot(train_labels), val_images, one_hot(val_labels),
-        epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, label_smoothing=config.label_smoothing, patience=config.patience,
-        seed=config.seed, augment_strength=config.augment_strength, rotation_degrees=config.rotation_degrees,
+        model,
+        train_images,
+        one_hot(train_labels),
+        val_images,
+        one_hot(val_labels),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        label_smoothing=config.label_smoothing,
+        patience=config.patience,
+        seed=config.seed,
+        augment_strength=config.augment_strength,
+        rotation_degrees=config.rotation_degrees,
         callbacks=callbacks,
     )
 
@@ -209,8 +245,13 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     epoch_log = EpochLog(config.epochs, progress=config.progress, monitored=monitored)
     started = time.perf_counter()
     history = fit_on_arrays(
-        config, model, train_images.images, [s.label for s in train_images.samples],
-        monitor.images, [s.label for s in monitor.samples], callbacks=[epoch_log],
+        config,
+        model,
+        train_images.images,
+        [s.label for s in train_images.samples],
+        monitor.images,
+        [s.label for s in monitor.samples],
+        callbacks=[epoch_log],
     )
     training_seconds = time.perf_counter() - started
 
@@ -219,8 +260,11 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
         step(f"calibrating on the validation split ({len(val_images.samples)} images)")
         p_val = predict_probabilities(model, val_images.images)[:, COVID_INDEX]
         operating_point = fit_operating_point(
-            covid_targets(val_images.samples), p_val, target_sensitivity=config.target_sensitivity,
-            indeterminate_width=config.indeterminate_width, split="validation (patient-grouped, from the training part)",
+            covid_targets(val_images.samples),
+            p_val,
+            target_sensitivity=config.target_sensitivity,
+            indeterminate_width=config.indeterminate_width,
+            split="validation (patient-grouped, from the training part)",
         )
         print(
             f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
@@ -247,8 +291,11 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     if weights in PACKAGED_WEIGHTS:
         # Training may have changed the backbone (--fine-tune), so the bundle embeds it; the
         # manifest still says where it started.
-        manifest["backbone"] = {**PACKAGED_WEIGHTS[weights].provenance(), "embedded": True,
-                                "frozen": bool(config.freeze_backbone)}
+        manifest["backbone"] = {
+            **PACKAGED_WEIGHTS[weights].provenance(),
+            "embedded": True,
+            "frozen": bool(config.freeze_backbone),
+        }
     if val_images is not None:
         manifest["calibration"] = operating_point.to_manifest()
     return publish(model, manifest, out, extra_files)

@@ -16,7 +16,6 @@ from collections.abc import Callable
 log = logging.getLogger("lungcam")
 
 
-
 def _run_worker(args: argparse.Namespace) -> int:
     from worker.consumer.main import run_worker
 
@@ -84,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done; 1 no such batch or nothing to do; 2 error (one line on stderr); "
         "3 --timeout passed; 4 finished, but some scans failed (see `lungcam results`)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show everything, including TensorFlow's CUDA start-up messages on machines without a GPU")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show everything, including TensorFlow's CUDA start-up messages on machines without a GPU",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="run a Celery worker that owns one GPU (or the CPU)")
@@ -95,20 +98,41 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--hostname", default=None, help="Celery node name (default lungcam-gpuN@host)")
     worker.set_defaults(handler=_run_worker)
 
-    ingest = commands.add_parser("ingest", help="queue every image of a folder, s3://bucket/prefix, .csv list or DICOMweb archive as one batch")
-    ingest.add_argument("source", help="folder, s3://bucket/prefix, a .csv with a path (or uri) column, or dicomweb+http(s)://host/path")
+    ingest = commands.add_parser(
+        "ingest", help="queue every image of a folder, s3://bucket/prefix, .csv list or DICOMweb archive as one batch"
+    )
+    ingest.add_argument(
+        "source", help="folder, s3://bucket/prefix, a .csv with a path (or uri) column, or dicomweb+http(s)://host/path"
+    )
     ingest.add_argument("--name", help="batch name (default: the folder or prefix name)")
-    ingest.add_argument("--reference", action="store_true", help="reference local files in place instead of uploading (workers must see the same paths)")
+    ingest.add_argument(
+        "--reference",
+        action="store_true",
+        help="reference local files in place instead of uploading (workers must see the same paths)",
+    )
     ingest.add_argument("--force", action="store_true", help="re-queue scans that already exist")
     ingest.add_argument("--wait", action="store_true", help="then follow the batch until it ends")
     ingest.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
-    ingest.add_argument("--filter", action="append", metavar="KEYWORD=VALUE",
-                        help="dicomweb+ sources: a QIDO-RS filter, e.g. Modality=DX or StudyDate=20200101-20201231 (repeatable)")
-    ingest.add_argument("--deadline", type=float, default=24 * 3600.0, metavar="SECONDS",
-                        help="dicomweb+ sources: stop the whole pull after this many seconds (default 86400); "
-                             "running it again continues")
-    ingest.add_argument("--max-pages", type=int, default=200,
-                        help="dicomweb+ sources: refuse a search that needs more pages of 500 instances (default 200)")
+    ingest.add_argument(
+        "--filter",
+        action="append",
+        metavar="KEYWORD=VALUE",
+        help="dicomweb+ sources: a QIDO-RS filter, e.g. Modality=DX or StudyDate=20200101-20201231 (repeatable)",
+    )
+    ingest.add_argument(
+        "--deadline",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="dicomweb+ sources: stop the whole pull after this many seconds (default 86400); "
+        "running it again continues",
+    )
+    ingest.add_argument(
+        "--max-pages",
+        type=int,
+        default=200,
+        help="dicomweb+ sources: refuse a search that needs more pages of 500 instances (default 200)",
+    )
     ingest.set_defaults(handler=_run_ingest)
 
     status = commands.add_parser("status", help="follow a batch with a progress bar until it ends")
@@ -119,75 +143,110 @@ def build_parser() -> argparse.ArgumentParser:
     results = commands.add_parser("results", help="print a batch's results, or write them as CSV")
     results.add_argument("batch", help="batch id (printed by ingest)")
     results.add_argument("--csv", help="write to this CSV file")
-    results.add_argument("--all-models", action="store_true",
-                         help="also predictions of models the batch was not screened with (marked older_model)")
+    results.add_argument(
+        "--all-models",
+        action="store_true",
+        help="also predictions of models the batch was not screened with (marked older_model)",
+    )
     results.set_defaults(handler=_ops("run_results"))
 
     report = commands.add_parser("report", help="write an HTML page with each scan's results and overlays")
     report.add_argument("batch", help="batch id (printed by ingest)")
     report.add_argument("--html", required=True, help="output file; thumbnails go into a sibling _files folder")
-    report.add_argument("--all-models", action="store_true",
-                        help="also predictions of models the batch was not screened with (marked as older)")
+    report.add_argument(
+        "--all-models",
+        action="store_true",
+        help="also predictions of models the batch was not screened with (marked as older)",
+    )
     report.set_defaults(handler=_ops("run_report"))
 
     api = commands.add_parser("api", help="run the HTTP ingestion API")
-    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    api.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)"
+    )
     api.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     api.add_argument("--loglevel", default="INFO", help="DEBUG, INFO (default), WARNING or ERROR")
     api.set_defaults(handler=_run_api)
 
-    migrate = commands.add_parser("migrate", help="create or upgrade the database schema (workers and the API only check it, and exit if it is behind)")
+    migrate = commands.add_parser(
+        "migrate",
+        help="create or upgrade the database schema (workers and the API only check it, and exit if it is behind)",
+    )
     migrate.set_defaults(handler=_ops("run_migrate"))
 
     requeue = commands.add_parser("requeue", help="re-publish scans stuck in 'queued' (e.g. after a broker was wiped)")
     requeue.add_argument("--older-than", type=float, default=3600.0, help="seconds since submission (default 3600)")
     requeue.set_defaults(handler=_ops("run_requeue"))
 
-    listen = commands.add_parser("dicom-listen", help="receive images by DICOM C-STORE (and answer C-ECHO), store, record and queue them")
+    listen = commands.add_parser(
+        "dicom-listen", help="receive images by DICOM C-STORE (and answer C-ECHO), store, record and queue them"
+    )
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     listen.add_argument("--port", type=int, default=None, help="TCP port (default LUNGCAM_DICOM_PORT)")
     listen.add_argument("--loglevel", default="INFO")
     listen.set_defaults(handler=_pacs("run_listen"))
 
-    send = commands.add_parser("dicom-send", help="send done DICOM scans' results to LUNGCAM_DICOM_DESTINATION as SR + Secondary Capture")
+    send = commands.add_parser(
+        "dicom-send", help="send done DICOM scans' results to LUNGCAM_DICOM_DESTINATION as SR + Secondary Capture"
+    )
     send.add_argument("--once", action="store_true", help="send what is due now, then exit (exit 1 if anything failed)")
     send.add_argument("--loglevel", default="INFO")
     send.set_defaults(handler=_pacs("run_send"))
 
     descriptions = {
         "demo": "Run the whole system on this machine and screen one folder: embedded Redis (unless "
-                "LUNGCAM_BROKER_URL is set), SQLite and a local store under LUNGCAM_DATA_DIR (unless configured), "
-                "a worker and the API as child processes. Prints a results table (with true labels and the "
-                "agreement when the folder says them), writes an HTML report, then stops everything. Without "
-                "--images it screens the 30 real sample films shipped with lungcam; with LUNGCAM_MODELS unset it "
-                "uses the shipped model (vgg16-hed-lungs, docs/model-card.md). --synthetic uses a demonstration "
-                "model trained on synthetic images instead (trained on first use), whose outputs mean nothing "
-                "clinically.",
+        "LUNGCAM_BROKER_URL is set), SQLite and a local store under LUNGCAM_DATA_DIR (unless configured), "
+        "a worker and the API as child processes. Prints a results table (with true labels and the "
+        "agreement when the folder says them), writes an HTML report, then stops everything. Without "
+        "--images it screens the 30 real sample films shipped with lungcam; with LUNGCAM_MODELS unset it "
+        "uses the shipped model (vgg16-hed-lungs, docs/model-card.md). --synthetic uses a demonstration "
+        "model trained on synthetic images instead (trained on first use), whose outputs mean nothing "
+        "clinically.",
         "screen": "Like `lungcam demo`, for a folder of your own films and the models in LUNGCAM_MODELS (the "
-                  "shipped model when unset): starts what is not configured on this machine, screens the folder, "
-                  "prints a results table, writes an HTML report, then stops everything.",
+        "shipped model when unset): starts what is not configured on this machine, screens the folder, "
+        "prints a results table, writes an HTML report, then stops everything.",
     }
-    for name, text in (("demo", "run everything on this machine and screen the shipped sample films (or --images DIR) "
-                                "with the shipped model (or LUNGCAM_MODELS)"),
-                       ("screen", "run everything on this machine and screen a folder with LUNGCAM_MODELS, "
-                                  "else the shipped model")):
-        command = commands.add_parser(name, help=text, description=descriptions[name],
-                                      formatter_class=_DefaultsHelp,
-                                      epilog="exit codes: 0 every scan done or skipped; 2 error (one line on stderr); "
-                                             "4 finished, but some scans failed (reasons in the table); 130 interrupted")
+    for name, text in (
+        (
+            "demo",
+            "run everything on this machine and screen the shipped sample films (or --images DIR) "
+            "with the shipped model (or LUNGCAM_MODELS)",
+        ),
+        ("screen", "run everything on this machine and screen a folder with LUNGCAM_MODELS, else the shipped model"),
+    ):
+        command = commands.add_parser(
+            name,
+            help=text,
+            description=descriptions[name],
+            formatter_class=_DefaultsHelp,
+            epilog="exit codes: 0 every scan done or skipped; 2 error (one line on stderr); "
+            "4 finished, but some scans failed (reasons in the table); 130 interrupted",
+        )
         if name == "screen":
             command.add_argument("images", help="folder of PNG, JPEG or DICOM files")
         else:
             command.add_argument("--images", help="folder to screen instead of synthetic images")
-        command.add_argument("--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (GPU 0 if nvidia-smi lists one)")
+        command.add_argument(
+            "--gpu", default="auto", help="GPU index for the worker, 'none', or 'auto' (GPU 0 if nvidia-smi lists one)"
+        )
         if name == "demo":
-            command.add_argument("--synthetic", action="store_true",
-                                 help="train (first time only) and use a demonstration model on synthetic images, "
-                                      "and screen synthetic images unless --images is given")
-            command.add_argument("--count", type=int, default=24, help="synthetic images to screen (--synthetic without --images)")
-        command.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds of screening (exit 2)")
-        command.add_argument("--all-models", action="store_true",
-                             help="show earlier models' predictions for the same scans too (marked as older)")
+            command.add_argument(
+                "--synthetic",
+                action="store_true",
+                help="train (first time only) and use a demonstration model on synthetic images, "
+                "and screen synthetic images unless --images is given",
+            )
+            command.add_argument(
+                "--count", type=int, default=24, help="synthetic images to screen (--synthetic without --images)"
+            )
+        command.add_argument(
+            "--timeout", type=float, default=1800.0, help="give up after this many seconds of screening (exit 2)"
+        )
+        command.add_argument(
+            "--all-models",
+            action="store_true",
+            help="show earlier models' predictions for the same scans too (marked as older)",
+        )
         command.set_defaults(handler=_ops("run_demo"))
     return parser
 
@@ -208,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["LUNGCAM_VERBOSE"] = "1"  # inherited by the worker and API that demo/screen start
-    logging.basicConfig(level=getattr(args, "loglevel", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "loglevel", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from worker.ops import exit_codes
 
     expected = _expected_errors()

@@ -66,12 +66,19 @@ class AuthenticateFirstMiddleware:
         # A chunked body has no declared length: it counts as too large to read.
         too_large = (_declared_length(headers) or 0) > self.limit or b"transfer-encoding" in headers
         if is_protected(scope.get("path", "")):
-            await _answer(send, None if too_large else receive, HTTPStatus.UNAUTHORIZED, problem,
-                          [(b"www-authenticate", b"Bearer")])
+            await _answer(
+                send,
+                None if too_large else receive,
+                HTTPStatus.UNAUTHORIZED,
+                problem,
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         if too_large:
-            detail = (f"an unauthenticated request body may be at most {self.limit} bytes "
-                      "(LUNGCAM_API_UNAUTHENTICATED_MAX_BODY_BYTES)")
+            detail = (
+                f"an unauthenticated request body may be at most {self.limit} bytes "
+                "(LUNGCAM_API_UNAUTHENTICATED_MAX_BODY_BYTES)"
+            )
             await _answer(send, None, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, detail, [])
             return
         await self.app(scope, receive, send)
@@ -96,8 +103,9 @@ async def _drain(receive: Receive) -> None:
             return
 
 
-async def _answer(send: Send, receive: Receive | None, status: HTTPStatus, detail: str,
-                  extra: list[tuple[bytes, bytes]]) -> None:
+async def _answer(
+    send: Send, receive: Receive | None, status: HTTPStatus, detail: str, extra: list[tuple[bytes, bytes]]
+) -> None:
     """Send a JSON error; with receive, drain the (small) body first, else close without reading it."""
     if receive is not None:
         try:

@@ -9,7 +9,6 @@ from http import HTTPStatus
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
 # Before answering 413, read and discard what the client is still sending, within these bounds: closing a
 # socket with unread data makes the kernel send a reset, which can destroy the 413 before the client reads it.
 DRAIN_MAX_BYTES = 64 * 1024 * 1024

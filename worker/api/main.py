@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
 from shared import db
+from shared.queueing import make_app
 from shared.settings import Settings, get_settings
 from shared.sources import SourceNotAllowed, SourcePolicy
 from shared.store import StoreError, store_from_settings
@@ -25,7 +26,6 @@ from worker.api.logs import install_access_log_redaction
 from worker.api.metrics import make_registry
 from worker.api.routes import batches, files, health, scans
 from worker.api.submission import ImageTooLarge, ReceivedOverDicom
-from shared.queueing import make_app
 
 log = logging.getLogger(__name__)
 

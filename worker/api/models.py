@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 
 from shared.scan_ids import SCAN_ID_PATTERN
 
-
 # s3://bucket/key, bucket per S3 naming rules (lower case, digits, '.', '-'; 3 to 63 characters).
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
 MAX_BATCH_SCANS = 10_000
@@ -143,7 +142,9 @@ class PredictionOut(BaseModel):
     model_version: str
     label: str = Field(description="covid, normal, or indeterminate (inside the bundle's band).")
     p_covid: float = Field(description="Calibrated by the bundle's temperature; label compares it with threshold.")
-    threshold: float | None = Field(default=None, description="The bundle's operating point (None: before calibration was recorded).")
+    threshold: float | None = Field(
+        default=None, description="The bundle's operating point (None: before calibration was recorded)."
+    )
     inference_ms: float | None
     cam_note: str | None = Field(
         default=None,
@@ -235,4 +236,3 @@ class ErrorOut(BaseModel):
     """An error answer; detail says what is wrong."""
 
     detail: str
-

@@ -25,7 +25,7 @@ def _file_url_key(api_token: str) -> bytes:
 
 def file_signature(api_token: str, key: str, expires: int) -> str:
     """HMAC-SHA256 (hex) over the store key and the expiry time."""
-    message = f"{key}\n{expires}".encode("utf-8")
+    message = f"{key}\n{expires}".encode()
     return hmac.new(_file_url_key(api_token), message, hashlib.sha256).hexdigest()
 
 

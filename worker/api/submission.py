@@ -9,12 +9,12 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import SubmissionError
 from shared import db
+from shared.errors import SubmissionError
+from shared.queueing import SubmitResult, submit_scans
 from shared.sources import SourcePolicy
 from shared.store import ObjectStore, scan_key
 from worker.api.models import ScanIn
-from shared.queueing import SubmitResult, submit_scans
 
 _ID_CHUNK = 500  # keeps IN (...) lists under every driver's bound-parameter limit
 

@@ -14,16 +14,16 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import LungcamError
 from shared import db
 from shared.bundle import Bundle, load_bundle
-from shared.gradcam import GradCam
 from shared.dicom import dicom_header, selection_reason
+from shared.errors import LungcamError
+from shared.gradcam import GradCam
 from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
 from shared.settings import Settings
-from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
+from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from worker.consumer.budget import PixelBudget
 from worker.consumer.decoding import DecodePool, available_cores
 from worker.consumer.leases import LeaseKeeper
@@ -92,7 +92,9 @@ def require_models_configured(settings: Settings) -> list[str]:
     """The bundle URIs of LUNGCAM_MODELS; raises NoModelsConfigured when there are none."""
     uris = settings.model_uris()
     if not uris:
-        raise NoModelsConfigured("no model bundles configured: set LUNGCAM_MODELS to one or more bundle folders or s3:// prefixes")
+        raise NoModelsConfigured(
+            "no model bundles configured: set LUNGCAM_MODELS to one or more bundle folders or s3:// prefixes"
+        )
     return uris
 
 
@@ -197,15 +199,17 @@ class ScanClassifier:
                 else:
                     # Denied, or no such bucket: worded like a missing key, so errors reveal nothing of the store.
                     failed[scan_id] = NOT_READABLE
-            except Exception as exc:  # noqa: BLE001 - one bad scan must not sink its batch
+            except Exception as exc:
                 if is_transient(exc):
                     outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
                 else:
-                    log.warning("could not prepare a scan: %s", type(exc).__name__, exc_info=not isinstance(exc, LungcamError))
+                    log.warning(
+                        "could not prepare a scan: %s", type(exc).__name__, exc_info=not isinstance(exc, LungcamError)
+                    )
                     failed[scan_id] = f"could not prepare image: {describe(exc)}"
         try:
             rows, uploads = self._infer_and_render(decoded)
-        except Exception as exc:  # noqa: BLE001 - the whole model pass failed: every decoded scan shares its fate
+        except Exception as exc:
             log.exception("model pass failed for %d scans", len(decoded))
             target = outcome.retry if is_transient(exc) else failed
             target.update({scan_id: f"model pass failed: {describe(exc)}" for scan_id in decoded})
@@ -232,7 +236,7 @@ class ScanClassifier:
             self._record(rows, done, failed, not_selected)
             outcome.done, outcome.failed = done, failed
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - sorted below: transient errors retry, others fail the scans
             if is_transient(exc):
                 unrecorded = [*done, *failed, *not_selected]
                 outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in unrecorded})
@@ -351,8 +355,11 @@ class ScanClassifier:
             for model in self.models:
                 bundle = model.bundle
                 with self._needed_lock:
-                    chunk = [scan_id for scan_id in ids[start : start + self.settings.batch_size]
-                             if model.key in self._needed.get(scan_id, {model.key})]
+                    chunk = [
+                        scan_id
+                        for scan_id in ids[start : start + self.settings.batch_size]
+                        if model.key in self._needed.get(scan_id, {model.key})
+                    ]
                 if not chunk:
                     continue
                 batch = np.stack([decoded[scan_id].inputs[model.input_key] for scan_id in chunk])
@@ -386,7 +393,9 @@ class ScanClassifier:
         return rows, uploads
 
     def _render_and_upload(self, display: np.ndarray, cam: np.ndarray, key: str) -> None:
-        body, content_type, _extension = encode_overlay(display, cam, self.settings.overlay_format, max_side=DISPLAY_MAX_SIDE)
+        body, content_type, _extension = encode_overlay(
+            display, cam, self.settings.overlay_format, max_side=DISPLAY_MAX_SIDE
+        )
         self.store.put(key, body, content_type)
 
     def _record(
@@ -422,6 +431,8 @@ def classifier_from_settings(settings: Settings) -> ScanClassifier:
     require_models_configured(settings)
     engine = db.make_engine(settings.resolved_database_url())
     db.require_current_schema(engine)
-    classifier = ScanClassifier(load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings)
+    classifier = ScanClassifier(
+        load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings
+    )
     classifier.decoder.warm_up()
     return classifier

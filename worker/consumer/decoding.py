@@ -19,7 +19,6 @@ import numpy as np
 
 from shared.imaging import ImageDecodeError, decode_reduced, preprocess_for_manifest, to_uint8
 
-
 # (key, the bundle's manifest["preprocessing"], input size): bundles with equal keys share one input.
 InputSpec = tuple[str, dict[str, Any] | None, int]
 
@@ -54,7 +53,7 @@ class DecodePool:
         """The model inputs and display image of one scan's bytes."""
         if self._pool is None:
             return decode_for_models(data, side, specs)
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             pool = self._pool
             try:
                 return pool.submit(decode_for_models, data, side, specs).result()

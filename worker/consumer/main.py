@@ -42,7 +42,9 @@ def run_worker(gpu: str, queues: list[str], loglevel: str, hostname: str | None 
     reconciler.start()
     log.info(
         "leases of %d s; reconciler every %.0f s (re-sends queued scans after %d s without a live message)",
-        settings.lease_s, settings.reconcile_interval_s, settings.requeue_after_s,
+        settings.lease_s,
+        settings.reconcile_interval_s,
+        settings.requeue_after_s,
     )
     try:
         worker.start()

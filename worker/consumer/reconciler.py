@@ -74,7 +74,10 @@ class Reconciler:
                     if report:
                         log.info(
                             "reconciler: %d expired leases re-queued, %d given up, %d lost messages re-sent (%d restored)",
-                            len(report.expired), len(report.gave_up), len(report.lost), report.restored,
+                            len(report.expired),
+                            len(report.gave_up),
+                            len(report.lost),
+                            report.restored,
                         )
             except Exception as exc:  # noqa: BLE001 - broker or database down: try again next interval
                 log.warning("reconciler pass skipped: %s", type(exc).__name__)
@@ -123,8 +126,12 @@ class Reconciler:
                     update(db.Scan)
                     .where(db.Scan.scan_id.in_(ids), expired, db.Scan.attempts >= limit)
                     .values(
-                        status=db.FAILED, error=f"gave up after {limit} attempts: its worker stopped each time",
-                        finished_at=now, worker_id=None, claimed_at=None, lease_expires_at=None,
+                        status=db.FAILED,
+                        error=f"gave up after {limit} attempts: its worker stopped each time",
+                        finished_at=now,
+                        worker_id=None,
+                        claimed_at=None,
+                        lease_expires_at=None,
                     )
                     .returning(db.Scan.scan_id)
                     .execution_options(synchronize_session=False)
@@ -181,7 +188,9 @@ class Reconciler:
             if snapshot is not None and scan_id not in snapshot.waiting:
                 # hold_limit 0: the holder's lease expired, so it is gone; otherwise only messages held too long.
                 stale[scan_id] = [
-                    m.tag for m in snapshot.held.get(scan_id, ()) if epoch - max(m.delivered_at, m.eta or 0.0) >= hold_limit_s
+                    m.tag
+                    for m in snapshot.held.get(scan_id, ())
+                    if epoch - max(m.delivered_at, m.eta or 0.0) >= hold_limit_s
                 ]
         restored = self.broker.restore(tag for tags in stale.values() for tag in tags) if stale else set()
         for scan_id, priority in scans:

@@ -51,10 +51,12 @@ class BatchRunner:
         force = {scan_id for scan_id, request in by_id.items() if request.kwargs.get("force")}
         try:
             outcome = self.classifier.process(list(by_id), force=force)
-        except Exception as exc:  # noqa: BLE001 - celery-batches acks a batch that raised: settle it here
+        except Exception as exc:
             # No traceback for database errors: their text carries the statement's parameters (scan ids).
             log.error(
-                "batch of %d scans failed before any was claimed: %s", len(by_id), type(exc).__name__,
+                "batch of %d scans failed before any was claimed: %s",
+                len(by_id),
+                type(exc).__name__,
                 exc_info=not isinstance(exc, SQLAlchemyError),
             )
             outcome = BatchOutcome(retry={scan_id: describe(exc) for scan_id in by_id})
@@ -63,7 +65,10 @@ class BatchRunner:
         self._retry_or_fail(outcome, by_id)
         log.info(
             "batch: %d done, %d failed, %d to retry, %d skipped",
-            len(outcome.done), len(outcome.failed), len(outcome.retry), len(outcome.skipped),
+            len(outcome.done),
+            len(outcome.failed),
+            len(outcome.retry),
+            len(outcome.skipped),
         )
         return {"done": len(outcome.done), "failed": len(outcome.failed), "retry": len(outcome.retry)}
 
@@ -75,7 +80,11 @@ class BatchRunner:
         except Exception as exc:  # noqa: BLE001 - see below
             # Not re-published: a database that cannot take the failure would make that a loop. Claimed
             # scans keep their (no longer renewed) lease, which expires; the reconciler takes it from there.
-            log.error("could not record %d failed scans (%s); leaving them to the reconciler", len(reasons), type(exc).__name__)
+            log.error(
+                "could not record %d failed scans (%s); leaving them to the reconciler",
+                len(reasons),
+                type(exc).__name__,
+            )
             return BatchOutcome()
         return BatchOutcome(failed={scan_id: reason for scan_id, reason in reasons.items() if scan_id in failed})
 

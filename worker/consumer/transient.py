@@ -15,7 +15,9 @@ def is_transient(exc: BaseException) -> bool:
     # so a constraint violation is never mistaken for "database unavailable".
     if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ProgrammingError, sa_exc.NotSupportedError)):
         return False
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+    if isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
+    ):
         return True
     if isinstance(exc, sa_exc.DBAPIError):
         return bool(exc.connection_invalidated)

@@ -63,9 +63,15 @@ def run_ingest(args: argparse.Namespace) -> int:
     name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
     with _progress_bar(len(items), "queueing") as bar:
         batch_id, result = ingest(
-            items, store=services.store, sessions=services.sessions, app=services.app, batch_name=name,
+            items,
+            store=services.store,
+            sessions=services.sessions,
+            app=services.app,
+            batch_name=name,
             batch_id=batch_id_for(args.source, name),
-            reference_local=args.reference, force=args.force, on_progress=bar.update,
+            reference_local=args.reference,
+            force=args.force,
+            on_progress=bar.update,
         )
     print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
     print(f"ingest: {found.summary(queued=len(result.queued))}")
@@ -112,13 +118,19 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
                 idle_since = now
             elif now - idle_since >= IDLE_NOTICE_S and now - said_at >= IDLE_NOTICE_S:
                 # Nothing running and nothing finishing: say what the wait is for instead of a frozen bar.
-                bar.write(f"lungcam: waiting for a worker: {progress.counts['queued']} queued, none running for "
-                          f"{now - idle_since:.0f} s (is a `lungcam worker` consuming this broker? still loading models?)",
-                          file=sys.stderr)
+                bar.write(
+                    f"lungcam: waiting for a worker: {progress.counts['queued']} queued, none running for "
+                    f"{now - idle_since:.0f} s (is a `lungcam worker` consuming this broker? still loading models?)",
+                    file=sys.stderr,
+                )
                 said_at = now
             bar.n = progress.finished
-            bar.set_postfix(done=progress.counts["done"], failed=progress.counts["failed"],
-                            skipped=progress.counts["skipped"], refresh=False)
+            bar.set_postfix(
+                done=progress.counts["done"],
+                failed=progress.counts["failed"],
+                skipped=progress.counts["skipped"],
+                refresh=False,
+            )
             bar.refresh()
             if progress.complete:
                 break
@@ -127,10 +139,14 @@ def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None
                 return exit_codes.TIMEOUT
             time.sleep(1.0)
     counts = progress.counts
-    print(f"batch {batch_id}: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped of {progress.total}")
+    print(
+        f"batch {batch_id}: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped of {progress.total}"
+    )
     if progress.counts["failed"]:
-        print(f"lungcam: {progress.counts['failed']} scan(s) failed; `lungcam results {batch_id}` gives each reason",
-              file=sys.stderr)
+        print(
+            f"lungcam: {progress.counts['failed']} scan(s) failed; `lungcam results {batch_id}` gives each reason",
+            file=sys.stderr,
+        )
         return exit_codes.SOME_FAILED
     return exit_codes.OK
 
@@ -200,8 +216,14 @@ def run_report(args: argparse.Namespace) -> int:
     fetcher = SourceFetcher(services.store, services.settings)
     with _progress_bar(len(scans), "report") as bar:
         path = write_report(
-            Path(args.html), progress, scans, store=services.store, fetcher=fetcher,
-            current_models=current or None, demonstration_models=demonstration, on_progress=bar.update,
+            Path(args.html),
+            progress,
+            scans,
+            store=services.store,
+            fetcher=fetcher,
+            current_models=current or None,
+            demonstration_models=demonstration,
+            on_progress=bar.update,
             model_facts=_batch_model_facts(services.settings, set(current)),
         )
     print(f"report: {path.resolve()}")
@@ -224,9 +246,11 @@ def run_requeue(args: argparse.Namespace) -> int:
 
     services = open_services()
     result = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
-    print(f"re-published {len(result.published)} scan(s) still queued after {args.older_than:.0f} s without a "
-          f"live message; moved {len(result.restored)} held too long back to their queue; left "
-          f"{len(result.live)} with a live message alone")
+    print(
+        f"re-published {len(result.published)} scan(s) still queued after {args.older_than:.0f} s without a "
+        f"live message; moved {len(result.restored)} held too long back to their queue; left "
+        f"{len(result.live)} with a live message alone"
+    )
     return 0
 
 
@@ -237,6 +261,10 @@ def run_demo(args: argparse.Namespace) -> int:
     gpu = detect_gpu() if args.gpu == "auto" else args.gpu
     images = Path(args.images) if getattr(args, "images", None) else None
     return screen(
-        images, gpu=gpu, count=getattr(args, "count", 24), timeout=args.timeout, all_models=args.all_models,
+        images,
+        gpu=gpu,
+        count=getattr(args, "count", 24),
+        timeout=args.timeout,
+        all_models=args.all_models,
         synthetic=getattr(args, "synthetic", False),
     )

@@ -90,8 +90,15 @@ def ensure_demo_model(settings: Settings) -> str:
     # The configuration the trainer's tests use: fine-tuned from random weights (no ImageNet download
     # here), small input, Grad-CAM on an 8x8 map; a few minutes on two CPU cores.
     config = TrainConfig(
-        arch="densenet121", weights="none", input_size=64, epochs=4, batch_size=8,
-        freeze_backbone=False, gradcam_layer="pool3_relu", name="demo-densenet121", version="synthetic-1",
+        arch="densenet121",
+        weights="none",
+        input_size=64,
+        epochs=4,
+        batch_size=8,
+        freeze_backbone=False,
+        gradcam_layer="pool3_relu",
+        name="demo-densenet121",
+        version="synthetic-1",
     )
     train(config, [str(data)], bundle)
     _mark_demonstration(bundle)
@@ -124,7 +131,9 @@ def demo_images(settings: Settings, count: int) -> Path:
     for index in range(count):
         xray = synthetic_xray(rng, 256, covid=bool(index % 2))
         if index % 4 == 3:
-            (folder / f"demo-{index:03d}.dcm").write_bytes(make_dicom(xray.image.astype(np.uint16) * 16, bits_stored=12))
+            (folder / f"demo-{index:03d}.dcm").write_bytes(
+                make_dicom(xray.image.astype(np.uint16) * 16, bits_stored=12)
+            )
         else:
             cv2.imwrite(str(folder / f"demo-{index:03d}.png"), xray.image)
     return folder
@@ -153,7 +162,7 @@ def last_error_line(log_path: Path) -> str:
     except OSError:
         return "(no log)"
     for line in reversed(lines):
-        if line.startswith("lungcam: error:") or line.startswith(("lungcam.", "ERROR")) and "rror" in line:
+        if line.startswith("lungcam: error:") or (line.startswith(("lungcam.", "ERROR")) and "rror" in line):
             return line
     # A traceback ends with the exception line.
     return lines[-1] if lines else "(empty log)"
@@ -230,8 +239,10 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
     if not items:
         raise DemoError(f"no images (PNG, JPEG, TIFF, DICOM) in {folder} ({found.summary()})")
     _say(f"{folder}: {found.summary()}")
-    manifests = [read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
-                 for uri in Settings.csv_list(models)]
+    manifests = [
+        read_manifest(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)  # BundleError: one line
+        for uri in Settings.csv_list(models)
+    ]
     for manifest in manifests:
         _check_named_backbone(manifest)
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
@@ -255,7 +266,9 @@ def _check_named_backbone(manifest: dict) -> None:
             raise DemoError(f"model {manifest.get('name', '?')}: {exc}") from exc
 
 
-def choose_models_and_folder(settings: Settings, images: Path | None, *, synthetic: bool, count: int) -> tuple[str, Path]:
+def choose_models_and_folder(
+    settings: Settings, images: Path | None, *, synthetic: bool, count: int
+) -> tuple[str, Path]:
     """The models (comma-separated URIs) and the folder a run screens.
 
     --synthetic: the demonstration model (trained the first time) on synthetic images, or on --images.
@@ -283,8 +296,9 @@ def describe_models(manifests: list[dict]) -> list[ModelFacts]:
     return facts
 
 
-def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_models: bool = False,
-           synthetic: bool = False) -> int:
+def screen(
+    images: Path | None, *, gpu: str, count: int, timeout: float, all_models: bool = False, synthetic: bool = False
+) -> int:
     """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
     import httpx
     from tqdm import tqdm
@@ -310,8 +324,10 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
     facts = describe_models(manifests)
     truth = true_labels(folder, items)
     if truth:
-        _say(f"true labels for {len(truth)} of {len(items)} image(s) (from {folder.name}'s manifest.csv or "
-             "covid/ normal/ folders): the table shows them and the agreement")
+        _say(
+            f"true labels for {len(truth)} of {len(items)} image(s) (from {folder.name}'s manifest.csv or "
+            "covid/ normal/ folders): the table shows them and the agreement"
+        )
 
     with ExitStack() as cleanup:
         broker = broker_url_for(settings)
@@ -319,8 +335,13 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
             cleanup.callback(stop_embedded_redis)
             _say(f"embedded Redis running ({broker})")
         token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
-        env = {**os.environ, "LUNGCAM_BROKER_URL": broker, "LUNGCAM_MODELS": models, "LUNGCAM_API_TOKEN": token,
-               "LUNGCAM_DATA_DIR": str(data_dir)}
+        env = {
+            **os.environ,
+            "LUNGCAM_BROKER_URL": broker,
+            "LUNGCAM_MODELS": models,
+            "LUNGCAM_API_TOKEN": token,
+            "LUNGCAM_DATA_DIR": str(data_dir),
+        }
         logs = data_dir / "logs"
         logs.mkdir(exist_ok=True)
         worker = _Child("worker", _start(["worker", "--gpu", gpu], env, logs / "worker.log"), logs / "worker.log")
@@ -340,8 +361,15 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
         sessions = db.make_session_factory(engine)
         store = store_from_settings(runtime)
         with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
-            batch_id, _ = ingest(items, store=store, sessions=sessions, app=make_app(runtime, broker_url=broker),
-                                 batch_name=folder.name, rescreen=True, on_progress=bar.update)
+            batch_id, _ = ingest(
+                items,
+                store=store,
+                sessions=sessions,
+                app=make_app(runtime, broker_url=broker),
+                batch_name=folder.name,
+                rescreen=True,
+                on_progress=bar.update,
+            )
         headers = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + timeout
         with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
@@ -369,13 +397,24 @@ def screen(images: Path | None, *, gpu: str, count: int, timeout: float, all_mod
                 row["true_label"] = truth.get(row["scan_id"], "")
             columns.insert(columns.index("label") + 1 if "label" in columns else len(columns), "true_label")
         print(format_table(rows, columns))
-        report = write_report(data_dir / "reports" / f"{batch_id}.html", batch_progress, scans, store=store,
-                              fetcher=SourceFetcher(store, runtime), current_models=current or None,
-                              demonstration_models=demonstration, model_facts=facts, true_labels=truth,
-                              agreements=agreements, agreement_note=SAMPLE_NOTE if on_sample else None)
+        report = write_report(
+            data_dir / "reports" / f"{batch_id}.html",
+            batch_progress,
+            scans,
+            store=store,
+            fetcher=SourceFetcher(store, runtime),
+            current_models=current or None,
+            demonstration_models=demonstration,
+            model_facts=facts,
+            true_labels=truth,
+            agreements=agreements,
+            agreement_note=SAMPLE_NOTE if on_sample else None,
+        )
         counts = batch_progress.counts
-        print(f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
-              f"of {batch_progress.total} (batch {batch_id})")
+        print(
+            f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
+            f"of {batch_progress.total} (batch {batch_id})"
+        )
         for entry in agreements:
             print(entry.line())
         if agreements and on_sample:

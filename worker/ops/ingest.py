@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
 from shared.errors import SubmissionError
+from shared.queueing import SubmitResult, submit_scans
 from shared.scan_ids import SCAN_ID_RULE, is_valid_scan_id
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, cached_store, scan_key
-from shared.queueing import SubmitResult, submit_scans
 
 # Every file suffix shared.imaging decodes (PNG, JPEG, TIFF, DICOM); DICOM files often have no suffix.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ""})
@@ -127,7 +127,7 @@ def _from_folder(root: Path) -> Discovery:
 
 
 def _from_s3(uri: str, settings: Settings) -> Discovery:
-    bucket_url, _, prefix = uri[len("s3://"):].partition("/")
+    bucket_url, _, prefix = uri[len("s3://") :].partition("/")
     store = cached_store(f"s3://{bucket_url}", endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     found = Discovery()
     for key in store.list(prefix):
@@ -136,7 +136,7 @@ def _from_s3(uri: str, settings: Settings) -> Discovery:
         if reason:
             found.skip(reason)
             continue
-        found.items.append(IngestItem(scan_id_for(key[len(prefix):].lstrip("/") or key), f"s3://{bucket_url}/{key}"))
+        found.items.append(IngestItem(scan_id_for(key[len(prefix) :].lstrip("/") or key), f"s3://{bucket_url}/{key}"))
     _refuse_duplicates(found.items, [item.location for item in found.items])
     return found
 
@@ -209,10 +209,17 @@ def _refuse_replacing_dicom(
     with sessions() as session:
         received = db.dicom_received_ids(session, [item.scan_id for item in items])
     replacing = [
-        item for item in items if item.scan_id in received and (
+        item
+        for item in items
+        if item.scan_id in received
+        and (
             # rescreen replaces only a local upload whose bytes differ from the stored image.
-            force or (item.is_local and not reference_local
-                      and _stored_bytes(store, item.scan_id) != Path(item.location).read_bytes())
+            force
+            or (
+                item.is_local
+                and not reference_local
+                and _stored_bytes(store, item.scan_id) != Path(item.location).read_bytes()
+            )
         )
     ]
     if replacing:
@@ -255,7 +262,9 @@ def ingest(
                 data = Path(item.location).read_bytes()
                 if _stored_bytes(store, item.scan_id) != data:
                     store.put(scan_key(item.scan_id), data)
-                    changed.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+                    changed.append(
+                        {"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority}
+                    )
                     continue
                 scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
             elif item.scan_id in existing:

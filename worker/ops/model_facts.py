@@ -41,9 +41,13 @@ class ModelFacts:
 
     def rows(self) -> list[tuple[str, str]]:
         """(label, text) pairs in display order."""
-        return [("model", self.title), ("training data", self.training_data),
-                ("leave-one-source-out AUC", self.leave_one_source_out), ("shortcut audit", self.audit),
-                ("operating point", self.operating_point)]
+        return [
+            ("model", self.title),
+            ("training data", self.training_data),
+            ("leave-one-source-out AUC", self.leave_one_source_out),
+            ("shortcut audit", self.audit),
+            ("operating point", self.operating_point),
+        ]
 
     def lines(self) -> list[str]:
         """The rows as aligned terminal lines."""
@@ -73,7 +77,11 @@ def _leave_one_source_out(manifest: Mapping[str, Any]) -> str:
     if isinstance(worst, (list, tuple)) and len(worst) == 2 and worst[1] is not None:
         text += f", worst pair {worst[0]} {float(worst[1]):.3f}"
     n_pairs = len(loso.get("pairs") or {})
-    return text + (f" ({n_pairs} held-out source pairs" if n_pairs else " (") + f", on {loso.get('data', 'its training data')})"
+    return (
+        text
+        + (f" ({n_pairs} held-out source pairs" if n_pairs else " (")
+        + f", on {loso.get('data', 'its training data')})"
+    )
 
 
 def _audit(manifest: Mapping[str, Any]) -> str:
@@ -99,6 +107,13 @@ def _operating_point(manifest: Mapping[str, Any]) -> str:
 def model_facts(manifest: Mapping[str, Any]) -> ModelFacts:
     """The facts of one bundle's manifest; missing entries read 'not measured' / 'never audited', never fail."""
     name, version = str(manifest.get("name", "?")), str(manifest.get("version", "?"))
-    return ModelFacts(name, version, bool(manifest.get("demonstration")), _training_data(manifest),
-                      _leave_one_source_out(manifest), _audit(manifest), _operating_point(manifest),
-                      audit_status(manifest))
+    return ModelFacts(
+        name,
+        version,
+        bool(manifest.get("demonstration")),
+        _training_data(manifest),
+        _leave_one_source_out(manifest),
+        _audit(manifest),
+        _operating_point(manifest),
+        audit_status(manifest),
+    )

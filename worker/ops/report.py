@@ -27,9 +27,7 @@ from worker.ops.truth import Agreement
 
 THUMBNAIL_SIDE = 384
 LABELS = ("covid", "normal")
-DEMONSTRATION_TEXT = (
-    "trained on synthetic images, not on patients. Its outputs mean nothing clinically."
-)
+DEMONSTRATION_TEXT = "trained on synthetic images, not on patients. Its outputs mean nothing clinically."
 _READ_ERRORS = (ImageDecodeError, KeyError, OSError, StoreError, RuntimeError)
 
 ModelKey = tuple[str, str]
@@ -75,7 +73,9 @@ def _environment() -> Environment:
 
 
 def _jpeg(image: np.ndarray, quality: int = 85) -> bytes:
-    return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+    return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[
+        1
+    ].tobytes()
 
 
 def _shrink(data: bytes) -> bytes:
@@ -115,13 +115,18 @@ def write_report(
 
     def prepare(scan: db.Scan) -> _Row:
         predictions = [
-            {"model_name": p.model_name, "model_version": p.model_version, "label": p.label, "p_covid": p.p_covid,
-             "threshold": p.threshold, "cam_note": p.cam_note,
-             "older": current is not None and (p.model_name, p.model_version) not in current}
+            {
+                "model_name": p.model_name,
+                "model_version": p.model_version,
+                "label": p.label,
+                "p_covid": p.p_covid,
+                "threshold": p.threshold,
+                "cam_note": p.cam_note,
+                "older": current is not None and (p.model_name, p.model_version) not in current,
+            }
             for p in scan.predictions
         ]
-        row = _Row(scan.scan_id, scan.status, scan.error, predictions,
-                   true_label=(true_labels or {}).get(scan.scan_id))
+        row = _Row(scan.scan_id, scan.status, scan.error, predictions, true_label=(true_labels or {}).get(scan.scan_id))
         stem = f"{assets.name}/{scan.scan_id}"
         try:
             data = fetcher.fetch(scan.source_uri)
@@ -159,22 +164,26 @@ def write_report(
             label_counts.setdefault(f"{p['model_name']} {p['model_version']}", Counter())[p["label"]] += 1
     labels = sorted({*LABELS, *(label for counts in label_counts.values() for label in counts)})
     shown = {(p["model_name"], p["model_version"]) for row in rows for p in row.predictions}
-    html = _environment().get_template("report.html.j2").render(
-        title=f"lungcam batch {progress.name or progress.batch_id}",
-        batch_id=progress.batch_id,
-        total=progress.total,
-        demonstration=bool(shown & set(demonstration_models)),
-        demonstration_text=DEMONSTRATION_TEXT,
-        status_counts=[(name, count) for name, count in progress.counts.items() if name != "total"],
-        label_counts=sorted(label_counts.items()),
-        labels=labels,
-        rows=rows,
-        model_facts=list(model_facts),
-        # A demonstration model has its own banner (above); this one says which audits failed or never ran.
-        audit_warnings=[facts.audit_warning for facts in model_facts if facts.audit_warning],
-        show_truth=bool(true_labels),
-        agreements=list(agreements),
-        agreement_note=agreement_note,
+    html = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=f"lungcam batch {progress.name or progress.batch_id}",
+            batch_id=progress.batch_id,
+            total=progress.total,
+            demonstration=bool(shown & set(demonstration_models)),
+            demonstration_text=DEMONSTRATION_TEXT,
+            status_counts=[(name, count) for name, count in progress.counts.items() if name != "total"],
+            label_counts=sorted(label_counts.items()),
+            labels=labels,
+            rows=rows,
+            model_facts=list(model_facts),
+            # A demonstration model has its own banner (above); this one says which audits failed or never ran.
+            audit_warnings=[facts.audit_warning for facts in model_facts if facts.audit_warning],
+            show_truth=bool(true_labels),
+            agreements=list(agreements),
+            agreement_note=agreement_note,
+        )
     )
     out_html.write_text(html)
     return out_html

@@ -7,11 +7,31 @@ from collections.abc import Collection, Iterable, Sequence
 from shared import db
 
 RESULT_COLUMNS = (
-    "scan_id", "status", "error", "model_name", "model_version", "label", "p_covid", "threshold", "overlay_key", "finished_at",
-    "dicom_send", "older_model", "cam_note",
+    "scan_id",
+    "status",
+    "error",
+    "model_name",
+    "model_version",
+    "label",
+    "p_covid",
+    "threshold",
+    "overlay_key",
+    "finished_at",
+    "dicom_send",
+    "older_model",
+    "cam_note",
 )
 TABLE_COLUMNS = (
-    "scan_id", "status", "model_name", "label", "p_covid", "threshold", "dicom_send", "older_model", "cam_note", "error",
+    "scan_id",
+    "status",
+    "model_name",
+    "label",
+    "p_covid",
+    "threshold",
+    "dicom_send",
+    "older_model",
+    "cam_note",
+    "error",
 )
 
 
@@ -22,18 +42,38 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
     """
     rows = []
     for scan in scans:
-        base = {"scan_id": scan.scan_id, "status": scan.status, "error": scan.error or "",
-                "finished_at": scan.finished_at.isoformat() if scan.finished_at else ""}
+        base = {
+            "scan_id": scan.scan_id,
+            "status": scan.status,
+            "error": scan.error or "",
+            "finished_at": scan.finished_at.isoformat() if scan.finished_at else "",
+        }
         for p in scan.predictions or [None]:
-            rows.append({**base, **({"model_name": p.model_name, "model_version": p.model_version, "label": p.label,
-                                     "p_covid": f"{p.p_covid:.4f}", "overlay_key": p.overlay_key or "",
-                                     "threshold": f"{p.threshold:.4f}" if p.threshold is not None else "",
-                                     # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
-                                     "dicom_send": ",".join(r.state for r in scan.result_sends
-                                                            if (r.model_name, r.model_version) == (p.model_name, p.model_version)),
-                                     "cam_note": p.cam_note or "",
-                                     "older_model": "yes" if current and (p.model_name, p.model_version) not in current else "",
-                                     } if p else {})})
+            rows.append(
+                {
+                    **base,
+                    **(
+                        {
+                            "model_name": p.model_name,
+                            "model_version": p.model_version,
+                            "label": p.label,
+                            "p_covid": f"{p.p_covid:.4f}",
+                            "overlay_key": p.overlay_key or "",
+                            "threshold": f"{p.threshold:.4f}" if p.threshold is not None else "",
+                            # DICOM results (`lungcam dicom-send`): state per destination, e.g. "sent".
+                            "dicom_send": ",".join(
+                                r.state
+                                for r in scan.result_sends
+                                if (r.model_name, r.model_version) == (p.model_name, p.model_version)
+                            ),
+                            "cam_note": p.cam_note or "",
+                            "older_model": "yes" if current and (p.model_name, p.model_version) not in current else "",
+                        }
+                        if p
+                        else {}
+                    ),
+                }
+            )
     return rows
 
 
@@ -77,4 +117,4 @@ def _fit(column: str, text: str, width: int) -> str:
     if column in ("error", "cam_note"):
         return text[: width - 1] + ELLIPSIS
     head = (width - 1) // 2
-    return text[:head] + ELLIPSIS + text[len(text) - (width - 1 - head):]
+    return text[:head] + ELLIPSIS + text[len(text) - (width - 1 - head) :]

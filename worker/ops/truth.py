@@ -44,8 +44,11 @@ def _from_manifest(path: Path) -> dict[str, str]:
         if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
             return {}
         # Through ingest's own rule, so the keys are the scan ids this folder's files get.
-        return {scan_id_for(PurePosixPath(row["file"].strip()).as_posix()): row["label"].strip().lower()
-                for row in reader if row.get("file") and (row.get("label") or "").strip().lower() in TRUE_LABELS}
+        return {
+            scan_id_for(PurePosixPath(row["file"].strip()).as_posix()): row["label"].strip().lower()
+            for row in reader
+            if row.get("file") and (row.get("label") or "").strip().lower() in TRUE_LABELS
+        }
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Agreement:
 
     def figures(self) -> list[tuple[str, float | None, str]]:
         """(name, value or None, counts) for accuracy, sensitivity and specificity."""
+
         def ratio(part: int, whole: int) -> float | None:
             return part / whole if whole else None
 
@@ -90,14 +94,17 @@ class Agreement:
 
     def line(self) -> str:
         """One terminal line: the three figures with their counts."""
-        parts = [f"{name} {'-' if value is None else f'{value:.2f}'} ({counts})" for name, value, counts in self.figures()]
+        parts = [
+            f"{name} {'-' if value is None else f'{value:.2f}'} ({counts})" for name, value, counts in self.figures()
+        ]
         other = self.other_covid + self.other_normal
         tail = f"; {other} indeterminate, counted as misses" if other else ""
         return f"agreement of {self.model} with the true labels: " + ", ".join(parts) + tail
 
 
-def agreement(scans: Iterable[db.Scan], truth: Mapping[str, str],
-              models: Collection[tuple[str, str]] | None = None) -> list[Agreement]:
+def agreement(
+    scans: Iterable[db.Scan], truth: Mapping[str, str], models: Collection[tuple[str, str]] | None = None
+) -> list[Agreement]:
     """Per model (of `models`, or every model seen), its calls on the labelled scans against the true labels."""
     tallies: dict[tuple[str, str], dict[str, int]] = {}
     for scan in scans:
@@ -115,5 +122,7 @@ def agreement(scans: Iterable[db.Scan], truth: Mapping[str, str],
                 tally["tp" if p.label == "covid" else "fn"] += 1
             else:
                 tally["tn" if p.label == "normal" else "fp"] += 1
-    return [Agreement(f"{name} {version}", t["tp"], t["fn"], t["tn"], t["fp"], t["oc"], t["on"])
-            for (name, version), t in sorted(tallies.items())]
+    return [
+        Agreement(f"{name} {version}", t["tp"], t["fn"], t["tn"], t["fp"], t["oc"], t["on"])
+        for (name, version), t in sorted(tallies.items())
+    ]

@@ -38,14 +38,25 @@ def run_dicomweb_ingest(args: argparse.Namespace) -> int:
     # before it has its row and message, and running the same command again retrieves the rest.
     try:
         with tqdm(total=0, desc="pulling", unit="instance", file=sys.stderr, dynamic_ncols=True) as bar:
+
             def on_total(total: int) -> None:
                 bar.total = total
                 bar.refresh()
 
-            result = pull(args.source, filters, settings=services.settings, sessions=services.sessions,
-                          store=services.store, app=services.app, batch_name=name, force=args.force,
-                          deadline_s=args.deadline, max_pages=args.max_pages,
-                          on_total=on_total, on_progress=bar.update)
+            result = pull(
+                args.source,
+                filters,
+                settings=services.settings,
+                sessions=services.sessions,
+                store=services.store,
+                app=services.app,
+                batch_name=name,
+                force=args.force,
+                deadline_s=args.deadline,
+                max_pages=args.max_pages,
+                on_total=on_total,
+                on_progress=bar.update,
+            )
     finally:
         services.engine.dispose()
     if not result.found:
@@ -84,5 +95,7 @@ def _follow(args: argparse.Namespace, batch_id: str) -> int:
     finally:
         engine.dispose()
     if progress is not None:
-        print(f"batch {batch_id}: {progress.counts['done']} done, {progress.counts['failed']} failed of {progress.total}")
+        print(
+            f"batch {batch_id}: {progress.counts['done']} done, {progress.counts['failed']} failed of {progress.total}"
+        )
     return 0

@@ -53,8 +53,13 @@ RETRIEVAL_FAILED = "DICOMweb retrieval failed: "
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Instances lungcam wrote (its SR and Secondary Capture results) are never pulled back in.
 OWN_MANUFACTURER = "lungcam"
-_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "SOPInstanceUID": "00080018",
-         "SOPClassUID": "00080016", "Manufacturer": "00080070"}
+_TAGS = {
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "SOPInstanceUID": "00080018",
+    "SOPClassUID": "00080016",
+    "Manufacturer": "00080070",
+}
 
 
 def is_dicomweb(source: str) -> bool:
@@ -66,7 +71,7 @@ def base_url(source: str) -> str:
     """The service's HTTP base URL (the dicomweb+ scheme prefix removed, no trailing slash)."""
     if not is_dicomweb(source):
         raise SubmissionError("a DICOMweb source is dicomweb+http(s)://host/path")
-    return source[len(SCHEME_PREFIX):].rstrip("/")
+    return source[len(SCHEME_PREFIX) :].rstrip("/")
 
 
 def session_for(settings: Settings) -> Any:
@@ -153,7 +158,10 @@ class _Http:
         if remaining <= 0:
             raise _DeadlineReached
         return self.session.get(
-            self.base + path, params=params, headers={"Accept": accept}, stream=True,
+            self.base + path,
+            params=params,
+            headers={"Accept": accept},
+            stream=True,
             timeout=(min(CONNECT_TIMEOUT_S, remaining), min(READ_TIMEOUT_S, remaining)),
         )
 
@@ -194,9 +202,14 @@ def _search_page(http: _Http, filters: dict[str, str], limit: int, offset: int) 
             if response.status_code == 204:
                 return []
             if response.status_code != 200:
-                hint = (" (credentials: LUNGCAM_DICOMWEB_USERNAME / LUNGCAM_DICOMWEB_PASSWORD or LUNGCAM_DICOMWEB_TOKEN)"
-                        if response.status_code in (401, 403) else "")
-                raise PullError(f"{http.base} answered the search (QIDO-RS, {where}) with HTTP {response.status_code}{hint}")
+                hint = (
+                    " (credentials: LUNGCAM_DICOMWEB_USERNAME / LUNGCAM_DICOMWEB_PASSWORD or LUNGCAM_DICOMWEB_TOKEN)"
+                    if response.status_code in (401, 403)
+                    else ""
+                )
+                raise PullError(
+                    f"{http.base} answered the search (QIDO-RS, {where}) with HTTP {response.status_code}{hint}"
+                )
             try:
                 body = http.read_capped(response, MAX_SEARCH_BYTES, "the search answer")
             except InstanceError as exc:
@@ -204,7 +217,9 @@ def _search_page(http: _Http, filters: dict[str, str], limit: int, offset: int) 
     except requests.Timeout:
         if time.monotonic() >= http.deadline:
             raise _DeadlineReached from None
-        raise PullError(f"{http.base} did not answer the search (QIDO-RS, {where}) within {READ_TIMEOUT_S:.0f} s") from None
+        raise PullError(
+            f"{http.base} did not answer the search (QIDO-RS, {where}) within {READ_TIMEOUT_S:.0f} s"
+        ) from None
     except requests.RequestException as exc:
         raise PullError(f"the DICOMweb service at {http.base} cannot be reached ({type(exc).__name__})") from None
     try:
@@ -224,8 +239,9 @@ class SearchResult:
     refused: int = 0
 
 
-def search_instances(http: _Http, filters: dict[str, str], *, page_size: int = PAGE,
-                     max_pages: int = DEFAULT_MAX_PAGES) -> SearchResult:
+def search_instances(
+    http: _Http, filters: dict[str, str], *, page_size: int = PAGE, max_pages: int = DEFAULT_MAX_PAGES
+) -> SearchResult:
     """Every image instance matching filters, page by page, lungcam's own results excluded.
 
     Stops with PullError when a page repeats what earlier pages returned (the server ignores `offset`)
@@ -284,13 +300,15 @@ def _first_part(http: _Http, response: Any, boundary: bytes, cap: int) -> tuple[
         if head_end >= 0:
             break
         if len(buffer) > MAX_PART_HEADER_BYTES:
-            raise InstanceError(f"WADO-RS answered a multipart body without part headers in its first {MAX_PART_HEADER_BYTES} bytes")
+            raise InstanceError(
+                f"WADO-RS answered a multipart body without part headers in its first {MAX_PART_HEADER_BYTES} bytes"
+            )
         piece = next(pieces, None)
         if piece is None:
             raise InstanceError("WADO-RS answered a multipart body that ends before its first part")
         buffer += piece
     headers: dict[str, str] = {}
-    for line in bytes(buffer[start + len(delimiter):head_end]).decode("latin-1").split("\r\n"):
+    for line in bytes(buffer[start + len(delimiter) : head_end]).decode("latin-1").split("\r\n"):
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
@@ -302,7 +320,7 @@ def _first_part(http: _Http, response: Any, boundary: bytes, cap: int) -> tuple[
         raise InstanceError(f"WADO-RS answered a part that declares {int(declared)} bytes, over the limit of {cap}")
     # The part ends at CRLF + delimiter; only the new tail is searched, so a large part costs one pass.
     closing = b"\r\n" + delimiter
-    body = bytearray(buffer[head_end + 4:])
+    body = bytearray(buffer[head_end + 4 :])
     del buffer
     searched = 0
     while True:
@@ -310,8 +328,10 @@ def _first_part(http: _Http, response: Any, boundary: bytes, cap: int) -> tuple[
         if end >= 0:
             return part_type, bytes(body[:end])
         if len(body) > cap + len(closing):
-            raise InstanceError(f"WADO-RS answered a part larger than the limit of {cap} bytes "
-                                "(LUNGCAM_DICOMWEB_MAX_PART_BYTES); not read further")
+            raise InstanceError(
+                f"WADO-RS answered a part larger than the limit of {cap} bytes "
+                "(LUNGCAM_DICOMWEB_MAX_PART_BYTES); not read further"
+            )
         searched = max(0, len(body) - len(closing))
         piece = next(pieces, None)
         if piece is None:
@@ -339,7 +359,9 @@ def retrieve_instance(http: _Http, instance: RemoteInstance, max_part_bytes: int
             elif content_type.lower().startswith("application/dicom"):
                 data = http.read_capped(response, max_part_bytes, "WADO-RS's answer")
             else:
-                raise InstanceError(f"WADO-RS answered {content_type.split(';')[0][:60] or 'no content type'}, not DICOM")
+                raise InstanceError(
+                    f"WADO-RS answered {content_type.split(';')[0][:60] or 'no content type'}, not DICOM"
+                )
     except requests.Timeout:
         if time.monotonic() >= http.deadline:
             raise _DeadlineReached from None
@@ -347,8 +369,9 @@ def retrieve_instance(http: _Http, instance: RemoteInstance, max_part_bytes: int
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         if time.monotonic() >= http.deadline:
             raise _DeadlineReached from None
-        raise InstanceError(f"the service could not be reached or stopped answering ({type(exc).__name__})",
-                            unreachable=True) from None
+        raise InstanceError(
+            f"the service could not be reached or stopped answering ({type(exc).__name__})", unreachable=True
+        ) from None
     return _checked_part10(data, instance)
 
 
@@ -456,7 +479,8 @@ def _rows(sessions: sessionmaker[Session], scan_ids: list[str]) -> dict[str, _Ro
         for start in range(0, len(scan_ids), 500):
             chunk = scan_ids[start : start + 500]
             statement = select(db.Scan.scan_id, db.Scan.status, db.Scan.error, db.Scan.sop_instance_uid).where(
-                db.Scan.scan_id.in_(chunk))
+                db.Scan.scan_id.in_(chunk)
+            )
             for scan_id, status, error, sop in session.execute(statement):
                 rows[scan_id] = _Row(status, error, sop is not None)
     return rows
@@ -466,17 +490,34 @@ def _is_failed_retrieval(row: _Row | None) -> bool:
     return row is not None and row.status == db.FAILED and (row.error or "").startswith(RETRIEVAL_FAILED)
 
 
-def _record_failure(sessions: sessionmaker[Session], instance: RemoteInstance, reason: str, *, batch_id: str,
-                    batch_name: str | None, row: _Row | None) -> None:
+def _record_failure(
+    sessions: sessionmaker[Session],
+    instance: RemoteInstance,
+    reason: str,
+    *,
+    batch_id: str,
+    batch_name: str | None,
+    row: _Row | None,
+) -> None:
     """A failed scan with what the server did, so `lungcam results` shows it and the next pull retries it."""
     if row is not None and not _is_failed_retrieval(row):
         return  # an upload under this UID (not yet replaced): left as it is
     with sessions.begin() as session:
         # No sop_instance_uid: nothing was received, so the listener or a later pull may still fill this row.
-        db.add_scans(session, [{
-            "scan_id": instance.sop_uid, "source_uri": scan_key(instance.sop_uid), "priority": db.ROUTINE,
-            "study_uid": instance.study_uid, "series_uid": instance.series_uid,
-        }], batch_id, batch_name=batch_name)
+        db.add_scans(
+            session,
+            [
+                {
+                    "scan_id": instance.sop_uid,
+                    "source_uri": scan_key(instance.sop_uid),
+                    "priority": db.ROUTINE,
+                    "study_uid": instance.study_uid,
+                    "series_uid": instance.series_uid,
+                }
+            ],
+            batch_id,
+            batch_name=batch_name,
+        )
         db.mark_scans(session, [instance.sop_uid], db.FAILED, error=(RETRIEVAL_FAILED + reason)[:500], finished=True)
 
 
@@ -506,8 +547,10 @@ def pull(
     try:
         found = search_instances(http, filters, page_size=page_size, max_pages=max_pages)
     except _DeadlineReached:
-        raise PullError(f"the search (QIDO-RS) at {http.base} did not finish within the --deadline of {deadline_s:g} s "
-                        "(the server stalled or trickled); nothing was retrieved") from None
+        raise PullError(
+            f"the search (QIDO-RS) at {http.base} did not finish within the --deadline of {deadline_s:g} s "
+            "(the server stalled or trickled); nothing was retrieved"
+        ) from None
     result.found, result.refused = len(found.instances), found.refused
     if on_total:
         on_total(len(found.instances))
@@ -531,7 +574,8 @@ def pull(
             raise PullError(
                 f"stopped at the --deadline of {deadline_s:g} s while retrieving from {http.base} (the server stalled or "
                 f"trickled): {len(result.queued)} of {len(todo)} new instances stored and queued; run the same command "
-                "again to retrieve the rest") from None
+                "again to retrieve the rest"
+            ) from None
         except _OwnResult:
             result.skipped += 1
         except InstanceError as exc:
@@ -542,16 +586,28 @@ def pull(
             if unreachable >= MAX_UNREACHABLE_IN_A_ROW:
                 raise PullError(
                     f"{http.base} stopped answering ({exc}) after {len(result.queued)} instances were stored and queued; "
-                    "run the same command again to retrieve the rest") from None
+                    "run the same command again to retrieve the rest"
+                ) from None
         else:
             unreachable = 0
             # Stored, then its row committed and its message sent, before the next instance: nothing stored lacks a row.
             store.put(scan_key(instance.sop_uid), data, "application/dicom")
             submitted = submit_scans(
-                sessions, app,
-                [{"scan_id": instance.sop_uid, "source_uri": scan_key(instance.sop_uid), "priority": db.ROUTINE,
-                  "study_uid": instance.study_uid, "series_uid": instance.series_uid, "sop_instance_uid": instance.sop_uid}],
-                batch_id=result.batch_id, batch_name=batch_name, force=force or row is not None,
+                sessions,
+                app,
+                [
+                    {
+                        "scan_id": instance.sop_uid,
+                        "source_uri": scan_key(instance.sop_uid),
+                        "priority": db.ROUTINE,
+                        "study_uid": instance.study_uid,
+                        "series_uid": instance.series_uid,
+                        "sop_instance_uid": instance.sop_uid,
+                    }
+                ],
+                batch_id=result.batch_id,
+                batch_name=batch_name,
+                force=force or row is not None,
             )
             result.queued += submitted.queued
             result.already += submitted.already

@@ -136,14 +136,20 @@ class Receiver:
             return OUT_OF_RESOURCES
         batch_id, batch_name = day_batch_id()
         scan = {
-            "scan_id": scan_id, "source_uri": scan_key(scan_id), "priority": priority,
-            "study_uid": study_uid, "series_uid": series_uid, "sop_instance_uid": sop_uid,
+            "scan_id": scan_id,
+            "source_uri": scan_key(scan_id),
+            "priority": priority,
+            "study_uid": study_uid,
+            "series_uid": series_uid,
+            "sop_instance_uid": sop_uid,
         }
         try:
             # Commits the row, then publishes: a publish failure leaves the row queued, and the
             # sender's retry (or `lungcam requeue`) re-publishes it.
             # force: a scan uploaded under this UID by other means is replaced by the instance received over DICOM.
-            submit_scans(self.sessions, self.app, [scan], batch_id=batch_id, batch_name=batch_name, force=status is not None)
+            submit_scans(
+                self.sessions, self.app, [scan], batch_id=batch_id, batch_name=batch_name, force=status is not None
+            )
         except Exception as exc:  # noqa: BLE001
             log.warning("scan %s: database or broker unavailable (%s): answering 0xA700", ref, type(exc).__name__)
             return OUT_OF_RESOURCES
@@ -260,8 +266,13 @@ def _guarded_socket_class() -> type:
                 if self.dropped:
                     return bytearray()
                 self.dropped = True
-                log.warning("dropped a connection from %s: %d bytes announced, over the %s limit of %d bytes",
-                            _peer(self), nr_bytes, what, limit)
+                log.warning(
+                    "dropped a connection from %s: %d bytes announced, over the %s limit of %d bytes",
+                    _peer(self),
+                    nr_bytes,
+                    what,
+                    limit,
+                )
                 self._drop()
                 return bytearray()
             return super().recv(nr_bytes)
@@ -359,9 +370,15 @@ def run_listener(host: str, port: int | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = services.settings
-    log.info("listening as %s on %s:%d (stat AE titles: %s; calling AE titles: %s; peers: %s)",
-             settings.dicom_ae_title, host, port, ",".join(settings.stat_ae_title_list()) or "none",
-             ",".join(settings.allowed_aet_list()) or "any", settings.dicom_allowed_peers or "any")
+    log.info(
+        "listening as %s on %s:%d (stat AE titles: %s; calling AE titles: %s; peers: %s)",
+        settings.dicom_ae_title,
+        host,
+        port,
+        ",".join(settings.stat_ae_title_list()) or "none",
+        ",".join(settings.allowed_aet_list()) or "any",
+        settings.dicom_allowed_peers or "any",
+    )
     try:
         while not stop.wait(1.0):
             pass

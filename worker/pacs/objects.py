@@ -41,8 +41,17 @@ class ResultObjects:
 
 # Type 2 attributes of the patient and general study modules: present (possibly empty) in a valid
 # instance; some modalities and converters leave them out, and highdicom copies them all.
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def read_source(data: bytes) -> Dataset:
@@ -87,18 +96,28 @@ def build_sr(source: Dataset, *, model: str, version: str, label: str, p_covid: 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.derived_uid(uid_prefix, model, version, "device"), name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER, model_name=f"{model} {version}"[:64],
+            uid=uids.derived_uid(uid_prefix, model, version, "device"),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{model} {version}"[:64],
         ),
     )
-    finding = code["covid"] if label == "covid" else code["normal"] if label == "normal" else hd.sr.CodedConcept(label[:16], "99LUNGCAM", label[:64])
+    finding = (
+        code["covid"]
+        if label == "covid"
+        else code["normal"]
+        if label == "normal"
+        else hd.sr.CodedConcept(label[:16], "99LUNGCAM", label[:64])
+    )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.derived_uid(uid_prefix, sop_uid, model, version, "tracking"), identifier=f"{model} {version}"[:64]
         ),
         finding_type=code["finding_type"],
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=code["p_covid"], value=float(p_covid), unit=code["unit"], algorithm_id=algorithm)],
+        measurements=[
+            hd.sr.Measurement(name=code["p_covid"], value=float(p_covid), unit=code["unit"], algorithm_id=algorithm)
+        ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=code["finding"], value=finding)],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )

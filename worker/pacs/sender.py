@@ -98,7 +98,9 @@ def transport_for(settings: Settings) -> Transport:
     """The transport of LUNGCAM_DICOM_DESTINATION: dicomweb+http(s)://... or dicom://AET@host:port."""
     destination = settings.dicom_destination.strip()
     if not destination:
-        raise SettingsError("LUNGCAM_DICOM_DESTINATION is unset: set dicomweb+http(s)://host/path or dicom://AET@host:port")
+        raise SettingsError(
+            "LUNGCAM_DICOM_DESTINATION is unset: set dicomweb+http(s)://host/path or dicom://AET@host:port"
+        )
     if destination.startswith("dicomweb+"):
         from worker.pacs.dicomweb import base_url, client_for
 
@@ -171,8 +173,10 @@ class Sender:
                 db.Scan.sop_instance_uid.is_not(None),  # PNG/JPEG and uploads have no DICOM context
                 or_(
                     send.id.is_(None),
-                    and_(send.state.in_((db.SEND_PENDING, db.SEND_RETRY)),
-                         or_(send.next_attempt_at.is_(None), send.next_attempt_at <= now)),
+                    and_(
+                        send.state.in_((db.SEND_PENDING, db.SEND_RETRY)),
+                        or_(send.next_attempt_at.is_(None), send.next_attempt_at <= now),
+                    ),
                     and_(send.state.in_((db.SEND_SENT, db.SEND_FAILED)), db.Prediction.created_at > send.updated_at),
                 ),
             )
@@ -193,11 +197,26 @@ class Sender:
             raise SendError("the stored instance's Study Instance UID differs from the one received")
         prefix = self.settings.dicom_uid_prefix
         if not prediction.overlay_key:
-            return [build_sr(source, model=prediction.model_name, version=prediction.model_version,
-                             label=prediction.label, p_covid=prediction.p_covid, uid_prefix=prefix)]
+            return [
+                build_sr(
+                    source,
+                    model=prediction.model_name,
+                    version=prediction.model_version,
+                    label=prediction.label,
+                    p_covid=prediction.p_covid,
+                    uid_prefix=prefix,
+                )
+            ]
         overlay = overlay_pixels(self.store.get(prediction.overlay_key))
-        objects = build_results(source, overlay, model=prediction.model_name, version=prediction.model_version,
-                                label=prediction.label, p_covid=prediction.p_covid, uid_prefix=prefix)
+        objects = build_results(
+            source,
+            overlay,
+            model=prediction.model_name,
+            version=prediction.model_version,
+            label=prediction.label,
+            p_covid=prediction.p_covid,
+            uid_prefix=prefix,
+        )
         return [objects.sr, objects.sc]
 
     def run_once(self, limit: int = BATCH) -> SendCounts:
@@ -215,20 +234,42 @@ class Sender:
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
                 reason = f"{type(exc).__name__}: {exc}"[:500]
                 final = attempts >= self.settings.dicom_send_max_attempts
-                values.update(state=db.SEND_FAILED if final else db.SEND_RETRY, last_error=reason,
-                              next_attempt_at=None if final else db.utcnow() + dt.timedelta(seconds=backoff_s(self.settings, attempts)))
+                values.update(
+                    state=db.SEND_FAILED if final else db.SEND_RETRY,
+                    last_error=reason,
+                    next_attempt_at=None
+                    if final
+                    else db.utcnow() + dt.timedelta(seconds=backoff_s(self.settings, attempts)),
+                )
                 counts.failed += final
                 counts.retry += not final
                 counts.errors.append(type(exc).__name__)
-                log.warning("scan %s, %s %s: send attempt %d failed (%s)%s", _ref(scan.scan_id), prediction.model_name,
-                            prediction.model_version, attempts, type(exc).__name__, "; giving up" if final else "")
+                log.warning(
+                    "scan %s, %s %s: send attempt %d failed (%s)%s",
+                    _ref(scan.scan_id),
+                    prediction.model_name,
+                    prediction.model_version,
+                    attempts,
+                    type(exc).__name__,
+                    "; giving up" if final else "",
+                )
             else:
-                values.update(state=db.SEND_SENT, last_error=None, next_attempt_at=None, sent_at=db.utcnow(),
-                              sr_uid=str(datasets[0].SOPInstanceUID),
-                              sc_uid=str(datasets[1].SOPInstanceUID) if len(datasets) > 1 else None)
+                values.update(
+                    state=db.SEND_SENT,
+                    last_error=None,
+                    next_attempt_at=None,
+                    sent_at=db.utcnow(),
+                    sr_uid=str(datasets[0].SOPInstanceUID),
+                    sc_uid=str(datasets[1].SOPInstanceUID) if len(datasets) > 1 else None,
+                )
                 counts.sent += 1
-                log.info("scan %s, %s %s: sent to %s", _ref(scan.scan_id), prediction.model_name,
-                         prediction.model_version, self.transport.label)
+                log.info(
+                    "scan %s, %s %s: sent to %s",
+                    _ref(scan.scan_id),
+                    prediction.model_name,
+                    prediction.model_version,
+                    self.transport.label,
+                )
             self._record(scan.scan_id, prediction, values)
         return counts
 
@@ -244,8 +285,12 @@ class Sender:
                 )
             )
             if row is None:
-                row = db.ResultSend(scan_id=scan_id, model_name=prediction.model_name,
-                                    model_version=prediction.model_version, destination=self.transport.label)
+                row = db.ResultSend(
+                    scan_id=scan_id,
+                    model_name=prediction.model_name,
+                    model_version=prediction.model_version,
+                    destination=self.transport.label,
+                )
                 session.add(row)
             for key, value in values.items():
                 setattr(row, key, value)
@@ -256,7 +301,9 @@ class Sender:
             try:
                 counts = self.run_once()
             except Exception as exc:  # noqa: BLE001 - a database outage: keep the loop, try again later
-                log.warning("pass failed (%s); retrying in %.0f s", type(exc).__name__, self.settings.dicom_send_interval_s)
+                log.warning(
+                    "pass failed (%s); retrying in %.0f s", type(exc).__name__, self.settings.dicom_send_interval_s
+                )
                 counts = SendCounts()
             if counts.handled == 0:
                 stop.wait(self.settings.dicom_send_interval_s)
@@ -277,7 +324,11 @@ def run_sender(once: bool = False) -> int:
             total = SendCounts()
             while True:
                 counts = sender.run_once()
-                total.sent, total.retry, total.failed = total.sent + counts.sent, total.retry + counts.retry, total.failed + counts.failed
+                total.sent, total.retry, total.failed = (
+                    total.sent + counts.sent,
+                    total.retry + counts.retry,
+                    total.failed + counts.failed,
+                )
                 if counts.handled == 0 or counts.sent == 0:
                     break
             print(f"dicom-send: {total.sent} sent, {total.retry} to retry, {total.failed} failed ({transport.label})")

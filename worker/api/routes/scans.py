@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
-from shared.store import LocalStore, ObjectStore
 from shared import results
-from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from shared.scan_ids import SCAN_ID_PATTERN
 from shared.settings import Settings
+from shared.store import LocalStore, ObjectStore
+from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted
 from worker.api.security import quote_key, sign_file_path
 from worker.api.submission import check_image_sizes, current_status, submit
@@ -52,7 +52,9 @@ def submit_scan(
 
 
 # A path id outside the pattern (NUL, '/', 129 characters...) is a 422 before any database query.
-ScanIdPath = Annotated[str, Path(pattern=SCAN_ID_PATTERN.pattern, description="A scan id (the pattern of ScanIn.scan_id).")]
+ScanIdPath = Annotated[
+    str, Path(pattern=SCAN_ID_PATTERN.pattern, description="A scan id (the pattern of ScanIn.scan_id).")
+]
 
 
 @router.get("/{scan_id}", response_model=ScanOut, responses={404: {"model": ErrorOut}})
