@@ -131,8 +131,8 @@ def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: s
 
 
 # Manifest keys that may be added or replaced after publishing (the model file is untouched, so the
-# sha256 still verifies): the shortcut audit's verdict.
-UPDATABLE_MANIFEST_KEYS = frozenset({"audit"})
+# sha256 still verifies): the shortcut audit's verdict, and the mark of a demonstration model.
+UPDATABLE_MANIFEST_KEYS = frozenset({"audit", "demonstration"})
 
 
 def update_manifest(

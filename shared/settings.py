@@ -1,24 +1,79 @@
-"""One Settings object, read from `LUNGCAM_*` environment variables."""
+"""One Settings object, read from `LUNGCAM_*` environment variables; the only module that touches the environment.
+
+Besides the settings, the few process-environment variables that libraries read (TensorFlow's log
+level, CUDA's visible devices) and the environment of child processes are set and read here, so no
+other module reads `os.environ`.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing_extensions import Self
 
 from shared.errors import SettingsError
 
 ENV_PREFIX = "LUNGCAM_"
+# TensorFlow and CUDA read these themselves, from the process environment, when they start.
+TF_LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+CUDA_DEVICES_VARIABLE = "CUDA_VISIBLE_DEVICES"
+NO_GPU = "-1"  # CUDA_VISIBLE_DEVICES value that hides every GPU
+
+# Comma-separated settings, split once when the settings load (Settings._split_lists).
+LIST_SETTINGS = (
+    "models",
+    "allowed_sources",
+    "classify_modalities",
+    "classify_body_parts",
+    "lateral_views",
+    "dicom_stat_ae_titles",
+    "dicom_allowed_aets",
+    "dicom_allowed_peers",
+)
 
 
-class Settings(BaseSettings):
+def _flag(value: object) -> object:
+    """An empty variable is an unset flag (LUNGCAM_DEBUG= turns debugging off)."""
+    return False if isinstance(value, str) and not value.strip() else value
+
+
+class Diagnostics(BaseSettings):
+    """The diagnostic flags alone: readable even when another setting is invalid (they decide how that is shown)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    verbose: bool = Field(
+        default=False,
+        description=(
+            "Show everything, including TensorFlow's CUDA start-up messages on machines without a GPU "
+            "(`lungcam -v` sets it for the worker and API that demo and screen start)."
+        ),
+    )
+    debug: bool = Field(
+        default=False,
+        description="An error of a `lungcam` command raises with its traceback instead of one line on stderr.",
+    )
+
+    @field_validator("verbose", "debug", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable means off."""
+        return _flag(value)
+
+
+class Settings(Diagnostics):
     """Runtime configuration; every field is `LUNGCAM_<FIELD>` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    _lists: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    _peer_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = PrivateAttr(default=())
 
     data_dir: Path = Field(
         default=Path("lungcam-data"),
@@ -247,17 +302,47 @@ class Settings(BaseSettings):
                 raise ValueError(f"{entry!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
         return value
 
+    @model_validator(mode="after")
+    def _split_lists_when_loaded(self) -> Self:
+        """Split every comma-separated setting once, when the settings load, instead of per scan or association."""
+        return self._split_lists()
+
+    def _split_lists(self) -> Self:
+        """Fill the split lists from the current values."""
+        self._lists = {name: tuple(self.csv_list(getattr(self, name))) for name in LIST_SETTINGS}
+        self._peer_networks = tuple(
+            ipaddress.ip_network(entry, strict=False) for entry in self._lists["dicom_allowed_peers"]
+        )
+        return self
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with update, the lists are split again from the updated values."""
+        copied = super().model_copy(update=update, deep=deep)
+        return copied._split_lists() if update else copied
+
     def stat_ae_title_list(self) -> list[str]:
         """The AE titles whose associations are stat."""
-        return self.csv_list(self.dicom_stat_ae_titles)
+        return list(self._lists["dicom_stat_ae_titles"])
 
     def allowed_aet_list(self) -> list[str]:
         """The calling AE titles the listener accepts (empty: any)."""
-        return self.csv_list(self.dicom_allowed_aets)
+        return list(self._lists["dicom_allowed_aets"])
 
     def allowed_peer_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The networks the listener accepts connections from (empty: any); entries were checked when the settings loaded."""
-        return [ipaddress.ip_network(entry, strict=False) for entry in self.csv_list(self.dicom_allowed_peers)]
+        return list(self._peer_networks)
+
+    def classify_modality_list(self) -> list[str]:
+        """The DICOM Modality values that are classified."""
+        return list(self._lists["classify_modalities"])
+
+    def classify_body_part_list(self) -> list[str]:
+        """The BodyPartExamined values that are classified."""
+        return list(self._lists["classify_body_parts"])
+
+    def lateral_view_list(self) -> list[str]:
+        """The ViewPosition values that mean a lateral film."""
+        return list(self._lists["lateral_views"])
 
     def resolved_data_dir(self) -> Path:
         """The data folder, created if missing."""
@@ -287,7 +372,7 @@ class Settings(BaseSettings):
 
     def allowed_source_list(self) -> list[str]:
         """The entries of allowed_sources, in order."""
-        return self.csv_list(self.allowed_sources)
+        return list(self._lists["allowed_sources"])
 
     @staticmethod
     def csv_list(value: str) -> list[str]:
@@ -296,7 +381,7 @@ class Settings(BaseSettings):
 
     def model_uris(self) -> list[str]:
         """The model bundle locations to serve, in order."""
-        return self.csv_list(self.models)
+        return list(self._lists["models"])
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -315,3 +400,47 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment when a program starts."""
     return load_settings()
+
+
+def diagnostics() -> Diagnostics:
+    """LUNGCAM_VERBOSE and LUNGCAM_DEBUG from the environment; both off when either is not a boolean."""
+    try:
+        return Diagnostics()
+    except ValidationError:
+        return Diagnostics.model_construct()
+
+
+def child_environment(**settings: str) -> dict[str, str]:
+    """This process's environment for a child process, with the given settings (field=value) replaced."""
+    unknown = set(settings) - set(Settings.model_fields)
+    if unknown:
+        raise ValueError(f"not settings: {sorted(unknown)}")
+    return {**os.environ, **{ENV_PREFIX + name.upper(): value for name, value in settings.items()}}
+
+
+def export_setting(name: str, value: str) -> None:
+    """Set a setting in this process's environment, for the children it starts (and a fresh get_settings)."""
+    if name not in Settings.model_fields:
+        raise ValueError(f"not a setting: {name}")
+    os.environ[ENV_PREFIX + name.upper()] = value
+    get_settings.cache_clear()
+
+
+def quiet_tensorflow_logs(level: str = "2") -> None:
+    """Hide TensorFlow's C++ INFO (and, at 2, WARNING) lines unless TF_CPP_MIN_LOG_LEVEL is already set.
+
+    Must run before TensorFlow is imported: its C++ runtime reads the variable once, at load.
+    """
+    os.environ.setdefault(TF_LOG_LEVEL_VARIABLE, level)
+
+
+def set_visible_gpus(devices: str) -> str:
+    """Set CUDA_VISIBLE_DEVICES ('' hides every GPU) for this process and its children; returns the value set."""
+    os.environ[CUDA_DEVICES_VARIABLE] = devices or NO_GPU
+    return os.environ[CUDA_DEVICES_VARIABLE]
+
+
+def pinned_gpu() -> str | None:
+    """The GPU devices this process was pinned to (CUDA_VISIBLE_DEVICES), or None when it runs on the CPU or unpinned."""
+    value = os.environ.get(CUDA_DEVICES_VARIABLE, "").strip()
+    return None if value in ("", NO_GPU) else value

@@ -45,8 +45,10 @@ def stderr_silenced(enabled: bool = True) -> Iterator[None]:
 
 def import_tensorflow(*, verbose: bool = False) -> Any:
     """Import TensorFlow and Keras and probe the GPUs, quietly unless verbose or a GPU is present."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    verbose = verbose or os.environ.get("LUNGCAM_VERBOSE", "") not in ("", "0")
+    from shared.settings import diagnostics, quiet_tensorflow_logs
+
+    quiet_tensorflow_logs()
+    verbose = verbose or diagnostics().verbose
     quiet = not verbose and not gpu_present() and "tensorflow" not in sys.modules
     with stderr_silenced(quiet):
         import keras  # noqa: F401 - loads its own native libraries, which print too

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,24 +178,34 @@ def corrupt_scans(seed: int = 0) -> dict[str, bytes]:
 
 @dataclass
 class WorkerProcess:
-    """A real `lungcam worker` subprocess, its log file and environment."""
+    """A real `lungcam worker` subprocess, its log file, its Celery node name and its broker."""
 
     process: subprocess.Popen
     log_path: Path
+    node: str
+    broker_url: str
 
     def log(self) -> str:
         """Everything the worker printed so far."""
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until Celery says the worker is ready (models loaded)."""
+        """Block until the worker answers a Celery ping: it consumes, and so answers, only once its models are loaded."""
+        from celery import Celery
+
+        from worker.runtime import workers_answering
+
+        probe = Celery("probe", broker=self.broker_url)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log():
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            time.sleep(0.3)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+                if workers_answering(probe, hostname=self.node, timeout=0.5):
+                    return
+                time.sleep(0.3)
+        finally:
+            probe.close()
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()[-4000:]}")
 
     def kill(self) -> None:
@@ -212,17 +224,21 @@ class WorkerProcess:
 
 
 def start_worker(env: dict[str, str], log_path: Path, *extra: str) -> WorkerProcess:
-    """Start `lungcam worker --gpu none` with the given LUNGCAM_* environment."""
+    """Start `lungcam worker --gpu none` with the given LUNGCAM_* environment (which names its broker)."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    broker_url = full_env.get("LUNGCAM_BROKER_URL")
+    assert broker_url, "start_worker needs LUNGCAM_BROKER_URL: readiness is a Celery ping through the broker"
+    # A node name of its own, so wait_ready hears this worker, not another one on the same broker.
+    node = f"test-{uuid.uuid4().hex[:12]}@{socket.gethostname()}"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
-        [LUNGCAM, "worker", "--gpu", "none", "--loglevel", "INFO", *extra],
+        [LUNGCAM, "worker", "--gpu", "none", "--loglevel", "INFO", "--hostname", node, *extra],
         env=full_env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         cwd=REPO,
     )
-    return WorkerProcess(process, log_path)
+    return WorkerProcess(process, log_path, node, broker_url)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition") -> None:

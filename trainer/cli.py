@@ -7,12 +7,8 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-
-# Before anything imports TensorFlow: silence its C++ INFO/WARNING start-up chatter.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
 ARCH_CHOICES = (
@@ -379,6 +375,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lungcam-train` console script; returns the exit status."""
+    from shared.settings import quiet_tensorflow_logs
+
+    quiet_tensorflow_logs()  # before anything imports TensorFlow: its C++ start-up chatter
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

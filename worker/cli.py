@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -34,11 +33,11 @@ def _run_ingest(args: argparse.Namespace) -> int:
         from worker.pacs.commands import run_dicomweb_ingest
 
         return run_dicomweb_ingest(args)
-    from worker.ops import exit_codes
+    from worker import runtime
 
     if args.filter:
         print("lungcam: error: --filter applies to dicomweb+http(s):// sources only", file=sys.stderr)
-        return exit_codes.ERROR
+        return runtime.ERROR
     from worker.ops.commands import run_ingest
 
     return run_ingest(args)
@@ -263,23 +262,25 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lungcam` console script."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from shared.settings import diagnostics, export_setting, quiet_tensorflow_logs
+
+    quiet_tensorflow_logs()
     args = build_parser().parse_args(argv)
     if args.verbose:
-        os.environ["LUNGCAM_VERBOSE"] = "1"  # inherited by the worker and API that demo/screen start
+        export_setting("verbose", "1")  # inherited by the worker and API that demo/screen start
     logging.basicConfig(
         level=getattr(args, "loglevel", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from worker.ops import exit_codes
+    from worker import runtime
 
     expected = _expected_errors()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        return exit_codes.INTERRUPTED
+        return runtime.INTERRUPTED
     except expected as exc:
         # An operator gets one line; anything else is a bug and keeps its traceback.
-        if os.environ.get("LUNGCAM_DEBUG"):
+        if diagnostics().debug:
             raise
         detail = str(exc)
         # Driver messages can carry hosts and credentials: name the setting instead.
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         elif type(exc).__module__.startswith("kombu"):
             detail = f"the broker is unreachable (LUNGCAM_BROKER_URL): {type(exc).__name__}"
         print(f"lungcam: error: {detail}", file=sys.stderr)
-        return exit_codes.ERROR
+        return runtime.ERROR
 
 
 if __name__ == "__main__":

@@ -17,19 +17,41 @@ from shared.settings import Settings
 from shared.sources import SourcePolicy
 from shared.store import ObjectStore
 from worker.api.security import token_matches
+from worker.runtime import Services
 
 
 @dataclass
 class Resources:
-    """What one app creates once at start-up and shares between requests."""
+    """What one app creates once at start-up and shares between requests: the runtime's services and more."""
 
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    celery: Celery
-    store: ObjectStore
+    services: Services
     sources: SourcePolicy
     metrics_registry: CollectorRegistry
+
+    @property
+    def settings(self) -> Settings:
+        """The app's settings."""
+        return self.services.settings
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine."""
+        return self.services.engine
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory."""
+        return self.services.sessions
+
+    @property
+    def store(self) -> ObjectStore:
+        """The object store."""
+        return self.services.store
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app that publishes classify messages."""
+        return self.services.celery()
 
 
 def get_resources(request: Request) -> Resources:

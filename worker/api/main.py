@@ -14,11 +14,9 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from shared import db
-from shared.queueing import make_app
 from shared.settings import Settings, get_settings
 from shared.sources import SourceNotAllowed, SourcePolicy
-from shared.store import StoreError, store_from_settings
+from shared.store import StoreError
 from worker.api.deps import Resources, require_token
 from worker.api.gate import AuthenticateFirstMiddleware
 from worker.api.limits import BodySizeLimitMiddleware
@@ -26,6 +24,7 @@ from worker.api.logs import install_access_log_redaction
 from worker.api.metrics import make_registry
 from worker.api.routes import batches, files, health, scans
 from worker.api.submission import ImageTooLarge, ReceivedOverDicom
+from worker.runtime import open_engine, open_services
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +41,19 @@ expiring inside `overlay_url`, built on `LUNGCAM_PUBLIC_URL` (never on the Host 
 
 
 def open_resources(settings: Settings) -> Resources:
-    """Create the engine (schema checked), session factory, Celery app, store and metrics registry."""
+    """The runtime's services (schema checked), the source policy and the metrics registry."""
     # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
-    engine = db.make_engine(settings.resolved_database_url(), hide_parameters=True)
-    try:
-        db.require_current_schema(engine)
-    except Exception:
-        engine.dispose()
-        raise
-    sessions = db.make_session_factory(engine)
+    services = open_services(settings, hide_parameters=True)
     return Resources(
-        settings=settings,
-        engine=engine,
-        sessions=sessions,
-        celery=make_app(settings),
-        store=store_from_settings(settings),
+        services=services,
         sources=SourcePolicy.from_settings(settings),
-        metrics_registry=make_registry(sessions),
+        metrics_registry=make_registry(services.sessions),
     )
 
 
 def close_resources(resources: Resources) -> None:
     """Release broker connections and database pools."""
-    resources.celery.close()
-    resources.engine.dispose()
+    resources.services.close()
 
 
 def _error_body(detail: object) -> dict[str, object]:
@@ -167,10 +155,6 @@ def serve(host: str, port: int, loglevel: str = "INFO") -> int:
 
     settings = get_settings()
     # Checked here too, so a schema that is behind is one line on the terminal, not a lifespan traceback.
-    engine = db.make_engine(settings.resolved_database_url())
-    try:
-        db.require_current_schema(engine)
-    finally:
-        engine.dispose()
+    open_engine(settings).dispose()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=loglevel.lower())
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from shared.errors import LungcamError
+from shared.settings import set_visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,7 @@ def pin_gpu(gpu: str | int | None) -> str:
     value = "" if gpu is None or str(gpu).lower() in ("none", "cpu", "-1", "") else str(gpu)
     if value and not all(part.strip().isdigit() for part in value.split(",")):
         raise BadGpuIndex(f"--gpu takes a device index such as 0, or 'none', not {gpu!r}")
-    os.environ["CUDA_VISIBLE_DEVICES"] = value if value else "-1"
-    return os.environ["CUDA_VISIBLE_DEVICES"]
+    return set_visible_gpus(value)
 
 
 def configure_tensorflow() -> list[str]:

@@ -4,81 +4,44 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
-
 from shared.settings import Settings
-from shared.store import ObjectStore
-from worker.ops import exit_codes
-
-# A batch with queued scans and none running for this long gets a line saying what it waits for.
-IDLE_NOTICE_S = 15.0
-
-
-@dataclass
-class Services:
-    """What operator commands talk to: settings, database sessions, the store and the Celery app."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    store: ObjectStore
-    app: Celery
-
-
-def open_services() -> Services:
-    """Settings, a session factory on a schema at head, the store and the Celery app."""
-    from shared import db
-    from shared.queueing import make_app
-    from shared.settings import get_settings
-    from shared.store import store_from_settings
-
-    settings = get_settings()
-    engine = db.make_engine(settings.resolved_database_url())
-    db.require_current_schema(engine)
-    return Services(settings, db.make_session_factory(engine), store_from_settings(settings), make_app(settings))
-
-
-def _progress_bar(total: int, description: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="scan", file=sys.stderr, dynamic_ncols=True)
+from worker import runtime
+from worker.runtime import follow, progress_bar, running_services
 
 
 def run_ingest(args: argparse.Namespace) -> int:
     """`lungcam ingest SOURCE`: queue every image of a folder, s3:// prefix or CSV list as one batch."""
     from worker.ops.ingest import batch_id_for, ingest, survey
 
-    services = open_services()
-    found = survey(args.source, services.settings)
-    items = found.items
-    if not items:
-        print(f"lungcam: no images found in {args.source} ({found.summary()})", file=sys.stderr)
-        return exit_codes.NOT_FOUND
-    _check_referenced_sources(items, services.settings, reference_local=args.reference)
-    name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
-    with _progress_bar(len(items), "queueing") as bar:
-        batch_id, result = ingest(
-            items,
-            store=services.store,
-            sessions=services.sessions,
-            app=services.app,
-            batch_name=name,
-            batch_id=batch_id_for(args.source, name),
-            reference_local=args.reference,
-            force=args.force,
-            on_progress=bar.update,
-        )
-    print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
-    print(f"ingest: {found.summary(queued=len(result.queued))}")
-    print(batch_id)
-    if args.wait:
-        return follow(services.sessions, batch_id, args.timeout)
-    return 0
+    with running_services() as services:
+        found = survey(args.source, services.settings)
+        items = found.items
+        if not items:
+            print(f"lungcam: no images found in {args.source} ({found.summary()})", file=sys.stderr)
+            return runtime.NOT_FOUND
+        _check_referenced_sources(items, services.settings, reference_local=args.reference)
+        name = args.name or args.source.rstrip("/").rsplit("/", 1)[-1]
+        with progress_bar(len(items), "queueing") as bar:
+            batch_id, result = ingest(
+                items,
+                store=services.store,
+                sessions=services.sessions,
+                app=services.celery(),
+                batch_name=name,
+                batch_id=batch_id_for(args.source, name),
+                reference_local=args.reference,
+                force=args.force,
+                on_progress=bar.update,
+            )
+        print(f"batch {batch_id}: {len(result.queued)} queued, {len(result.already)} already known")
+        print(f"ingest: {found.summary(queued=len(result.queued))}")
+        print(batch_id)
+        if args.wait:
+            return follow(services.sessions, batch_id, args.timeout)
+        return 0
 
 
 def _check_referenced_sources(items: list[Any], settings: Settings, *, reference_local: bool) -> None:
@@ -97,63 +60,10 @@ def _check_referenced_sources(items: list[Any], settings: Settings, *, reference
         )
 
 
-def follow(sessions: sessionmaker[Session], batch_id: str, timeout: float | None) -> int:
-    """Show a progress bar until the batch has no queued or running scans."""
-    from shared.results import get_batch_progress
-
-    with sessions() as session:
-        progress = get_batch_progress(session, batch_id)
-    if progress is None:
-        print(f"lungcam: no batch {batch_id}", file=sys.stderr)
-        return exit_codes.NOT_FOUND
-    deadline = time.monotonic() + timeout if timeout else None
-    idle_since, said_at = time.monotonic(), 0.0
-    with _progress_bar(progress.total, "screening") as bar:
-        while True:
-            with sessions() as session:
-                progress = get_batch_progress(session, batch_id)
-            assert progress is not None  # batches are never deleted while followed
-            now = time.monotonic()
-            if progress.finished != bar.n or progress.counts["running"]:
-                idle_since = now
-            elif now - idle_since >= IDLE_NOTICE_S and now - said_at >= IDLE_NOTICE_S:
-                # Nothing running and nothing finishing: say what the wait is for instead of a frozen bar.
-                bar.write(
-                    f"lungcam: waiting for a worker: {progress.counts['queued']} queued, none running for "
-                    f"{now - idle_since:.0f} s (is a `lungcam worker` consuming this broker? still loading models?)",
-                    file=sys.stderr,
-                )
-                said_at = now
-            bar.n = progress.finished
-            bar.set_postfix(
-                done=progress.counts["done"],
-                failed=progress.counts["failed"],
-                skipped=progress.counts["skipped"],
-                refresh=False,
-            )
-            bar.refresh()
-            if progress.complete:
-                break
-            if deadline and time.monotonic() > deadline:
-                print(f"lungcam: batch {batch_id} not finished after {timeout:.0f} s", file=sys.stderr)
-                return exit_codes.TIMEOUT
-            time.sleep(1.0)
-    counts = progress.counts
-    print(
-        f"batch {batch_id}: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped of {progress.total}"
-    )
-    if progress.counts["failed"]:
-        print(
-            f"lungcam: {progress.counts['failed']} scan(s) failed; `lungcam results {batch_id}` gives each reason",
-            file=sys.stderr,
-        )
-        return exit_codes.SOME_FAILED
-    return exit_codes.OK
-
-
 def run_status(args: argparse.Namespace) -> int:
     """`lungcam status BATCH`: follow a batch until it ends."""
-    return follow(open_services().sessions, args.batch, args.timeout)
+    with running_services(with_app=False) as services:
+        return follow(services.sessions, args.batch, args.timeout)
 
 
 def run_results(args: argparse.Namespace) -> int:
@@ -163,13 +73,12 @@ def run_results(args: argparse.Namespace) -> int:
     from shared.results import batch_model_keys, list_batch_scans
     from worker.ops.tables import RESULT_COLUMNS, format_table, result_rows
 
-    services = open_services()
-    with services.sessions() as session:
+    with running_services(with_app=False) as services, services.sessions() as session:
         current = batch_model_keys(session, args.batch)
         rows = result_rows(list_batch_scans(session, args.batch, all_models=args.all_models), current)
     if not rows:
         print(f"lungcam: no scans in batch {args.batch}", file=sys.stderr)
-        return exit_codes.NOT_FOUND
+        return runtime.NOT_FOUND
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, RESULT_COLUMNS, extrasaction="ignore", restval="")
@@ -205,27 +114,27 @@ def run_report(args: argparse.Namespace) -> int:
     from shared.sources import SourceFetcher
     from worker.ops.report import write_report
 
-    services = open_services()
-    with services.sessions() as session:
-        progress = get_batch_progress(session, args.batch)
-        scans = list_batch_scans(session, args.batch, all_models=args.all_models) if progress else []
-        current, demonstration = batch_model_keys(session, args.batch), demonstration_keys(session, args.batch)
-    if progress is None:
-        print(f"lungcam: no batch {args.batch}", file=sys.stderr)
-        return exit_codes.NOT_FOUND
-    fetcher = SourceFetcher(services.store, services.settings)
-    with _progress_bar(len(scans), "report") as bar:
-        path = write_report(
-            Path(args.html),
-            progress,
-            scans,
-            store=services.store,
-            fetcher=fetcher,
-            current_models=current or None,
-            demonstration_models=demonstration,
-            on_progress=bar.update,
-            model_facts=_batch_model_facts(services.settings, set(current)),
-        )
+    with running_services(with_app=False) as services:
+        with services.sessions() as session:
+            progress = get_batch_progress(session, args.batch)
+            scans = list_batch_scans(session, args.batch, all_models=args.all_models) if progress else []
+            current, demonstration = batch_model_keys(session, args.batch), demonstration_keys(session, args.batch)
+        if progress is None:
+            print(f"lungcam: no batch {args.batch}", file=sys.stderr)
+            return runtime.NOT_FOUND
+        fetcher = SourceFetcher(services.store, services.settings)
+        with progress_bar(len(scans), "report") as bar:
+            path = write_report(
+                Path(args.html),
+                progress,
+                scans,
+                store=services.store,
+                fetcher=fetcher,
+                current_models=current or None,
+                demonstration_models=demonstration,
+                on_progress=bar.update,
+                model_facts=_batch_model_facts(services.settings, set(current)),
+            )
     print(f"report: {path.resolve()}")
     return 0
 
@@ -244,8 +153,8 @@ def run_requeue(args: argparse.Namespace) -> int:
     """`lungcam requeue --older-than S`: re-send scans still queued after S seconds that have no live message."""
     from shared.requeue import requeue_stale
 
-    services = open_services()
-    result = requeue_stale(services.sessions, services.app, older_than_s=args.older_than)
+    with running_services() as services:
+        result = requeue_stale(services.sessions, services.celery(), older_than_s=args.older_than)
     print(
         f"re-published {len(result.published)} scan(s) still queued after {args.older_than:.0f} s without a "
         f"live message; moved {len(result.restored)} held too long back to their queue; left "

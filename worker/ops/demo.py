@@ -9,7 +9,6 @@ a demonstration model trained on synthetic images, screening synthetic images.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import signal
@@ -23,12 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.errors import LungcamError
-from shared.settings import Settings
+from shared.settings import Settings, child_environment
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
+from worker import runtime
 
 if TYPE_CHECKING:
+    from celery import Celery
+
+    from shared.db import Scan
+    from shared.results import BatchProgress, ModelKey
     from worker.ops.ingest import IngestItem
     from worker.ops.model_facts import ModelFacts
+    from worker.ops.truth import Agreement
 
 DEMO_MODEL_DIR = "models/demo"
 SAMPLE_NOTE = (
@@ -107,13 +112,11 @@ def ensure_demo_model(settings: Settings) -> str:
 
 def _mark_demonstration(bundle: Path) -> None:
     """Say in the manifest that this is a demonstration model, so workers record it and reports show a banner."""
-    import json
+    from shared.bundle import read_manifest, update_manifest
 
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    if manifest.get("demonstration") is not True:
+    if read_manifest(bundle).get("demonstration") is not True:
         # Only the manifest changes; the model file and its sha256 stay as they are.
-        path.write_text(json.dumps({**manifest, "demonstration": True}, indent=2, sort_keys=True))
+        update_manifest(bundle, {"demonstration": True})
 
 
 def demo_images(settings: Settings, count: int) -> Path:
@@ -155,6 +158,22 @@ def _stop(process: subprocess.Popen, name: str) -> None:
             process.wait()
 
 
+CLI_ERROR_PREFIX = "lungcam: error:"  # how `lungcam` states an expected error in one line
+ERROR_LEVELS = frozenset({"ERROR", "CRITICAL"})
+
+
+def is_error_line(line: str) -> bool:
+    """Whether a child's log line states an error: `lungcam: error: ...`, or a log record at ERROR or CRITICAL.
+
+    Records are recognised by their level among the first three words, in the forms the children write:
+    "<date> <time> ERROR <logger>: ..." (lungcam), "[<date> <time>: ERROR/MainProcess] ..." (Celery) and
+    "ERROR:    ..." (uvicorn).
+    """
+    if line.startswith(CLI_ERROR_PREFIX):
+        return True
+    return any(word.strip("[]:").split("/")[0] in ERROR_LEVELS for word in line.split(maxsplit=3)[:3])
+
+
 def last_error_line(log_path: Path) -> str:
     """The line of a child's log that says why it stopped: its `lungcam: error:` line, else the last line."""
     try:
@@ -162,7 +181,7 @@ def last_error_line(log_path: Path) -> str:
     except OSError:
         return "(no log)"
     for line in reversed(lines):
-        if line.startswith("lungcam: error:") or (line.startswith(("lungcam.", "ERROR")) and "rror" in line):
+        if is_error_line(line):
             return line
     # A traceback ends with the exception line.
     return lines[-1] if lines else "(empty log)"
@@ -175,6 +194,7 @@ class _Child:
     name: str
     process: subprocess.Popen
     log: Path
+    node: str | None = None  # a worker's Celery node name, which answers pings
 
     def check_alive(self) -> None:
         """Raise DemoError with the child's own last error line if it has exited."""
@@ -185,10 +205,31 @@ class _Child:
             )
 
 
-def _wait_until_ready(base_url: str, worker: _Child, api: _Child, n_models: int, timeout: float = 300.0) -> None:
-    """Wait for the API's /readyz and the worker's Celery "ready", saying what is awaited every few seconds."""
+def _worker_progress(worker: _Child, n_models: int) -> str:
+    """What the worker is doing, from its log: starting TensorFlow, or how many models are warm."""
+    log = worker.log.read_text(errors="replace")
+    loaded = log.count("ready (warm-up")
+    stage = "starting TensorFlow" if loaded == 0 and "model" not in log else "loading and warming up models"
+    return f"{stage}: {loaded}/{n_models} models ready"
+
+
+def _api_ready(base_url: str) -> bool:
+    """Whether the API answers /readyz with 200 (broker, database and store reachable)."""
     import httpx
 
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_until_ready(
+    base_url: str, worker: _Child, api: _Child, app: Celery, n_models: int, timeout: float = 300.0
+) -> None:
+    """Wait for the API's /readyz and a Celery ping answer from the worker, saying what is awaited every few seconds.
+
+    The worker answers pings once its models are loaded: it starts consuming only then.
+    """
     started = time.monotonic()
     said = 0.0
     api_ready = worker_ready = False
@@ -196,25 +237,15 @@ def _wait_until_ready(base_url: str, worker: _Child, api: _Child, n_models: int,
         elapsed = time.monotonic() - started
         worker.check_alive()
         api.check_alive()
-        if not api_ready:
-            try:
-                api_ready = httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                pass
-        if not worker_ready:
-            log = worker.log.read_text(errors="replace")
-            worker_ready = " ready." in log
-            loaded = log.count("ready (warm-up")
+        api_ready = api_ready or _api_ready(base_url)
+        worker_ready = worker_ready or bool(runtime.workers_answering(app, hostname=worker.node, timeout=0.5))
         if api_ready and worker_ready:
             _say(f"worker and API ready after {elapsed:.0f} s")
             return
         if elapsed > timeout:
             raise DemoError(f"not ready after {timeout:.0f} s (logs: {worker.log.parent})")
         if elapsed - said >= 5.0:
-            waiting = []
-            if not worker_ready:
-                stage = "starting TensorFlow" if loaded == 0 and "model" not in log else "loading and warming up models"
-                waiting.append(f"the worker ({stage}: {loaded}/{n_models} models ready)")
+            waiting = [] if worker_ready else [f"the worker ({_worker_progress(worker, n_models)})"]
             if not api_ready:
                 waiting.append("the API (broker, database and store checks)")
             _say(f"waiting for {' and '.join(waiting)}: {elapsed:.0f} s")
@@ -296,132 +327,172 @@ def describe_models(manifests: list[dict]) -> list[ModelFacts]:
     return facts
 
 
-def screen(
-    images: Path | None, *, gpu: str, count: int, timeout: float, all_models: bool = False, synthetic: bool = False
-) -> int:
-    """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
-    import httpx
-    from tqdm import tqdm
+@dataclass
+class _Started:
+    """The worker and API a run started, what they were given, and the settings to reach them."""
 
-    from shared import db
+    settings: Settings
+    token: str
+    base_url: str
+    worker: _Child
+    api: _Child
+
+    def check_alive(self) -> None:
+        """Raise DemoError when the worker or the API has exited."""
+        self.worker.check_alive()
+        self.api.check_alive()
+
+
+def _start_children(settings: Settings, models: str, gpu: str, cleanup: ExitStack) -> _Started:
+    """Start the broker (if embedded), a worker and the API; each is stopped when cleanup closes."""
     from shared.embedded_redis import stop_embedded_redis
-    from shared.queueing import broker_url_for, make_app
-    from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
-    from shared.settings import get_settings
-    from shared.sources import SourceFetcher
-    from shared.store import store_from_settings
-    from worker.ops import exit_codes
-    from worker.ops.ingest import ingest
-    from worker.ops.report import write_report
-    from worker.ops.tables import TABLE_COLUMNS, format_table, result_rows
-    from worker.ops.truth import agreement, true_labels
+    from shared.queueing import broker_url_for
 
-    settings = get_settings()
     data_dir = settings.resolved_data_dir()
-    models, folder = choose_models_and_folder(settings, images, synthetic=synthetic, count=count)
-    items, manifests = _precheck(settings, models, folder)
+    broker = broker_url_for(settings)
+    if not settings.broker_url:
+        cleanup.callback(stop_embedded_redis)
+        _say(f"embedded Redis running ({broker})")
+    token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
+    env = child_environment(broker_url=broker, models=models, api_token=token, data_dir=str(data_dir))
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    # A name of its own, so readiness is this worker's answer to a ping, not another's on the same broker.
+    node = f"lungcam-demo-{secrets.token_hex(4)}@{socket.gethostname()}"
+    worker_args = ["worker", "--gpu", gpu, "--hostname", node]
+    worker = _Child("worker", _start(worker_args, env, logs / "worker.log"), logs / "worker.log", node)
+    cleanup.callback(_stop, worker.process, "worker")
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    api_args = ["api", "--port", str(port), "--loglevel", "WARNING"]
+    api_env = {**env, **child_environment(public_url=settings.public_url or base_url)}
+    api = _Child("API", _start(api_args, api_env, logs / "api.log"), logs / "api.log")
+    cleanup.callback(_stop, api.process, "API")
     n_models = len(Settings.csv_list(models))
-    facts = describe_models(manifests)
+    _say(f"starting a worker (--gpu {gpu}, {n_models} model(s)) and the API ({base_url}/docs); logs in {logs}")
+    return _Started(settings.model_copy(update={"broker_url": broker, "models": models}), token, base_url, worker, api)
+
+
+def _queue(items: list[IngestItem], folder: Path, services: runtime.Services) -> str:
+    """Queue the folder's images as one batch (screened again if seen before); returns its id."""
+    from worker.ops.ingest import ingest
+
+    with runtime.progress_bar(len(items), "queueing") as bar:
+        batch_id, _ = ingest(
+            items,
+            store=services.store,
+            sessions=services.sessions,
+            app=services.celery(),
+            batch_name=folder.name,
+            rescreen=True,
+            on_progress=bar.update,
+        )
+    return batch_id
+
+
+@dataclass
+class _Screening:
+    """What a run screened and what it knows about it: the folder, its true labels and the models' facts."""
+
+    folder: Path
+    truth: dict[str, str]
+    facts: list[ModelFacts]
+    all_models: bool
+
+    @property
+    def on_sample_films(self) -> bool:
+        """Whether the folder is the shipped sample films (their agreement gets SAMPLE_NOTE)."""
+        return self.folder.resolve() == sample_films_dir().resolve()
+
+
+def _print_table(scans: list[Scan], current: list[ModelKey], screening: _Screening) -> list[Agreement]:
+    """Print the results table (with the true labels when known); returns the agreement with them."""
+    from worker.ops.tables import TABLE_COLUMNS, format_table, result_rows
+    from worker.ops.truth import agreement
+
+    truth = screening.truth
+    rows, columns = result_rows(scans, current), list(TABLE_COLUMNS)
+    if truth:
+        for row in rows:
+            row["true_label"] = truth.get(row["scan_id"], "")
+        columns.insert(columns.index("label") + 1 if "label" in columns else len(columns), "true_label")
+    print(format_table(rows, columns))
+    return agreement(scans, truth, current or None) if truth else []
+
+
+def _report(services: runtime.Services, batch_id: str, screening: _Screening) -> BatchProgress:
+    """Print the table and the summary, write the HTML report; returns the batch's final progress."""
+    from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
+    from shared.sources import SourceFetcher
+    from worker.ops.report import write_report
+
+    with services.sessions() as session:
+        progress = get_batch_progress(session, batch_id)
+        scans = list_batch_scans(session, batch_id, all_models=screening.all_models)
+        current, demonstration = batch_model_keys(session, batch_id), demonstration_keys(session, batch_id)
+    assert progress is not None  # just created
+    agreements = _print_table(scans, current, screening)
+    report = write_report(
+        services.settings.resolved_data_dir() / "reports" / f"{batch_id}.html",
+        progress,
+        scans,
+        store=services.store,
+        fetcher=SourceFetcher(services.store, services.settings),
+        current_models=current or None,
+        demonstration_models=demonstration,
+        model_facts=screening.facts,
+        true_labels=screening.truth,
+        agreements=agreements,
+        agreement_note=SAMPLE_NOTE if screening.on_sample_films else None,
+    )
+    counts = progress.counts
+    print(
+        f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
+        f"of {progress.total} (batch {batch_id})"
+    )
+    for entry in agreements:
+        print(entry.line())
+    if agreements and screening.on_sample_films:
+        print(f"({SAMPLE_NOTE})")
+    print(f"HTML report: {report.resolve()}")
+    return progress
+
+
+def _announce_true_labels(folder: Path, items: list[IngestItem]) -> dict[str, str]:
+    """The folder's true labels (manifest.csv or covid/ normal/ folders), said on stderr when there are any."""
+    from worker.ops.truth import true_labels
+
     truth = true_labels(folder, items)
     if truth:
         _say(
             f"true labels for {len(truth)} of {len(items)} image(s) (from {folder.name}'s manifest.csv or "
             "covid/ normal/ folders): the table shows them and the agreement"
         )
+    return truth
 
+
+def screen(
+    images: Path | None, *, gpu: str, count: int, timeout: float, all_models: bool = False, synthetic: bool = False
+) -> int:
+    """Start broker (if embedded), worker and API; screen one folder; print results; stop everything."""
+    from shared.settings import get_settings
+
+    settings = get_settings()
+    models, folder = choose_models_and_folder(settings, images, synthetic=synthetic, count=count)
+    items, manifests = _precheck(settings, models, folder)
+    screening = _Screening(folder, {}, describe_models(manifests), all_models)
+    screening.truth = _announce_true_labels(folder, items)
     with ExitStack() as cleanup:
-        broker = broker_url_for(settings)
-        if not settings.broker_url:
-            cleanup.callback(stop_embedded_redis)
-            _say(f"embedded Redis running ({broker})")
-        token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
-        env = {
-            **os.environ,
-            "LUNGCAM_BROKER_URL": broker,
-            "LUNGCAM_MODELS": models,
-            "LUNGCAM_API_TOKEN": token,
-            "LUNGCAM_DATA_DIR": str(data_dir),
-        }
-        logs = data_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        worker = _Child("worker", _start(["worker", "--gpu", gpu], env, logs / "worker.log"), logs / "worker.log")
-        cleanup.callback(_stop, worker.process, "worker")
-        port = _free_port()
-        api_args = ["api", "--port", str(port), "--loglevel", "WARNING"]
-        api_env = {**env, "LUNGCAM_PUBLIC_URL": settings.public_url or f"http://127.0.0.1:{port}"}
-        api = _Child("API", _start(api_args, api_env, logs / "api.log"), logs / "api.log")
-        cleanup.callback(_stop, api.process, "API")
-        base_url = f"http://127.0.0.1:{port}"
-        _say(f"starting a worker (--gpu {gpu}, {n_models} model(s)) and the API ({base_url}/docs); logs in {logs}")
-        _wait_until_ready(base_url, worker, api, n_models)
-
-        runtime = Settings(**{**settings.model_dump(), "broker_url": broker, "models": models})
-        engine = db.make_engine(runtime.resolved_database_url())
-        cleanup.callback(engine.dispose)
-        sessions = db.make_session_factory(engine)
-        store = store_from_settings(runtime)
-        with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
-            batch_id, _ = ingest(
-                items,
-                store=store,
-                sessions=sessions,
-                app=make_app(runtime, broker_url=broker),
-                batch_name=folder.name,
-                rescreen=True,
-                on_progress=bar.update,
-            )
-        headers = {"Authorization": f"Bearer {token}"}
-        deadline = time.monotonic() + timeout
-        with tqdm(total=len(items), desc="screening", unit="scan", file=sys.stderr) as bar:
-            while True:
-                worker.check_alive()
-                progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
-                finished = sum(progress["counts"].get(status, 0) for status in db.FINISHED_STATUSES)
-                bar.update(finished - bar.n)
-                if progress["complete"]:
-                    break
-                if time.monotonic() > deadline:
-                    raise DemoError(f"batch {batch_id} not finished after {timeout:.0f} s")
-                time.sleep(0.5)
-
-        with sessions() as session:
-            batch_progress = get_batch_progress(session, batch_id)
-            scans = list_batch_scans(session, batch_id, all_models=all_models)
-            current, demonstration = batch_model_keys(session, batch_id), demonstration_keys(session, batch_id)
-        assert batch_progress is not None  # just created
-        on_sample = folder.resolve() == sample_films_dir().resolve()
-        rows, columns = result_rows(scans, current), list(TABLE_COLUMNS)
-        agreements = agreement(scans, truth, current or None) if truth else []
-        if truth:
-            for row in rows:
-                row["true_label"] = truth.get(row["scan_id"], "")
-            columns.insert(columns.index("label") + 1 if "label" in columns else len(columns), "true_label")
-        print(format_table(rows, columns))
-        report = write_report(
-            data_dir / "reports" / f"{batch_id}.html",
-            batch_progress,
-            scans,
-            store=store,
-            fetcher=SourceFetcher(store, runtime),
-            current_models=current or None,
-            demonstration_models=demonstration,
-            model_facts=facts,
-            true_labels=truth,
-            agreements=agreements,
-            agreement_note=SAMPLE_NOTE if on_sample else None,
-        )
-        counts = batch_progress.counts
-        print(
-            f"\n{counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped "
-            f"of {batch_progress.total} (batch {batch_id})"
-        )
-        for entry in agreements:
-            print(entry.line())
-        if agreements and on_sample:
-            print(f"({SAMPLE_NOTE})")
-        print(f"HTML report: {report.resolve()}")
+        started = _start_children(settings, models, gpu, cleanup)
+        services = cleanup.enter_context(runtime.running_services(started.settings))
+        n_models = len(Settings.csv_list(models))
+        _wait_until_ready(started.base_url, started.worker, started.api, services.celery(), n_models)
+        batch_id = _queue(items, folder, services)
+        if runtime.wait_for_batch(services.sessions, batch_id, timeout, check=started.check_alive, poll_s=0.5) is None:
+            raise DemoError(f"batch {batch_id} not finished after {timeout:.0f} s")
+        progress = _report(services, batch_id, screening)
     _say("worker, API and embedded services stopped")
-    if counts["failed"]:
-        _say(f"{counts['failed']} scan(s) failed (reasons in the table); exit code {exit_codes.SOME_FAILED}")
-        return exit_codes.SOME_FAILED
-    return exit_codes.OK
+    failed = progress.counts.get("failed", 0)
+    if failed:
+        _say(f"{failed} scan(s) failed (reasons in the table); exit code {runtime.SOME_FAILED}")
+    return runtime.batch_exit_code(progress)

@@ -86,6 +86,66 @@ def _shrink(data: bytes) -> bytes:
     return cv2.imencode(".jpg", fit_within(image, THUMBNAIL_SIDE), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
+def _prediction_cells(scan: db.Scan, current: set[ModelKey] | None) -> list[dict[str, Any]]:
+    """What the page shows of each of the scan's predictions; older when its model is not among current."""
+    return [
+        {
+            "model_name": p.model_name,
+            "model_version": p.model_version,
+            "label": p.label,
+            "p_covid": p.p_covid,
+            "threshold": p.threshold,
+            "cam_note": p.cam_note,
+            "older": current is not None and (p.model_name, p.model_version) not in current,
+        }
+        for p in scan.predictions
+    ]
+
+
+def _write_original(scan: db.Scan, fetcher: SourceFetcher, assets: Path) -> _Image | None:
+    """The scan's image as a thumbnail and a full-size JPEG in assets; None when it cannot be read."""
+    try:
+        data = fetcher.fetch(scan.source_uri)
+        # The shared size guard first: a deflate bomb or a lying header gets no thumbnail, and costs nothing.
+        check_image_header(data)
+        image = to_uint8(decode_image(data))
+        # Browsers cannot show DICOM or 16-bit PNG: both sizes are written as 8-bit JPEG.
+        (assets / f"{scan.scan_id}.jpg").write_bytes(_jpeg(fit_within(image, THUMBNAIL_SIDE)))
+        (assets / f"{scan.scan_id}.full.jpg").write_bytes(_jpeg(image, 92))
+    except _READ_ERRORS:
+        return None
+    stem = f"{assets.name}/{scan.scan_id}"
+    return _Image(f"{stem}.jpg", f"{stem}.full.jpg")
+
+
+def _write_overlays(scan: db.Scan, store: ObjectStore, assets: Path) -> list[_Overlay]:
+    """Each prediction's Grad-CAM overlay, as stored and as a thumbnail, in assets (without files when unreadable)."""
+    overlays = []
+    for p in scan.predictions:
+        overlay = _Overlay(p.model_name, p.model_version)
+        if p.overlay_key:
+            name = f"{scan.scan_id}.{p.model_name}.{p.model_version}"
+            suffix = Path(p.overlay_key).suffix or ".png"
+            try:
+                data = store.get(p.overlay_key)
+                (assets / f"{name}{suffix}").write_bytes(data)
+                (assets / f"{name}.thumb.jpg").write_bytes(_shrink(data))
+                overlay.thumb, overlay.full = f"{assets.name}/{name}.thumb.jpg", f"{assets.name}/{name}{suffix}"
+            except _READ_ERRORS:
+                pass
+        overlays.append(overlay)
+    return overlays
+
+
+def _label_counts(rows: Sequence[_Row]) -> dict[str, Counter[str]]:
+    """How many scans each model labelled with each label, by "name version"."""
+    counts: dict[str, Counter[str]] = {}
+    for row in rows:
+        for p in row.predictions:
+            counts.setdefault(f"{p['model_name']} {p['model_version']}", Counter())[p["label"]] += 1
+    return counts
+
+
 def write_report(
     out_html: Path,
     progress: BatchProgress,
@@ -114,55 +174,22 @@ def write_report(
     current = set(current_models) if current_models is not None else None
 
     def prepare(scan: db.Scan) -> _Row:
-        predictions = [
-            {
-                "model_name": p.model_name,
-                "model_version": p.model_version,
-                "label": p.label,
-                "p_covid": p.p_covid,
-                "threshold": p.threshold,
-                "cam_note": p.cam_note,
-                "older": current is not None and (p.model_name, p.model_version) not in current,
-            }
-            for p in scan.predictions
-        ]
-        row = _Row(scan.scan_id, scan.status, scan.error, predictions, true_label=(true_labels or {}).get(scan.scan_id))
-        stem = f"{assets.name}/{scan.scan_id}"
-        try:
-            data = fetcher.fetch(scan.source_uri)
-            # The shared size guard first: a deflate bomb or a lying header gets no thumbnail, and costs nothing.
-            check_image_header(data)
-            image = to_uint8(decode_image(data))
-            # Browsers cannot show DICOM or 16-bit PNG: both sizes are written as 8-bit JPEG.
-            (assets / f"{scan.scan_id}.jpg").write_bytes(_jpeg(fit_within(image, THUMBNAIL_SIDE)))
-            (assets / f"{scan.scan_id}.full.jpg").write_bytes(_jpeg(image, 92))
-            row.original = _Image(f"{stem}.jpg", f"{stem}.full.jpg")
-        except _READ_ERRORS:
-            pass
-        for p in scan.predictions:
-            overlay = _Overlay(p.model_name, p.model_version)
-            if p.overlay_key:
-                name = f"{scan.scan_id}.{p.model_name}.{p.model_version}"
-                suffix = Path(p.overlay_key).suffix or ".png"
-                try:
-                    data = store.get(p.overlay_key)
-                    (assets / f"{name}{suffix}").write_bytes(data)
-                    (assets / f"{name}.thumb.jpg").write_bytes(_shrink(data))
-                    overlay.thumb, overlay.full = f"{assets.name}/{name}.thumb.jpg", f"{assets.name}/{name}{suffix}"
-                except _READ_ERRORS:
-                    pass
-            row.overlays.append(overlay)
+        row = _Row(
+            scan.scan_id,
+            scan.status,
+            scan.error,
+            _prediction_cells(scan, current),
+            true_label=(true_labels or {}).get(scan.scan_id),
+            original=_write_original(scan, fetcher, assets),
+            overlays=_write_overlays(scan, store, assets),
+        )
         if on_progress:
             on_progress(1)
         return row
 
     with ThreadPoolExecutor(threads) as pool:
         rows = list(pool.map(prepare, scans))
-    label_counts: dict[str, Counter[str]] = {}
-    for row in rows:
-        for p in row.predictions:
-            label_counts.setdefault(f"{p['model_name']} {p['model_version']}", Counter())[p["label"]] += 1
-    labels = sorted({*LABELS, *(label for counts in label_counts.values() for label in counts)})
+    label_counts = _label_counts(rows)
     shown = {(p["model_name"], p["model_version"]) for row in rows for p in row.predictions}
     html = (
         _environment()
@@ -175,7 +202,7 @@ def write_report(
             demonstration_text=DEMONSTRATION_TEXT,
             status_counts=[(name, count) for name, count in progress.counts.items() if name != "total"],
             label_counts=sorted(label_counts.items()),
-            labels=labels,
+            labels=sorted({*LABELS, *(label for counts in label_counts.values() for label in counts)}),
             rows=rows,
             model_facts=list(model_facts),
             # A demonstration model has its own banner (above); this one says which audits failed or never ran.

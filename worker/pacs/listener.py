@@ -358,11 +358,10 @@ def start_listener(receiver: Receiver, host: str, port: int) -> Any:
 
 def run_listener(host: str, port: int | None = None) -> int:
     """`lungcam dicom-listen`: serve until SIGTERM or Ctrl-C."""
-    from worker.pacs.services import open_services
+    from worker.runtime import open_services
 
     services = open_services()
-    assert services.app is not None
-    receiver = Receiver(services.settings, services.sessions, services.store, services.app)
+    receiver = Receiver(services.settings, services.sessions, services.store, services.celery())
     port = port or services.settings.dicom_port
     # pynetdicom logs association details (and, at DEBUG, whole data sets): keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -386,6 +385,6 @@ def run_listener(host: str, port: int | None = None) -> int:
         pass
     finally:
         server.shutdown()
-        services.engine.dispose()
+        services.close()
     log.info("stopped")
     return 0

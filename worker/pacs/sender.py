@@ -313,7 +313,7 @@ def run_sender(once: bool = False) -> int:
     """`lungcam dicom-send [--once]`."""
     import signal
 
-    from worker.pacs.services import open_services
+    from worker.runtime import open_services
 
     services = open_services(with_app=False)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -342,4 +342,4 @@ def run_sender(once: bool = False) -> int:
             pass
         return 0
     finally:
-        services.engine.dispose()
+        services.close()
