@@ -382,3 +382,45 @@ def test_the_cli_says_what_the_server_did_in_one_line_and_exits_2(hostile, tmp_p
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("lungcam")]
     print(line)
     assert "ignores the search's offset" in line and "Traceback" not in result.stderr
+
+
+def test_ingest_wait_exits_4_when_a_pulled_scan_fails(hostile, tmp_path: Path):
+    """`--wait` follows the pulled batch like `lungcam status`: a scan that fails in the worker makes the exit code 4."""
+    archive, source = hostile
+    sops = [archive.add(data) for data in make_study_dicoms(3, seed=35, size=32, per_study=3)]
+    data_dir = tmp_path / "data"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LUNGCAM_")},
+        "PYTHONPATH": str(REPO),
+        "LUNGCAM_DATA_DIR": str(data_dir),
+        "LUNGCAM_BROKER_URL": "memory://",
+    }
+    assert subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
+    engine = db.make_engine(f"sqlite:///{data_dir / 'lungcam.sqlite'}")
+    sessions = db.make_session_factory(engine)
+
+    def queued() -> int:
+        with sessions() as session:
+            return session.scalar(sa.select(sa.func.count()).where(db.Scan.status == db.QUEUED)) or 0
+
+    # Nothing consumes memory://: this process plays the worker, finishing two scans and failing one.
+    try:
+        command = subprocess.Popen(
+            [LUNGCAM, "ingest", source, "--wait", "--timeout", "120"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while queued() < 3 and time.monotonic() < deadline and command.poll() is None:
+            time.sleep(0.2)
+        assert queued() == 3, command.communicate(timeout=10)
+        with sessions.begin() as session:
+            db.mark_scans(session, sops[:2], db.DONE, finished=True)
+            db.mark_scans(session, sops[2:], db.FAILED, error="could not decode", finished=True)
+        stdout, stderr = command.communicate(timeout=60)
+    finally:
+        engine.dispose()
+    assert command.returncode == 4, stderr[-2000:]
+    assert "2 done, 1 failed" in stdout and "1 scan(s) failed" in stderr

@@ -7,6 +7,7 @@ Redis (db 1 and 2), a real `lungcam worker` subprocess with a tiny model, `lungc
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import socket
 import subprocess
@@ -225,7 +226,7 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
 
     from shared.settings import Settings
     from shared.store import LocalStore, overlay_key, scan_key
-    from worker.pacs.sender import Sender, backoff_s, transport_for
+    from worker.pacs.sender import Sender, backoff_bound_s, backoff_s, transport_for
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     db.migrate(url)
@@ -238,7 +239,7 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
         store_url=str(tmp_path / "store"),
         dicom_destination=f"dicom://ORTHANC@127.0.0.1:{closed_port}",
         dicom_send_max_attempts=2,
-        dicom_send_backoff_s=0.2,
+        dicom_send_backoff_s=60,
     )
     files = make_study_dicoms(4, seed=61, size=64)
     sops = [sop_uid_of(d) for d in files]
@@ -278,22 +279,34 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
             db.mark_scans(session, [sops[1]], db.FAILED, error="x", finished=True)  # failed: sends nothing
         transport = transport_for(settings)
         assert transport.label == f"dicom://ORTHANC@127.0.0.1:{closed_port}"
-        sender = Sender(settings, sessions, store, transport)
+        # The sender's clock is driven here: a minute of backoff passes without a minute of waiting.
+        now = [db.utcnow()]
+        sender = Sender(settings, sessions, store, transport, clock=lambda: now[0])
         counts = sender.run_once()
         assert (counts.sent, counts.retry, counts.failed) == (0, 1, 0)
         (row,) = _rows(sessions)
         assert row.scan_id == sops[0] and row.state == db.SEND_RETRY and row.attempts == 1 and row.last_error
-        assert PHI_NAME not in row.last_error and row.next_attempt_at > db.utcnow()
-        assert sender.run_once().handled == 0  # not due before its backoff
-        time.sleep(backoff_s(settings, 1) + 0.1)
+        retry_at = _aware(row.next_attempt_at)
+        assert PHI_NAME not in row.last_error
+        assert now[0] <= retry_at <= now[0] + dt.timedelta(seconds=backoff_bound_s(settings, 1))
+        if retry_at > now[0]:
+            now[0] = retry_at - dt.timedelta(milliseconds=1)
+            assert sender.run_once().handled == 0  # not due before its backoff
+        now[0] = retry_at
         counts = sender.run_once()
         assert (counts.retry, counts.failed) == (0, 1)
         (row,) = _rows(sessions)
         assert row.state == db.SEND_FAILED and row.attempts == 2 and row.next_attempt_at is None
         assert sender.run_once().handled == 0  # given up
-        assert backoff_s(settings, 3) == pytest.approx(0.8) and backoff_s(Settings(dicom_send_backoff_s=60), 20) == 3600
+        assert backoff_bound_s(settings, 3) == 240 and backoff_bound_s(settings, 20) == 3600
+        assert all(0 <= backoff_s(settings, 3) <= 240 for _ in range(100))
     finally:
         engine.dispose()
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """A stored time as timezone-aware UTC (SQLite returns it naive)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
 def _rows(sessions) -> list[db.ResultSend]:

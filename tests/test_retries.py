@@ -31,7 +31,7 @@ from shared.settings import Settings
 from shared.store import LocalStore, StoreError, scan_key
 from worker.consumer.classifier import ScanClassifier, ServedModel
 from worker.consumer.reconciler import Reconciler
-from worker.consumer.tasks import MAX_BACKOFF_S, BatchRunner, backoff_seconds
+from worker.consumer.tasks import MAX_BACKOFF_S, BatchRunner, backoff_bound_seconds, backoff_seconds
 from worker.consumer.transient import is_transient
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_RETRIES_REDIS_URL", redis_url(4))
@@ -234,9 +234,14 @@ def test_s3_errors_are_classified_by_code_and_status(moto_server):
     assert not is_transient_s3_error(client_error("InvalidArgument", 400))
 
 
-def test_backoff_is_exponential_and_capped():
-    assert [backoff_seconds(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
-    assert backoff_seconds(50) == MAX_BACKOFF_S
+def test_backoff_is_jittered_under_an_exponential_capped_bound():
+    assert [backoff_bound_seconds(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert backoff_bound_seconds(50) == MAX_BACKOFF_S
+    for attempt in (1, 2, 3, 4, 50):
+        delays = [backoff_seconds(attempt) for _ in range(200)]
+        assert all(0 <= delay <= backoff_bound_seconds(attempt) for delay in delays), (attempt, max(delays))
+    # Full jitter: retries of scans that failed together are spread out, not sent in step.
+    assert len({backoff_seconds(8) for _ in range(50)}) > 10
 
 
 def test_a_constraint_violation_fails_only_its_scan(db_url, tmp_path, broker, rigs):

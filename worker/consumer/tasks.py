@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.utils.time import get_exponential_backoff_interval
 from celery_batches import Batches
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,12 +23,25 @@ from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
+BACKOFF_BASE_S = 1.0
 MAX_BACKOFF_S = 300.0
 
 
 def backoff_seconds(attempt: int) -> float:
-    """Exponential backoff for the n-th retry (1, 2, 4, ... capped at MAX_BACKOFF_S)."""
-    return min(MAX_BACKOFF_S, 2.0 ** max(0, attempt - 1))
+    """Delay of the n-th retry: random ("full jitter") up to 1, 2, 4, ... s, capped at MAX_BACKOFF_S.
+
+    The jitter spreads retries of scans that failed together (a store outage) instead of re-sending them in step.
+    """
+    # Celery's helper counts whole units: milliseconds give the jitter sub-second steps.
+    delay_ms = get_exponential_backoff_interval(
+        round(BACKOFF_BASE_S * 1000), max(0, attempt - 1), round(MAX_BACKOFF_S * 1000), full_jitter=True
+    )
+    return delay_ms / 1000
+
+
+def backoff_bound_seconds(attempt: int) -> float:
+    """The longest backoff_seconds(attempt) can be."""
+    return min(MAX_BACKOFF_S, BACKOFF_BASE_S * 2.0 ** max(0, attempt - 1))
 
 
 def queue_of(request: Any) -> str:

@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -118,7 +119,21 @@ def transport_for(settings: Settings) -> Transport:
 
 
 def backoff_s(settings: Settings, attempts: int) -> float:
-    """Delay before attempt number attempts+1: the base doubled per failed attempt, capped at an hour."""
+    """Delay before attempt number attempts+1: random ("full jitter") up to the base doubled per failed attempt, at most an hour.
+
+    The jitter spreads the retries of many results that failed together (a destination that was down).
+    """
+    from celery.utils.time import get_exponential_backoff_interval
+
+    # Celery's helper counts whole units: milliseconds keep sub-second bases (tests use 0.2 s).
+    delay_ms = get_exponential_backoff_interval(
+        round(settings.dicom_send_backoff_s * 1000), max(attempts - 1, 0), round(MAX_BACKOFF_S * 1000), full_jitter=True
+    )
+    return delay_ms / 1000
+
+
+def backoff_bound_s(settings: Settings, attempts: int) -> float:
+    """The longest backoff_s can be after that many failed attempts."""
     return min(settings.dicom_send_backoff_s * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S)
 
 
@@ -143,9 +158,19 @@ def _ref(scan_id: str) -> str:
 class Sender:
     """Finds results due for sending, builds the DICOM objects and sends them to one destination."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], store: ObjectStore, transport: Transport):
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        store: ObjectStore,
+        transport: Transport,
+        *,
+        clock: Callable[[], dt.datetime] = db.utcnow,
+    ):
+        """Send to transport; clock (UTC, timezone-aware) decides what is due and when a retry is."""
         from shared.sources import SourceFetcher
 
+        self.clock = clock
         self.settings = settings
         self.sessions = sessions
         self.store = store
@@ -154,7 +179,7 @@ class Sender:
 
     def due(self, session: Session, limit: int = BATCH) -> list[tuple[db.Scan, db.Prediction, db.ResultSend | None]]:
         """Done DICOM scans' predictions never sent here, due for a retry, or re-classified since sent."""
-        now = db.utcnow()
+        now = self.clock()
         send = db.ResultSend
         statement = (
             select(db.Scan, db.Prediction, send)
@@ -227,7 +252,7 @@ class Sender:
             session.expunge_all()
         for scan, prediction, row in work:
             attempts = (row.attempts if row and row.state in (db.SEND_PENDING, db.SEND_RETRY) else 0) + 1
-            values: dict[str, Any] = {"attempts": attempts, "updated_at": db.utcnow()}
+            values: dict[str, Any] = {"attempts": attempts, "updated_at": self.clock()}
             try:
                 datasets = self.build(scan, prediction)
                 self.transport.send(datasets)
@@ -239,7 +264,7 @@ class Sender:
                     last_error=reason,
                     next_attempt_at=None
                     if final
-                    else db.utcnow() + dt.timedelta(seconds=backoff_s(self.settings, attempts)),
+                    else self.clock() + dt.timedelta(seconds=backoff_s(self.settings, attempts)),
                 )
                 counts.failed += final
                 counts.retry += not final
@@ -258,7 +283,7 @@ class Sender:
                     state=db.SEND_SENT,
                     last_error=None,
                     next_attempt_at=None,
-                    sent_at=db.utcnow(),
+                    sent_at=self.clock(),
                     sr_uid=str(datasets[0].SOPInstanceUID),
                     sc_uid=str(datasets[1].SOPInstanceUID) if len(datasets) > 1 else None,
                 )
