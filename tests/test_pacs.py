@@ -796,3 +796,22 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
         proxy.stop()
         engine.dispose()
         _flush_redis(REDIS_DB_DOWN)
+
+
+def test_the_listener_statuses_mean_what_pynetdicom_says() -> None:
+    """Each status constant the listener answers is the code pynetdicom's tables give that meaning and category."""
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
+
+    from worker.pacs.listener import (
+        CANNOT_DECODE,
+        CANNOT_UNDERSTAND,
+        OUT_OF_RESOURCES,
+        SOP_CLASS_NOT_SUPPORTED,
+        SUCCESS,
+    )
+
+    assert GENERAL_STATUS[SUCCESS][0] == "Success"
+    assert GENERAL_STATUS[SOP_CLASS_NOT_SUPPORTED][1] == "Refused: SOP Class Not Supported"
+    assert STORAGE_SERVICE_CLASS_STATUS[OUT_OF_RESOURCES][1] == "Refused: Out of Resources"
+    assert STORAGE_SERVICE_CLASS_STATUS[CANNOT_UNDERSTAND][1] == "Cannot Understand"
+    assert code_to_category(CANNOT_DECODE) == "Failure"

@@ -28,6 +28,12 @@ from typing import Any
 
 from celery import Celery
 from pydicom.uid import UID
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,11 +45,14 @@ from shared.store import ObjectStore, scan_key
 
 log = logging.getLogger("lungcam.dicom-listen")
 
-SUCCESS = 0x0000
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # refused: not an image lungcam classifies
-OUT_OF_RESOURCES = 0xA700  # store, database or broker unavailable: the sender keeps the image and retries
-CANNOT_UNDERSTAND = 0xC000  # no usable SOP Instance / Study / Series UID
-CANNOT_DECODE = 0xC210  # the data set does not parse, or fails the decoder's header checks
+# The C-STORE statuses the listener answers. pynetdicom names status codes only in its tables
+# (pynetdicom.status.GENERAL_STATUS and STORAGE_SERVICE_CLASS_STATUS: code -> category and meaning), not
+# as constants, so each is one constant here; the comment is pynetdicom's meaning, then lungcam's use.
+SUCCESS = 0x0000  # Success
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # "Refused: SOP Class Not Supported": not an image lungcam classifies
+OUT_OF_RESOURCES = 0xA700  # "Refused: Out of Resources": store, database or broker down; the sender retries
+CANNOT_UNDERSTAND = 0xC000  # "Cannot Understand": no usable SOP Instance / Study / Series UID
+CANNOT_DECODE = 0xC210  # "Cannot Understand" (0xCxxx): the data set does not parse or fails the header checks
 # An A-ASSOCIATE-RQ with every storage SOP class and a dozen transfer syntaxes each is ~40 KB: a
 # peer may send at most this much before its association is accepted.
 MAX_BYTES_BEFORE_ACCEPTANCE = 256 * 1024
@@ -54,10 +63,10 @@ OWN_MANUFACTURER = "lungcam"
 # Secondary Capture (digitised films). Every other storage SOP class is accepted at negotiation so
 # the sender gets a clear C-STORE refusal status rather than a missing presentation context.
 IMAGE_SOP_CLASSES: dict[str, str] = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR",
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    ComputedRadiographyImageStorage: "CR",
+    DigitalXRayImageStorageForPresentation: "DX for presentation",
+    DigitalXRayImageStorageForProcessing: "DX for processing",
+    SecondaryCaptureImageStorage: "Secondary Capture",
 }
 
 

@@ -13,6 +13,7 @@ from io import BytesIO
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from worker.pacs import uids
 
@@ -158,7 +159,7 @@ def build_sc(source: Dataset, overlay_rgb: np.ndarray, *, model: str, version: s
         instance_number=int(source.get("InstanceNumber") or 1),
         manufacturer=MANUFACTURER,
         patient_orientation=("L", "F"),
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=f"lungcam Grad-CAM {model} {version}"[:64],
     )
     sc.BurnedInAnnotation = "NO"

@@ -75,24 +75,32 @@ class CStoreTransport:
     label: str
 
     def send(self, datasets: list[Dataset]) -> None:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
         if not assoc.is_established:
             raise SendError(f"C-STORE association to {self.label} was not accepted")
         try:
             for dataset in datasets:
-                status = assoc.send_c_store(dataset)
-                code = int(getattr(status, "Status", 0xFFFF)) if status else 0xFFFF
-                # Success, or a warning (0x0001, 0xBxxx): stored.
-                if not (code == 0 or code == 0x0001 or 0xB000 <= code <= 0xBFFF):
-                    raise SendError(f"C-STORE to {self.label} answered 0x{code:04X}")
+                self._check_stored(assoc.send_c_store(dataset))
         finally:
             assoc.release()
+
+    def _check_stored(self, status: Dataset | None) -> None:
+        """Raise SendError unless the C-STORE status says stored: success, or a warning (0x0001, 0xBxxx)."""
+        from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+        if status is None or "Status" not in status:
+            # pynetdicom answers an empty data set when the association aborted or the reply timed out.
+            raise SendError(f"C-STORE to {self.label}: no answer (association aborted or timed out)")
+        code = int(status.Status)
+        if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):
+            raise SendError(f"C-STORE to {self.label} answered 0x{code:04X}")
 
 
 def transport_for(settings: Settings) -> Transport:
