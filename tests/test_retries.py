@@ -32,7 +32,7 @@ from shared.store import LocalStore, StoreError, scan_key
 from worker.consumer.classifier import ScanClassifier, ServedModel
 from worker.consumer.reconciler import Reconciler
 from worker.consumer.tasks import MAX_BACKOFF_S, BatchRunner, backoff_bound_seconds, backoff_seconds
-from worker.consumer.transient import is_transient
+from worker.consumer.transient import is_transient, traceback_without_messages
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_RETRIES_REDIS_URL", redis_url(4))
 
@@ -447,3 +447,44 @@ def test_the_last_retry_fails_the_scan_with_its_reason_and_never_undoes_a_result
         db.mark_scans(session, [scan_id], db.DONE, finished=True)
         assert db.fail_unfinished(session, {scan_id: "late"}) == []
     assert rig.scan(scan_id).status == db.DONE
+
+
+def test_a_database_error_before_claiming_is_logged_with_its_traceback_but_not_its_parameters(
+    tmp_path, broker, rigs, caplog
+):
+    """The batch's log line carries the traceback (frames and types) and no scan id from the SQL error's message."""
+    import logging
+
+    rig = make_rig(f"sqlite:///{tmp_path / 'refusing.sqlite'}", tmp_path)
+    rigs.append(rig)
+    (scan_id,) = add_scans(rig, mixed_scans(1, size=64))
+    with rig.engine.begin() as connection:
+        # A real constraint that refuses the claim: a permanent SQL error, its statement's parameters in its text.
+        connection.execute(
+            sa.text("CREATE TRIGGER no_claims BEFORE UPDATE ON scans BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        )
+    with caplog.at_level(logging.ERROR, logger="worker.consumer.tasks"):
+        rig.runner.run([rig.request(scan_id)])
+    (record,) = [r for r in caplog.records if "failed before any was claimed" in r.getMessage()]
+    text = caplog.text
+    assert "Traceback (most recent call last)" in record.getMessage() and "IntegrityError" in record.getMessage()
+    assert "in process" in record.getMessage()  # the classifier's frame
+    assert scan_id not in text and record.exc_info is None
+
+
+def test_a_traceback_without_messages_keeps_frames_and_types_of_the_whole_chain():
+    secret = "-".join(("scan", "secret"))  # not spelled out: the traceback shows these source lines
+
+    def query() -> None:
+        try:
+            raise ValueError(secret)
+        except ValueError as cause:
+            raise sa.exc.OperationalError("SELECT 1 WHERE id = ?", (secret,), cause) from cause
+
+    try:
+        query()
+    except sa.exc.OperationalError as exc:
+        text = traceback_without_messages(exc)
+    assert secret not in text
+    assert text.index("builtins.ValueError") < text.index("sqlalchemy.exc.OperationalError")
+    assert text.count("Traceback (most recent call last)") == 2 and "in query" in text

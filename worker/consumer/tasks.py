@@ -19,7 +19,7 @@ from shared import db
 from shared.queueing import CLASSIFY_TASK, QUEUES, ROUTINE_QUEUE, publish
 from shared.settings import Settings
 from worker.consumer.classifier import BatchOutcome, ScanClassifier
-from worker.consumer.transient import describe, is_transient
+from worker.consumer.transient import describe, is_transient, traceback_without_messages
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,16 @@ class BatchRunner:
         try:
             outcome = self.classifier.process(list(by_id), force=force)
         except Exception as exc:
-            # No traceback for database errors: their text carries the statement's parameters (scan ids).
-            log.error(
-                "batch of %d scans failed before any was claimed: %s",
-                len(by_id),
-                type(exc).__name__,
-                exc_info=not isinstance(exc, SQLAlchemyError),
-            )
+            if isinstance(exc, SQLAlchemyError):
+                # Database errors' text carries the statement's parameters (scan ids): their traceback without it.
+                log.error(
+                    "batch of %d scans failed before any was claimed: %s\n%s",
+                    len(by_id),
+                    type(exc).__name__,
+                    traceback_without_messages(exc),
+                )
+            else:
+                log.exception("batch of %d scans failed before any was claimed: %s", len(by_id), type(exc).__name__)
             outcome = BatchOutcome(retry={scan_id: describe(exc) for scan_id in by_id})
             if not is_transient(exc):
                 outcome = self._fail(outcome.retry)
