@@ -290,6 +290,17 @@ def test_bad_base64_is_refused(api: Api):
     assert response.status_code == 422 and "empty" in response.text
 
 
+def test_an_upload_is_decoded_once_into_the_request_and_documented_as_base64_text():
+    """The validated request holds the image's bytes (no second decode later); the schema still says base64 text."""
+    from worker.api.models import ScanIn
+
+    data = png_bytes()
+    scan = ScanIn.model_validate({"scan_id": "a1", "image_base64": b64(data)})
+    assert scan.image == data and scan.source_uri is None
+    schema = ScanIn.model_json_schema()["properties"]["image_base64"]
+    assert {"type": "string", "contentEncoding": "base64"} in schema["anyOf"]
+
+
 def test_too_large_image_is_refused_with_413(api: Api):
     """An upload decoding to more than LUNGCAM_API_MAX_IMAGE_BYTES: 413 naming the field and the limit."""
     scan_id = _new_id()

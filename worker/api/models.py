@@ -6,15 +6,48 @@ import base64
 import binascii
 import datetime as dt
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from shared.scan_ids import SCAN_ID_PATTERN
 
 # s3://bucket/key, bucket per S3 naming rules (lower case, digits, '.', '-'; 3 to 63 characters).
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
 MAX_BATCH_SCANS = 10_000
+
+
+def decode_strict_base64(value: object) -> bytes:
+    """The bytes of strict base64 text; refuses stray characters, partial groups and an empty result."""
+    if not isinstance(value, str):
+        raise ValueError("image_base64 must be a base64 string")
+    try:
+        # validate=True alone still accepts surplus '=' padding; whole 4-character groups are required.
+        if len(value) % 4:
+            raise binascii.Error("length is not a multiple of 4")
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image_base64 is not valid base64") from None
+    if not decoded:
+        raise ValueError("image_base64 decodes to an empty image")
+    return decoded
+
+
+# Base64 text on the wire, its decoded bytes in Python: decoded once, when the request is validated.
+Base64Image = Annotated[
+    bytes,
+    BeforeValidator(decode_strict_base64),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+]
 
 Priority = Literal["stat", "routine"]
 Status = Literal["queued", "running", "done", "failed", "skipped"]
@@ -29,12 +62,13 @@ class ScanIn(BaseModel):
         description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit; no '..'."
     )
     source_uri: str | None = Field(default=None, description="s3://bucket/key of an image already in a store.")
-    image_base64: str | None = Field(default=None, description="The image file (PNG, JPEG or DICOM), base64-encoded.")
+    image: Base64Image | None = Field(
+        default=None,
+        alias="image_base64",
+        description="The image file (PNG, JPEG or DICOM), base64-encoded.",
+    )
     priority: Priority = Field(default="routine", description="'stat' scans are classified before 'routine' ones.")
     force: bool = Field(default=False, description="Classify again even if the scan already exists.")
-
-    # The decoded upload, kept so the image is decoded once (it can be tens of megabytes).
-    _image: bytes | None = PrivateAttr(default=None)
 
     @field_validator("scan_id")
     @classmethod
@@ -61,36 +95,12 @@ class ScanIn(BaseModel):
             )
         return value
 
-    @field_validator("image_base64")
-    @classmethod
-    def _check_base64(cls, value: str | None) -> str | None:
-        """Refuse text that is not strict base64 (validate=True: no stray characters silently dropped)."""
-        if value is None:
-            return None
-        try:
-            # validate=True alone still accepts surplus '=' padding; whole 4-character groups are required.
-            if len(value) % 4:
-                raise binascii.Error("length is not a multiple of 4")
-            decoded = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("image_base64 is not valid base64") from None
-        if not decoded:
-            raise ValueError("image_base64 decodes to an empty image")
-        return value
-
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ScanIn:
-        """Require exactly one of source_uri and image_base64, then keep the decoded image."""
-        if (self.source_uri is None) == (self.image_base64 is None):
+        """Require exactly one of source_uri and image_base64."""
+        if (self.source_uri is None) == (self.image is None):
             raise ValueError("give exactly one of source_uri or image_base64")
-        if self.image_base64 is not None:
-            self._image = base64.b64decode(self.image_base64, validate=True)
         return self
-
-    @property
-    def image(self) -> bytes | None:
-        """The decoded upload, or None for a source_uri reference."""
-        return self._image
 
 
 class BatchIn(BaseModel):
