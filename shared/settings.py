@@ -276,7 +276,12 @@ class Settings(Diagnostics):
     )
     dicom_send_max_attempts: int = Field(default=8, ge=1, description="Sends of one result before it is marked failed.")
     dicom_send_backoff_s: float = Field(
-        default=10.0, gt=0, description="First retry delay of a failed send; doubles per attempt, capped at one hour."
+        default=10.0,
+        gt=0,
+        description=(
+            "Longest first retry delay of a failed send (the delay is random below it, full jitter); "
+            "doubles per attempt, capped at one hour."
+        ),
     )
     dicomweb_max_part_bytes: int = Field(
         default=128 * 1024 * 1024,
