@@ -46,3 +46,22 @@ def test_result_tables_fit_the_terminal_and_keep_what_tells_rows_apart() -> None
     # A narrow table is left as it is.
     short = [{"scan_id": "a.png", "status": "done", "model_name": "m", "label": "normal", "p_covid": "0.1000"}]
     assert format_table(short).splitlines()[2].split() == ["a.png", "done", "m", "normal", "0.1000"]
+
+
+@pytest.mark.parametrize(
+    ("line", "is_error"),
+    [
+        ("lungcam: error: the database is unreachable (LUNGCAM_DATABASE_URL): OperationalError", True),
+        ("2026-12-03 07:40:48,123 ERROR worker.consumer.main: could not load model", True),
+        ("[2026-12-03 07:40:48,123: ERROR/MainProcess] consumer: Cannot connect to redis", True),
+        ("ERROR:    Application startup failed. Exiting.", True),
+        ("2026-12-03 07:40:48,123 CRITICAL lungcam: out of memory", True),
+        ("2026-12-03 07:40:48,123 INFO worker.consumer.tasks: batch: 0 done, 1 failed (Error column says why)", False),
+        ("lungcam.ops: the word Error inside a message is no error record", False),
+        ("Traceback (most recent call last):", False),
+    ],
+)
+def test_the_line_that_says_why_a_child_stopped_is_an_error_record_or_the_cli_error(line: str, is_error: bool) -> None:
+    from worker.ops.demo import is_error_line
+
+    assert is_error_line(line) is is_error
