@@ -36,7 +36,7 @@ def backoff_seconds(attempt: int) -> float:
     delay_ms = get_exponential_backoff_interval(
         round(BACKOFF_BASE_S * 1000), max(0, attempt - 1), round(MAX_BACKOFF_S * 1000), full_jitter=True
     )
-    return delay_ms / 1000
+    return float(delay_ms) / 1000
 
 
 def backoff_bound_seconds(attempt: int) -> float:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from pydicom.uid import UID
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,

@@ -133,16 +133,16 @@ def backoff_s(settings: Settings, attempts: int) -> float:
     """
     from celery.utils.time import get_exponential_backoff_interval
 
-    # Celery's helper counts whole units: milliseconds keep sub-second bases (tests use 0.2 s).
+    # Celery's helper counts whole units: milliseconds keep sub-second bases and steps.
     delay_ms = get_exponential_backoff_interval(
         round(settings.dicom_send_backoff_s * 1000), max(attempts - 1, 0), round(MAX_BACKOFF_S * 1000), full_jitter=True
     )
-    return delay_ms / 1000
+    return float(delay_ms) / 1000
 
 
 def backoff_bound_s(settings: Settings, attempts: int) -> float:
     """The longest backoff_s can be after that many failed attempts."""
-    return min(settings.dicom_send_backoff_s * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S)
+    return min(settings.dicom_send_backoff_s * 2.0 ** max(attempts - 1, 0), MAX_BACKOFF_S)
 
 
 @dataclass
