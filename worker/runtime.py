@@ -13,15 +13,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
-
-from shared.settings import Settings
-from shared.store import ObjectStore
-
 if TYPE_CHECKING:
+    # Only for annotations: importing the runtime (for its exit codes, say) loads no client library.
+    from celery import Celery
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
     from shared.results import BatchProgress
+    from shared.settings import Settings
+    from shared.store import ObjectStore
 
 # Exit codes of every `lungcam` command (the README and `lungcam --help` list them).
 OK = 0
