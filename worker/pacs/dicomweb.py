@@ -521,6 +521,70 @@ def _record_failure(
         db.mark_scans(session, [instance.sop_uid], db.FAILED, error=(RETRIEVAL_FAILED + reason)[:500], finished=True)
 
 
+def _search_within_deadline(
+    http: _Http, filters: dict[str, str], *, page_size: int, max_pages: int, deadline_s: float
+) -> SearchResult:
+    """search_instances, with a deadline reached said as a PullError."""
+    try:
+        return search_instances(http, filters, page_size=page_size, max_pages=max_pages)
+    except _DeadlineReached:
+        raise PullError(
+            f"the search (QIDO-RS) at {http.base} did not finish within the --deadline of {deadline_s:g} s "
+            "(the server stalled or trickled); nothing was retrieved"
+        ) from None
+
+
+def _instances_to_retrieve(
+    found: SearchResult, rows: dict[str, _Row], result: PullResult, *, force: bool
+) -> list[RemoteInstance]:
+    """The found instances not already known (those go to result.already), in order."""
+    todo = []
+    for instance in found.instances:
+        row = rows.get(instance.sop_uid)
+        # Known: recorded by the DICOM path and not a failed retrieval. An upload under the same UID is replaced.
+        if not force and row is not None and row.received and not _is_failed_retrieval(row):
+            result.already.append(instance.sop_uid)
+        else:
+            todo.append(instance)
+    return todo
+
+
+def _store_and_queue(
+    instance: RemoteInstance,
+    data: bytes,
+    result: PullResult,
+    *,
+    store: ObjectStore,
+    sessions: sessionmaker[Session],
+    app: Celery,
+    batch_name: str | None,
+    force: bool,
+) -> None:
+    """Store one retrieved instance, then commit its row and send its message (nothing stored lacks a row)."""
+    from shared.queueing import submit_scans
+
+    store.put(scan_key(instance.sop_uid), data, "application/dicom")
+    submitted = submit_scans(
+        sessions,
+        app,
+        [
+            {
+                "scan_id": instance.sop_uid,
+                "source_uri": scan_key(instance.sop_uid),
+                "priority": db.ROUTINE,
+                "study_uid": instance.study_uid,
+                "series_uid": instance.series_uid,
+                "sop_instance_uid": instance.sop_uid,
+            }
+        ],
+        batch_id=result.batch_id,
+        batch_name=batch_name,
+        force=force,
+    )
+    result.queued += submitted.queued
+    result.already += submitted.already
+
+
 def pull(
     source: str,
     filters: dict[str, str],
@@ -539,30 +603,14 @@ def pull(
     session: Any = None,
 ) -> PullResult:
     """Find instances by QIDO-RS, retrieve the new ones by WADO-RS, store and queue each; PullError ends it in one line."""
-    from shared.queueing import submit_scans
-
-    started = time.monotonic()
-    http = _Http(session or session_for(settings), base_url(source), started + deadline_s)
+    http = _Http(session or session_for(settings), base_url(source), time.monotonic() + deadline_s)
     result = PullResult(batch_id=pull_batch_id(source, filters, batch_name))
-    try:
-        found = search_instances(http, filters, page_size=page_size, max_pages=max_pages)
-    except _DeadlineReached:
-        raise PullError(
-            f"the search (QIDO-RS) at {http.base} did not finish within the --deadline of {deadline_s:g} s "
-            "(the server stalled or trickled); nothing was retrieved"
-        ) from None
+    found = _search_within_deadline(http, filters, page_size=page_size, max_pages=max_pages, deadline_s=deadline_s)
     result.found, result.refused = len(found.instances), found.refused
     if on_total:
         on_total(len(found.instances))
     rows = _rows(sessions, [i.sop_uid for i in found.instances])
-    todo = []
-    for instance in found.instances:
-        row = rows.get(instance.sop_uid)
-        # Known: recorded by the DICOM path and not a failed retrieval. An upload under the same UID is replaced.
-        if not force and row is not None and row.received and not _is_failed_retrieval(row):
-            result.already.append(instance.sop_uid)
-        else:
-            todo.append(instance)
+    todo = _instances_to_retrieve(found, rows, result, force=force)
     if on_progress and result.already:
         on_progress(len(result.already))
     unreachable = 0
@@ -590,27 +638,16 @@ def pull(
                 ) from None
         else:
             unreachable = 0
-            # Stored, then its row committed and its message sent, before the next instance: nothing stored lacks a row.
-            store.put(scan_key(instance.sop_uid), data, "application/dicom")
-            submitted = submit_scans(
-                sessions,
-                app,
-                [
-                    {
-                        "scan_id": instance.sop_uid,
-                        "source_uri": scan_key(instance.sop_uid),
-                        "priority": db.ROUTINE,
-                        "study_uid": instance.study_uid,
-                        "series_uid": instance.series_uid,
-                        "sop_instance_uid": instance.sop_uid,
-                    }
-                ],
-                batch_id=result.batch_id,
+            _store_and_queue(
+                instance,
+                data,
+                result,
+                store=store,
+                sessions=sessions,
+                app=app,
                 batch_name=batch_name,
                 force=force or row is not None,
             )
-            result.queued += submitted.queued
-            result.already += submitted.already
         if on_progress:
             on_progress(1)
     return result
