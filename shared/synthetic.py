@@ -213,7 +213,7 @@ def make_dicom(
     """
     pixels = np.asarray(pixels)
     photometric = photometric.upper()
-    frames, rows, columns, samples = _pixel_layout(pixels, photometric)
+    layout = _pixel_layout(pixels, photometric)
     if (palette is None) != (photometric != "PALETTE COLOR"):
         raise ValueError("a palette is required for PALETTE COLOR, and only there")
     bits_allocated = pixels.dtype.itemsize * 8
@@ -242,18 +242,7 @@ def make_dicom(
     if image_laterality is not None:
         dataset.ImageLaterality = image_laterality
 
-    dataset.SamplesPerPixel = samples
-    dataset.PhotometricInterpretation = photometric
-    dataset.Rows = rows
-    dataset.Columns = columns
-    dataset.BitsAllocated = bits_allocated
-    dataset.BitsStored = stored
-    dataset.HighBit = stored - 1
-    dataset.PixelRepresentation = 0
-    if samples == 3:
-        dataset.PlanarConfiguration = 0
-    if frames > 1:
-        dataset.NumberOfFrames = frames
+    _set_image_pixel_module(dataset, photometric, layout, bits_allocated, stored)
     _set_value_transforms(dataset, window, rescale)
     if palette is not None:
         _set_palette(dataset, np.asarray(palette))
@@ -277,6 +266,25 @@ def _pixel_layout(pixels: np.ndarray, photometric: str) -> tuple[int, int, int, 
             raise ValueError(f"grey pixels must be uint8/uint16 HxW or FxHxW, got {pixels.dtype} {pixels.shape}")
         return (pixels.shape[0] if pixels.ndim == 3 else 1), pixels.shape[-2], pixels.shape[-1], 1
     raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2, PALETTE COLOR or RGB, got {photometric!r}")
+
+
+def _set_image_pixel_module(
+    dataset: Dataset, photometric: str, layout: tuple[int, int, int, int], bits_allocated: int, stored: int
+) -> None:
+    """How the pixels are laid out: samples, photometric interpretation, size, bits, frames (unsigned)."""
+    frames, rows, columns, samples = layout
+    dataset.SamplesPerPixel = samples
+    dataset.PhotometricInterpretation = photometric
+    dataset.Rows = rows
+    dataset.Columns = columns
+    dataset.BitsAllocated = bits_allocated
+    dataset.BitsStored = stored
+    dataset.HighBit = stored - 1
+    dataset.PixelRepresentation = 0
+    if samples == 3:
+        dataset.PlanarConfiguration = 0
+    if frames > 1:
+        dataset.NumberOfFrames = frames
 
 
 def _file_meta(sop_class: UID, sop_instance: UID) -> FileMetaDataset:
