@@ -32,6 +32,7 @@ from trainer.config import TrainConfig as TrainConfig
 from trainer.config import preprocessing_for as preprocessing_for
 from trainer.config import utc_version as utc_version
 from trainer.evaluate import COVID_INDEX, covid_targets, predict_probabilities
+from trainer.loading import LoadedImages
 from trainer.pipeline import (
     base_manifest,
     evaluation_plots,
@@ -260,22 +261,7 @@ def train_resolved(config: ResolvedConfig, data_paths: Sequence[str | Path], out
     )
     training_seconds = time.perf_counter() - started
 
-    operating_point = OperatingPoint()
-    if val_images is not None:
-        step(f"calibrating on the validation split ({len(val_images.samples)} images)")
-        p_val = predict_probabilities(model, val_images.images)[:, COVID_INDEX]
-        operating_point = fit_operating_point(
-            covid_targets(val_images.samples),
-            p_val,
-            target_sensitivity=config.target_sensitivity,
-            indeterminate_width=config.indeterminate_width,
-            split="validation (patient-grouped, from the training part)",
-        )
-        print(
-            f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
-            f"{operating_point.threshold:.4f} for sensitivity >= {config.target_sensitivity:.2f}",
-            file=sys.stderr,
-        )
+    operating_point = _calibrated(config, model, val_images) if val_images is not None else OperatingPoint()
 
     step(f"evaluating on the test split ({len(test_images.samples)} images)")
     p_covid = operating_point.calibrate(predict_probabilities(model, test_images.images)[:, COVID_INDEX])
@@ -304,6 +290,25 @@ def train_resolved(config: ResolvedConfig, data_paths: Sequence[str | Path], out
     if val_images is not None:
         manifest["calibration"] = operating_point.to_manifest()
     return publish(model, manifest, out, extra_files)
+
+
+def _calibrated(config: ResolvedConfig, model: keras.Model, validation: LoadedImages) -> OperatingPoint:
+    """The operating point fitted on the validation split (temperature, threshold for the target sensitivity)."""
+    step(f"calibrating on the validation split ({len(validation.samples)} images)")
+    p_val = predict_probabilities(model, validation.images)[:, COVID_INDEX]
+    operating_point = fit_operating_point(
+        covid_targets(validation.samples),
+        p_val,
+        target_sensitivity=config.target_sensitivity,
+        indeterminate_width=config.indeterminate_width,
+        split="validation (patient-grouped, from the training part)",
+    )
+    print(
+        f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
+        f"{operating_point.threshold:.4f} for sensitivity >= {config.target_sensitivity:.2f}",
+        file=sys.stderr,
+    )
+    return operating_point
 
 
 def _weights_label(weights: str | None) -> str:
