@@ -4,11 +4,13 @@
 Creates ./.venv on first use (or when pyproject.toml changes) with nothing but the Python on PATH.
 `test` first starts (or, as root with apt-get, installs) what the suite talks to: Redis, PostgreSQL,
 chromium + chromium-driver, Orthanc + its DICOMweb plugin and dcmtk; it names what will be skipped
-before pytest runs. `test-setup` does only that (`.ci/run` calls it). Any other command is a `lungcam`
-subcommand.
+before pytest runs. `test-setup` does only that (`.ci/run` calls it). `lint` runs ruff (lint and format
+check) and mypy from the virtual environment, as configured in pyproject.toml. Any other command is a
+`lungcam` subcommand.
 
 Exit codes: pytest's for `test` (0 passed, 1 some failed, 2 interrupted or usage, 5 no tests
-collected), `lungcam`'s for the others, 0 for `test-setup` (it reports, it does not fail).
+collected), 1 for `lint` when any check fails, `lungcam`'s for the others, 0 for `test-setup` (it
+reports, it does not fail).
 """
 
 from __future__ import annotations
@@ -236,8 +238,29 @@ def parallel_args(pytest_args: list[str]) -> list[str]:
     return ["-n", processes, "--dist", "loadfile"]
 
 
+# What `lint` runs, each with its settings from pyproject.toml (mypy's `files` say what it checks).
+LINT_CHECKS = (
+    ("ruff", "check", "."),
+    ("ruff", "format", "--check", "."),
+    ("mypy",),
+)
+
+
+def lint() -> int:
+    """Run every check of LINT_CHECKS from the virtual environment (all of them, even after a failure); 0 if all pass."""
+    failed = []
+    for check in LINT_CHECKS:
+        _say(" ".join(check))
+        if subprocess.call([str(BIN / check[0]), *check[1:]], cwd=ROOT) != 0:
+            failed.append(" ".join(check))
+    if failed:
+        _say(f"lint failed: {'; '.join(failed)}")
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """Dispatch `demo [args]`, `test [pytest args]`, `test-setup`, or any `lungcam` subcommand."""
+    """Dispatch `demo [args]`, `test [pytest args]`, `test-setup`, `lint`, or any `lungcam` subcommand."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
@@ -248,6 +271,8 @@ def main(argv: list[str]) -> int:
     if command == "test":
         prepare_test_machine()
     ensure_environment()
+    if command == "lint":
+        return lint()
     if command == "test":
         return subprocess.call([str(BIN / "python"), "-m", "pytest", *parallel_args(rest), *rest], cwd=ROOT)
     return subprocess.call([str(BIN / "lungcam"), command, *rest], cwd=ROOT)

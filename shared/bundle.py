@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.calibration import OperatingPoint, audit_status
+from shared.domain import (
+    MANIFEST_REQUIRED_KEYS,
+    Manifest,
+    ManifestBackbone,
+    ManifestUpdate,
+    manifest_from_json,
+    manifest_to_json,
+)
 from shared.errors import LungcamError
 from shared.hashing import sha256_bytes
 from shared.store import ObjectStore, open_store
@@ -32,7 +40,7 @@ class Bundle:
     """A loaded, verified model with its manifest."""
 
     model: keras.Model
-    manifest: dict[str, Any]
+    manifest: Manifest
     uri: str
 
     @property
@@ -88,15 +96,15 @@ def _store_for(uri: str, endpoint_url: str | None, region: str) -> ObjectStore:
 
 def save_bundle(
     model: keras.Model,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     dest: str | Path,
     *,
     extra_files: dict[str, bytes] | None = None,
     endpoint_url: str | None = None,
     region: str = "us-east-1",
-) -> dict[str, Any]:
+) -> Manifest:
     """Write model.keras + manifest.json (with the model's sha256) to a folder or s3:// prefix."""
-    for required in ("name", "version", "architecture", "input_size", "class_names", "gradcam_layer"):
+    for required in MANIFEST_REQUIRED_KEYS:
         if required not in manifest:
             raise BundleError(f"manifest lacks {required!r}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +112,7 @@ def save_bundle(
         # A bundle naming its frozen backbone stores only the head; the caller passes the head.
         model.save(model_path)
         model_bytes = model_path.read_bytes()
-    full_manifest = {
+    full_manifest: Manifest = {
         **manifest,
         "format_version": FORMAT_VERSION,
         "model_file": MODEL_FILE,
@@ -115,48 +123,47 @@ def save_bundle(
     for name, data in (extra_files or {}).items():
         store.put(name, data)
     # The manifest goes last: a reader that sees it can trust the model file is complete.
-    store.put(MANIFEST_FILE, json.dumps(full_manifest, indent=2, sort_keys=True).encode(), "application/json")
+    store.put(MANIFEST_FILE, manifest_to_json(full_manifest), "application/json")
     return full_manifest
 
 
-def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> dict[str, Any]:
+def read_manifest(uri: str | Path, *, endpoint_url: str | None = None, region: str = "us-east-1") -> Manifest:
     """Read a bundle's manifest without loading the model."""
     store = _store_for(str(uri), endpoint_url, region)
     try:
-        return json.loads(store.get(MANIFEST_FILE))
+        return manifest_from_json(store.get(MANIFEST_FILE))
     except KeyError as exc:
         raise BundleError(f"no {MANIFEST_FILE} in bundle {uri}") from exc
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON (json.JSONDecodeError), or not a JSON object
         raise BundleError(f"malformed {MANIFEST_FILE} in bundle {uri}: {exc}") from exc
 
 
 # Manifest keys that may be added or replaced after publishing (the model file is untouched, so the
 # sha256 still verifies): the shortcut audit's verdict, and the mark of a demonstration model.
-UPDATABLE_MANIFEST_KEYS = frozenset({"audit", "demonstration"})
+UPDATABLE_MANIFEST_KEYS = frozenset(ManifestUpdate.__annotations__)
 
 
 def update_manifest(
-    uri: str | Path, updates: dict[str, Any], *, endpoint_url: str | None = None, region: str = "us-east-1"
-) -> dict[str, Any]:
+    uri: str | Path, updates: ManifestUpdate, *, endpoint_url: str | None = None, region: str = "us-east-1"
+) -> Manifest:
     """Merge `updates` (only UPDATABLE_MANIFEST_KEYS) into a published bundle's manifest and rewrite it."""
     unknown = set(updates) - UPDATABLE_MANIFEST_KEYS
     if unknown:
         raise BundleError(f"manifest keys {sorted(unknown)} cannot be changed after publishing")
-    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
-    manifest.update(updates)
+    manifest: Manifest = {**read_manifest(uri, endpoint_url=endpoint_url, region=region), **updates}
     store = _store_for(str(uri), endpoint_url, region)
-    store.put(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode(), "application/json")
+    store.put(MANIFEST_FILE, manifest_to_json(manifest), "application/json")
     return manifest
 
 
 def copy_bundle(
     source: str | Path,
     dest: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     *,
     endpoint_url: str | None = None,
     region: str = "us-east-1",
-) -> dict[str, Any]:
+) -> Manifest:
     """Publish a new version of a bundle: every file of `source` copied unchanged, then `manifest` at `dest`.
 
     The model file is not touched, so the manifest's model_sha256 still verifies it.
@@ -171,7 +178,7 @@ def copy_bundle(
         if key != MANIFEST_FILE:
             dest_store.put(key, source_store.get(key))
     # The manifest goes last: a reader that sees it can trust the other files are complete.
-    dest_store.put(MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode(), "application/json")
+    dest_store.put(MANIFEST_FILE, manifest_to_json(manifest), "application/json")
     return manifest
 
 
@@ -204,9 +211,9 @@ def load_bundle(uri: str | Path, *, endpoint_url: str | None = None, region: str
     return Bundle(model=model, manifest=manifest, uri=str(uri))
 
 
-def named_backbone(manifest: dict[str, Any]) -> dict[str, Any] | None:
+def named_backbone(manifest: Mapping[str, Any]) -> ManifestBackbone | None:
     """The manifest's "backbone" entry when the bundle names its frozen backbone instead of embedding it."""
-    entry = manifest.get("backbone")
+    entry: ManifestBackbone | None = manifest.get("backbone")
     if not entry or entry.get("embedded", True):
         return None
     for key in ("weights", "sha256", "output_layer"):
@@ -216,7 +223,7 @@ def named_backbone(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _with_named_backbone(
-    head: keras.Model, backbone: dict[str, Any], manifest: dict[str, Any], uri: str | Path
+    head: keras.Model, backbone: ManifestBackbone, manifest: Manifest, uri: str | Path
 ) -> keras.Model:
     """The bundle's head on the packaged backbone it names, refused if the installed file's sha256 differs."""
     from shared.pretrained import PretrainedWeightsError

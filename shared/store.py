@@ -302,7 +302,8 @@ class S3Store:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=full)
             # The body streams after the headers; a connection drop here is as transient as one before.
-            return response["Body"].read()
+            body: bytes = response["Body"].read()  # boto3 has no type information here
+            return body
         except ClientError as exc:
             if _error_code(exc) in _NOT_FOUND_CODES:
                 raise ObjectNotFound(key, self.url) from None

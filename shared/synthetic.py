@@ -76,7 +76,8 @@ def synthetic_xray(rng: np.random.Generator, size: int = 256, covid: bool = Fals
 
     background = rng.uniform(0.02, 0.1)
     body = _soft_ellipse(x, y, 0.0, 0.06, rng.uniform(0.44, 0.49), 0.62, edge=0.03)
-    image = background + (rng.uniform(0.5, 0.6) - background) * body
+    # float64 while the picture is drawn, float32 from the blur on.
+    image: np.ndarray = background + (rng.uniform(0.5, 0.6) - background) * body
 
     lung_field = _lung_field(rng, x, y)
     # Air attenuates little, so lungs are dark on the film; soft tissue and bone are bright.
@@ -212,17 +213,7 @@ def make_dicom(
     """
     pixels = np.asarray(pixels)
     photometric = photometric.upper()
-    if photometric == "RGB":
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-            raise ValueError(f"RGB pixels must be uint8 HxWx3, got {pixels.dtype} {pixels.shape}")
-        frames, rows, columns, samples = 1, pixels.shape[0], pixels.shape[1], 3
-    elif photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
-        if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3):
-            raise ValueError(f"grey pixels must be uint8/uint16 HxW or FxHxW, got {pixels.dtype} {pixels.shape}")
-        frames = pixels.shape[0] if pixels.ndim == 3 else 1
-        rows, columns, samples = pixels.shape[-2], pixels.shape[-1], 1
-    else:
-        raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2, PALETTE COLOR or RGB, got {photometric!r}")
+    layout = _pixel_layout(pixels, photometric)
     if (palette is None) != (photometric != "PALETTE COLOR"):
         raise ValueError("a palette is required for PALETTE COLOR, and only there")
     bits_allocated = pixels.dtype.itemsize * 8
@@ -231,22 +222,14 @@ def make_dicom(
     if not stored >= 1 or (pixels.size and int(pixels.max()) >= 2**stored):
         raise ValueError(f"pixel values do not fit in {stored} stored bits")
 
-    default_class = _DIGITAL_XRAY_FOR_PRESENTATION if photometric.startswith("MONOCHROME") else _SECONDARY_CAPTURE
-    sop_class = sop_class_uid or default_class
-    sop_instance = sop_instance_uid or generate_uid()
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = sop_class
-    file_meta.MediaStorageSOPInstanceUID = sop_instance
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
+    grey = photometric.startswith("MONOCHROME")
+    default_class = _DIGITAL_XRAY_FOR_PRESENTATION if grey else _SECONDARY_CAPTURE
     dataset = Dataset()
-    dataset.file_meta = file_meta
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = sop_instance
+    dataset.file_meta = _file_meta(UID(sop_class_uid or default_class), UID(sop_instance_uid or generate_uid()))
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
     dataset.StudyInstanceUID = study_uid or generate_uid()
     dataset.SeriesInstanceUID = series_uid or generate_uid()
-    grey = photometric.startswith("MONOCHROME")
     dataset.Modality = modality or ("DX" if grey else "OT")
     dataset.ImageType = ["ORIGINAL", "PRIMARY"] if grey else ["DERIVED", "SECONDARY"]
     # Deliberately not realistic: nothing here may look like a real person.
@@ -259,6 +242,37 @@ def make_dicom(
     if image_laterality is not None:
         dataset.ImageLaterality = image_laterality
 
+    _set_image_pixel_module(dataset, photometric, layout, bits_allocated, stored)
+    _set_value_transforms(dataset, window, rescale)
+    if palette is not None:
+        _set_palette(dataset, np.asarray(palette))
+    if with_pixels:
+        _set_pixel_data(dataset, pixels, UID(transfer_syntax))
+
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    data = buffer.getvalue()
+    return data if preamble else data[132:]
+
+
+def _pixel_layout(pixels: np.ndarray, photometric: str) -> tuple[int, int, int, int]:
+    """(frames, rows, columns, samples per pixel) of a pixel array, refused unless it fits `photometric`."""
+    if photometric == "RGB":
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"RGB pixels must be uint8 HxWx3, got {pixels.dtype} {pixels.shape}")
+        return 1, pixels.shape[0], pixels.shape[1], 3
+    if photometric in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
+        if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3):
+            raise ValueError(f"grey pixels must be uint8/uint16 HxW or FxHxW, got {pixels.dtype} {pixels.shape}")
+        return (pixels.shape[0] if pixels.ndim == 3 else 1), pixels.shape[-2], pixels.shape[-1], 1
+    raise ValueError(f"photometric must be MONOCHROME1, MONOCHROME2, PALETTE COLOR or RGB, got {photometric!r}")
+
+
+def _set_image_pixel_module(
+    dataset: Dataset, photometric: str, layout: tuple[int, int, int, int], bits_allocated: int, stored: int
+) -> None:
+    """How the pixels are laid out: samples, photometric interpretation, size, bits, frames (unsigned)."""
+    frames, rows, columns, samples = layout
     dataset.SamplesPerPixel = samples
     dataset.PhotometricInterpretation = photometric
     dataset.Rows = rows
@@ -271,6 +285,22 @@ def make_dicom(
         dataset.PlanarConfiguration = 0
     if frames > 1:
         dataset.NumberOfFrames = frames
+
+
+def _file_meta(sop_class: UID, sop_instance: UID) -> FileMetaDataset:
+    """The file meta group: the instance's class and UID, written as Explicit VR Little Endian by pydicom."""
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = sop_class
+    file_meta.MediaStorageSOPInstanceUID = sop_instance
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return file_meta
+
+
+def _set_value_transforms(
+    dataset: Dataset, window: tuple[float, float] | None, rescale: tuple[float, float] | None
+) -> None:
+    """The VOI window (center, width) and the modality rescale (slope, intercept), where given."""
     if window is not None:
         dataset.WindowCenter = DSfloat(window[0], auto_format=True)
         dataset.WindowWidth = DSfloat(window[1], auto_format=True)
@@ -278,31 +308,28 @@ def make_dicom(
         dataset.RescaleSlope = DSfloat(rescale[0], auto_format=True)
         dataset.RescaleIntercept = DSfloat(rescale[1], auto_format=True)
         dataset.RescaleType = "US"
-    if palette is not None:
-        _set_palette(dataset, np.asarray(palette))
-    if with_pixels:
-        raw = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
-        dataset.PixelData = raw + b"\x00" * (len(raw) % 2)  # DICOM values have even length
-        dataset["PixelData"].VR = "OW" if bits_allocated == 16 else "OB"
-        if UID(transfer_syntax) != ExplicitVRLittleEndian:
-            _compress(dataset, pixels, UID(transfer_syntax))
 
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
-    data = buffer.getvalue()
-    return data if preamble else data[132:]
+
+def _set_pixel_data(dataset: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> None:
+    """Pixel Data, little-endian and padded to even length, then compressed unless the syntax is native."""
+    raw = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+    dataset.PixelData = raw + b"\x00" * (len(raw) % 2)  # DICOM values have even length
+    dataset["PixelData"].VR = "OW" if dataset.BitsAllocated == 16 else "OB"
+    if transfer_syntax != ExplicitVRLittleEndian:
+        _compress(dataset, pixels, transfer_syntax)
 
 
 def synthetic_film(rng: np.random.Generator, height: int, width: int, bits: int = 12) -> np.ndarray:
     """A full-size detector image (uint16, `bits` stored): an upscaled synthetic X-ray plus fine texture and noise."""
     base = synthetic_xray(rng, size=512).image.astype(np.float32) / 255.0
-    film = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+    film: np.ndarray = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
     # Upscaling leaves the picture smooth; real films have trabecular texture and quantum noise at
     # full resolution, which is what makes compression and area averaging realistic.
     texture = cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), sigmaX=2.0)
     film += 0.02 * texture + rng.normal(0.0, 0.006, size=(height, width)).astype(np.float32)
     top = 2**bits - 1
-    return np.clip(np.rint(film * top), 0, top).astype(np.uint16)
+    detector: np.ndarray = np.clip(np.rint(film * top), 0, top).astype(np.uint16)
+    return detector
 
 
 def _set_palette(dataset: Dataset, palette: np.ndarray) -> None:
@@ -433,7 +460,8 @@ def _patchiness(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.standard_normal((max(4, size // 12), max(4, size // 12))).astype(np.float32)
     texture = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
     texture = (texture - texture.min()) / max(float(np.ptp(texture)), 1e-6)
-    return 0.45 + 0.55 * texture
+    patchiness: np.ndarray = 0.45 + 0.55 * texture
+    return patchiness
 
 
 def _unique_stem(rng: np.random.Generator, taken: set[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 from keras import layers
@@ -43,20 +44,20 @@ class WeightsUnavailableError(LungcamError, RuntimeError):
 
 
 @keras.saving.register_keras_serializable(package="lungcam")
-class BackboneInputScaling(layers.Layer):
+class BackboneInputScaling(layers.Layer):  # type: ignore[misc]  # Keras has no type information: Layer is Any
     """Maps RGB in [0,1] to what an ImageNet backbone expects, inside the model.
 
     Keeping this in the graph means a bundle is always fed the same [0,1] RGB tensor
     and the saved model alone says how to normalise, whatever the backbone.
     """
 
-    def __init__(self, mode: str, **kwargs):
+    def __init__(self, mode: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in ("caffe", "torch"):
             raise ValueError(f"unknown input scaling mode {mode!r}")
         self.mode = mode
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         if self.mode == "caffe":
             bgr = keras.ops.flip(inputs, axis=-1) * 255.0
             return bgr - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=inputs.dtype)
@@ -64,12 +65,12 @@ class BackboneInputScaling(layers.Layer):
         std = keras.ops.convert_to_tensor(_TORCH_STD, dtype=inputs.dtype)
         return (inputs - mean) / std
 
-    def get_config(self) -> dict:
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mode": self.mode}
 
 
 @keras.saving.register_keras_serializable(package="lungcam")
-class SubtractReference(layers.Layer):
+class SubtractReference(layers.Layer):  # type: ignore[misc]  # Keras has no type information: Layer is Any
     """Feature maps minus a fixed reference map (the mean over normal training films), for Grad-CAM.
 
     A linear head on globally pooled features scores the same whether or not a constant map is
@@ -78,17 +79,17 @@ class SubtractReference(layers.Layer):
     (the heart, the edge of the lung box).
     """
 
-    def __init__(self, reference_shape: tuple[int, int, int], **kwargs):
+    def __init__(self, reference_shape: tuple[int, int, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reference_shape = tuple(int(v) for v in reference_shape)
         self.reference = self.add_weight(
             shape=self.reference_shape, initializer="zeros", trainable=False, name="reference"
         )
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         return inputs - self.reference
 
-    def get_config(self) -> dict:
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "reference_shape": list(self.reference_shape)}
 
 
@@ -132,7 +133,7 @@ def build_model(
     resolved = resolve_weights(weights)
     if resolved in PACKAGED_WEIGHTS_ARCH and PACKAGED_WEIGHTS_ARCH[resolved] != arch:
         raise WeightsUnavailableError(f"{resolved} weights are for {PACKAGED_WEIGHTS_ARCH[resolved]}, not {arch}")
-    packaged = resolved in PACKAGED_WEIGHTS_ARCH
+    packaged = resolved if resolved in PACKAGED_WEIGHTS_ARCH else None
     try:
         backbone = getattr(keras.applications, spec.constructor)(
             include_top=False, weights=None if packaged else resolved, input_tensor=scaled
@@ -145,8 +146,8 @@ def build_model(
             "without internet access, copy the Keras 'notop' weights file into ~/.keras/models/ "
             "(or $KERAS_HOME/models/) or pass its path as the weights argument."
         ) from exc
-    if packaged:
-        load_vgg16_conv_weights(backbone, verified_weights_path(PACKAGED_WEIGHTS[resolved]))
+    if packaged is not None:
+        load_vgg16_conv_weights(backbone, verified_weights_path(PACKAGED_WEIGHTS[packaged]))
     if freeze_backbone:
         for layer in backbone.layers:
             layer.trainable = False

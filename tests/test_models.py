@@ -199,6 +199,25 @@ def test_bundle_without_manifest_or_model_is_refused(tmp_path):
         )
 
 
+def test_manifests_read_as_the_typed_manifest_and_malformed_ones_are_refused(tmp_path):
+    from shared.domain import MANIFEST_REQUIRED_KEYS, manifest_from_json, manifest_to_json
+    from shared.shipped import shipped_model_dir
+
+    shipped_file = shipped_model_dir() / "manifest.json"
+    shipped = read_manifest(shipped_model_dir())
+    # The shipped bundle reads unchanged, and writing it gives back the file's own bytes.
+    assert shipped == json.loads(shipped_file.read_text())
+    assert manifest_to_json(shipped) == shipped_file.read_bytes().rstrip(b"\n")
+    assert all(key in shipped for key in MANIFEST_REQUIRED_KEYS)
+    assert shipped["dataset"]["split"]["seed"] == 42 and shipped["backbone"]["embedded"] is False
+    assert manifest_from_json(b'{"name": "partial"}') == {"name": "partial"}  # readers say what they lack
+    with pytest.raises(ValueError, match="JSON object"):
+        manifest_from_json(b"[1, 2]")
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(BundleError, match=r"malformed manifest\.json"):
+        read_manifest(tmp_path)
+
+
 def test_bundle_round_trip_through_s3(s3_store, moto_server, batch):
     model = build_model("vgg16", input_size=64, weights=None)
     uri = f"{s3_store.url}/models/vgg16-covid/v1"

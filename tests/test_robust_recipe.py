@@ -57,6 +57,50 @@ def test_recipe_defaults() -> None:
     assert TrainConfig(recipe="paper", square="centre_crop", intensity="none").resolved().square == "centre_crop"
 
 
+def test_resolved_config_has_every_field_of_train_config_and_no_none_where_a_recipe_sets_one() -> None:
+    from dataclasses import asdict, fields
+
+    from trainer.config import FROZEN_DEFAULTS, ResolvedConfig
+
+    # The manifest's "training" entry is asdict(ResolvedConfig): the same keys as TrainConfig's.
+    assert [f.name for f in fields(ResolvedConfig)] == [f.name for f in fields(TrainConfig)]
+    for recipe in ("paper", "robust", "frozen"):
+        resolved = asdict(TrainConfig(recipe=recipe).resolved())
+        unset = {name for name, value in resolved.items() if value is None}
+        assert unset <= {"intensity", "head_c", "balance", "feature_cache"}, recipe
+    frozen = TrainConfig(recipe="frozen").resolved()
+    assert (frozen.head_c, frozen.balance) == (FROZEN_DEFAULTS["head_c"], FROZEN_DEFAULTS["balance"])
+
+
+def test_bundle_data_reads_the_manifest_and_falls_back_to_train_config_defaults() -> None:
+    from shared.bundle import read_manifest
+    from shared.shipped import shipped_model_dir
+    from trainer.config import BundleData
+
+    shipped = read_manifest(shipped_model_dir())
+    data = BundleData.of(shipped)
+    split = shipped["dataset"]["split"]
+    assert (data.finding, data.view) == (shipped["training"]["finding"], shipped["training"]["view"])
+    assert (data.test_fraction, data.seed, data.group_by_patient) == (
+        split["test_fraction"],
+        split["seed"],
+        split["group_by_patient"],
+    )
+    # A manifest that records neither gets the values a default training run had.
+    identity = {"name": "x", "version": "1", "architecture": "vgg16", "input_size": 64, "gradcam_layer": "x"}
+    bare = BundleData.of({**identity, "class_names": ["covid", "normal"]})
+    defaults = TrainConfig()
+    assert (bare.finding, bare.view, bare.test_fraction, bare.seed, bare.group_by_patient) == (
+        defaults.finding,
+        defaults.view,
+        defaults.test_fraction,
+        defaults.seed,
+        defaults.group_by_patient,
+    )
+    recorded = BundleData.of({**shipped, "dataset": {"split": {"test_fraction": 0.3, "seed": 7}}})
+    assert (recorded.test_fraction, recorded.seed) == (0.3, 7)
+
+
 def test_cli_choices_match_the_preprocessing_methods() -> None:
     """The CLI spells the choices out (no image code imported for --help); they must not drift."""
     from shared.imaging import INTENSITY_METHODS, SQUARE_METHODS

@@ -117,7 +117,8 @@ def run_audit(
     """Audit a published bundle on data (its own test split or every image); write the verdict into its manifest."""
     from shared.bundle import load_bundle, update_manifest
     from shared.settings import get_settings
-    from trainer.datasets import load_datasets, split_samples
+    from trainer.config import BundleData
+    from trainer.datasets import load_datasets
     from trainer.evaluate import COVID_INDEX, PREDICT_BATCH_SIZE, covid_targets
     from trainer.loading import load_images
 
@@ -125,19 +126,12 @@ def run_audit(
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
     settings = get_settings()
     bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    manifest = bundle.manifest
-    training = manifest.get("training", {})
-    samples = load_datasets(data_paths, finding=training.get("finding", "COVID-19"), view=training.get("view", "PA"))
+    bundle_data = BundleData.of(bundle.manifest)
+    samples = load_datasets(data_paths, finding=bundle_data.finding, view=bundle_data.view)
     if split == "test":
-        params = manifest.get("dataset", {}).get("split", {})
-        _, samples = split_samples(
-            samples,
-            test_fraction=float(params.get("test_fraction", 0.2)),
-            seed=int(params.get("seed", 42)),
-            group_by_patient=bool(params.get("group_by_patient", True)),
-        )
+        samples = bundle_data.test_split(samples)
     loaded = load_images(
-        samples, bundle.input_size, preprocessing=manifest.get("preprocessing"), progress=progress, desc="audit images"
+        samples, bundle.input_size, preprocessing=bundle.preprocessing, progress=progress, desc="audit images"
     )
     y = covid_targets(loaded.samples)
 

@@ -1,17 +1,20 @@
-"""Every knob of a training run (TrainConfig), each recipe's defaults, and the preprocessing they imply."""
+"""Every knob of a training run (TrainConfig, ResolvedConfig), each recipe's defaults, the preprocessing they
+imply, and what a bundle's manifest says of its run (BundleData)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from shared.calibration import DEFAULT_TARGET_SENSITIVITY
+from shared.domain import Manifest
 from shared.errors import LungcamError
 from shared.imaging import INTENSITY_METHODS, PREPROCESSING, SQUARE_METHODS, robust_preprocessing
 from shared.pretrained import PACKAGED_WEIGHTS, PACKAGED_WEIGHTS_ARCH
 from shared.zoo import ARCHITECTURES
-from trainer.datasets import DEFAULT_FINDING, DEFAULT_VIEW
+from trainer.datasets import DEFAULT_FINDING, DEFAULT_VIEW, Sample, split_samples
 from trainer.frozen import BALANCE_MODES, FROZEN_FEATURE_LAYER
 from trainer.robust import SMALL_ARCH, SMALL_GRADCAM_LAYER
 
@@ -147,75 +150,164 @@ class TrainConfig:
     view: str | None = DEFAULT_VIEW
     progress: bool = field(default=True, compare=False)
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self) -> ResolvedConfig:
         """A copy with the recipe's defaults and the fields that depend on others filled in, checked for sense."""
         if self.recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {RECIPES}")
         defaults = {"robust": ROBUST_DEFAULTS, "frozen": FROZEN_DEFAULTS}.get(self.recipe, PAPER_DEFAULTS)
-        config = TrainConfig(**asdict(self))
+        values = asdict(self)
         for name, value in defaults.items():
-            if getattr(config, name) is None:
-                setattr(config, name, value)
-        if config.weights is None:
-            config.weights = "none" if config.arch == SMALL_ARCH else "imagenet"
-        return config._checked()
-
-    def _checked(self) -> TrainConfig:
-        if self.arch not in ARCHITECTURES and self.arch != SMALL_ARCH:
-            raise ConfigError(
-                f"unknown architecture {self.arch!r}; choose one of {sorted([*ARCHITECTURES, SMALL_ARCH])}"
-            )
-        if self.intensity is not None and self.intensity not in INTENSITY_METHODS:
-            raise ConfigError(f"unknown intensity method {self.intensity!r}; choose one of {INTENSITY_METHODS}")
-        if self.square not in SQUARE_METHODS:
-            raise ConfigError(f"unknown square method {self.square!r}; choose one of {SQUARE_METHODS}")
-        if self.square != "stretch" and self.intensity is None:
-            raise ConfigError("--square centre_crop needs preprocessing version 3: set --intensity too")
-        if self.lung_mask and self.intensity is None:
-            raise ConfigError("--lung-mask needs preprocessing version 4: set --intensity too")
-        if self.recipe == "frozen":
-            self._check_frozen()
-        if not 0.0 <= self.val_fraction < 0.5:
-            raise ConfigError(f"validation fraction must be in [0, 0.5), got {self.val_fraction}")
-        if self.recipe == "robust" and self.val_fraction == 0:
-            raise ConfigError("the robust recipe needs a validation split (--val-fraction > 0)")
-        if not 0.0 < self.target_sensitivity <= 1.0:
-            raise ConfigError(f"target sensitivity must be in (0, 1], got {self.target_sensitivity}")
-        if not 0.0 <= self.indeterminate_width < 1.0:
-            raise ConfigError(f"indeterminate band width must be in [0, 1), got {self.indeterminate_width}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        for name in ("input_size", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        if self.rotation_degrees < 0:
-            raise ConfigError(f"rotation must be at least 0 degrees, got {self.rotation_degrees}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test fraction must be between 0 and 1, got {self.test_fraction}")
-        config = TrainConfig(**asdict(self))
-        default_layer = SMALL_GRADCAM_LAYER if self.arch == SMALL_ARCH else ARCHITECTURES[self.arch].gradcam_layer
-        config.gradcam_layer = self.gradcam_layer or default_layer
-        config.name = self.name or f"{self.arch}-covid"
-        config.version = self.version or utc_version()
-        return config
-
-    def _check_frozen(self) -> None:
-        if self.weights not in PACKAGED_WEIGHTS or PACKAGED_WEIGHTS_ARCH[self.weights] != self.arch:
-            raise ConfigError(
-                f"the frozen recipe needs a packaged backbone ({sorted(PACKAGED_WEIGHTS)} for "
-                f"{sorted(set(PACKAGED_WEIGHTS_ARCH.values()))}), got {self.arch} with {self.weights}"
-            )
-        if not self.freeze_backbone:
-            raise ConfigError("the frozen recipe never trains the backbone: drop --fine-tune")
-        if self.balance not in BALANCE_MODES:
-            raise ConfigError(f"unknown balance {self.balance!r}; choose one of {BALANCE_MODES}")
-        if not (self.head_c or 0) > 0:
-            raise ConfigError(f"--head-c must be positive, got {self.head_c}")
+            if values[name] is None:
+                values[name] = value
+        if values["weights"] is None:
+            values["weights"] = "none" if values["arch"] == SMALL_ARCH else "imagenet"
+        _check(values)
+        default_layer = (
+            SMALL_GRADCAM_LAYER if values["arch"] == SMALL_ARCH else ARCHITECTURES[values["arch"]].gradcam_layer
+        )
+        values["gradcam_layer"] = values["gradcam_layer"] or default_layer
+        values["name"] = values["name"] or f"{values['arch']}-covid"
+        values["version"] = values["version"] or utc_version()
+        return ResolvedConfig(**values)
 
 
-def preprocessing_for(config: TrainConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A TrainConfig with the recipe's defaults filled in and checked: what the recipes read.
+
+    The same fields as TrainConfig (the manifest's "training" entry is this, as a dict), with no None
+    left where the recipe gives a value: intensity None is preprocessing version 1, head_c and balance
+    are the frozen recipe's only, feature_cache None is the default cache, finding/view None: no filter.
+    """
+
+    recipe: str
+    arch: str
+    weights: str
+    input_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    rotation_degrees: float
+    test_fraction: float
+    seed: int
+    group_by_patient: bool
+    freeze_backbone: bool
+    intensity: str | None
+    working_size: int
+    crop_fraction: float
+    blur_sigma: float
+    square: str
+    lung_mask: bool
+    augment_strength: float
+    label_smoothing: float
+    weight_decay: float
+    val_fraction: float
+    patience: int
+    head_c: float | None
+    balance: str | None
+    feature_cache: str | None
+    target_sensitivity: float
+    indeterminate_width: float
+    gradcam_layer: str
+    name: str
+    version: str
+    finding: str | None
+    view: str | None
+    progress: bool = field(default=True, compare=False)
+
+
+def _check(values: dict[str, Any]) -> None:
+    """Refuse a configuration (TrainConfig's fields, the recipe's defaults filled in) that makes no sense."""
+    arch, intensity, square = values["arch"], values["intensity"], values["square"]
+    if arch not in ARCHITECTURES and arch != SMALL_ARCH:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {sorted([*ARCHITECTURES, SMALL_ARCH])}")
+    if intensity is not None and intensity not in INTENSITY_METHODS:
+        raise ConfigError(f"unknown intensity method {intensity!r}; choose one of {INTENSITY_METHODS}")
+    if square not in SQUARE_METHODS:
+        raise ConfigError(f"unknown square method {square!r}; choose one of {SQUARE_METHODS}")
+    if square != "stretch" and intensity is None:
+        raise ConfigError("--square centre_crop needs preprocessing version 3: set --intensity too")
+    if values["lung_mask"] and intensity is None:
+        raise ConfigError("--lung-mask needs preprocessing version 4: set --intensity too")
+    if values["recipe"] == "frozen":
+        _check_frozen(values)
+    _check_numbers(values)
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    if not 0.0 <= values["val_fraction"] < 0.5:
+        raise ConfigError(f"validation fraction must be in [0, 0.5), got {values['val_fraction']}")
+    if values["recipe"] == "robust" and values["val_fraction"] == 0:
+        raise ConfigError("the robust recipe needs a validation split (--val-fraction > 0)")
+    if not 0.0 < values["target_sensitivity"] <= 1.0:
+        raise ConfigError(f"target sensitivity must be in (0, 1], got {values['target_sensitivity']}")
+    if not 0.0 <= values["indeterminate_width"] < 1.0:
+        raise ConfigError(f"indeterminate band width must be in [0, 1), got {values['indeterminate_width']}")
+    if not 0.0 <= values["label_smoothing"] < 0.5:
+        raise ConfigError(f"label smoothing must be in [0, 0.5), got {values['label_smoothing']}")
+    for name in ("input_size", "epochs", "batch_size"):
+        if values[name] < 1:
+            raise ConfigError(f"{name} must be at least 1, got {values[name]}")
+    if values["learning_rate"] <= 0:
+        raise ConfigError(f"learning rate must be positive, got {values['learning_rate']}")
+    if values["rotation_degrees"] < 0:
+        raise ConfigError(f"rotation must be at least 0 degrees, got {values['rotation_degrees']}")
+    if not 0.0 < values["test_fraction"] < 1.0:
+        raise ConfigError(f"test fraction must be between 0 and 1, got {values['test_fraction']}")
+
+
+def _check_frozen(values: dict[str, Any]) -> None:
+    arch, weights = values["arch"], values["weights"]
+    if weights not in PACKAGED_WEIGHTS or PACKAGED_WEIGHTS_ARCH[weights] != arch:
+        raise ConfigError(
+            f"the frozen recipe needs a packaged backbone ({sorted(PACKAGED_WEIGHTS)} for "
+            f"{sorted(set(PACKAGED_WEIGHTS_ARCH.values()))}), got {arch} with {weights}"
+        )
+    if not values["freeze_backbone"]:
+        raise ConfigError("the frozen recipe never trains the backbone: drop --fine-tune")
+    if values["balance"] not in BALANCE_MODES:
+        raise ConfigError(f"unknown balance {values['balance']!r}; choose one of {BALANCE_MODES}")
+    if not (values["head_c"] or 0) > 0:
+        raise ConfigError(f"--head-c must be positive, got {values['head_c']}")
+
+
+@dataclass(frozen=True)
+class BundleData:
+    """Which images a bundle was trained on and how its test split was drawn, to draw them again.
+
+    From the manifest's "training" and "dataset.split" entries; what an older manifest does not
+    record is TrainConfig's default (the value its training run had).
+    """
+
+    finding: str | None
+    view: str | None
+    test_fraction: float
+    seed: int
+    group_by_patient: bool
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> BundleData:
+        """The bundle's data filters and test-split parameters."""
+        defaults = TrainConfig()
+        training = manifest.get("training", {})
+        split = manifest.get("dataset", {}).get("split", {})
+        return cls(
+            finding=training.get("finding", defaults.finding),
+            view=training.get("view", defaults.view),
+            test_fraction=float(split.get("test_fraction", defaults.test_fraction)),
+            seed=int(split.get("seed", defaults.seed)),
+            group_by_patient=bool(split.get("group_by_patient", defaults.group_by_patient)),
+        )
+
+    def test_split(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The test part of `samples`, drawn as the training run drew it."""
+        _, test = split_samples(
+            samples, test_fraction=self.test_fraction, seed=self.seed, group_by_patient=self.group_by_patient
+        )
+        return test
+
+
+def preprocessing_for(config: ResolvedConfig) -> dict[str, Any]:
     """The manifest's preprocessing entry: version 1 (the paper's) unless an intensity method is set."""
     if config.intensity is None:
         return dict(PREPROCESSING)

@@ -23,7 +23,7 @@ from sklearn.metrics import (
 
 from shared.calibration import OperatingPoint, brier_score, expected_calibration_error
 from shared.zoo import CLASS_NAMES
-from trainer.datasets import Sample, dataset_hash, load_datasets, split_samples
+from trainer.datasets import Sample, dataset_hash, load_datasets
 from trainer.loading import load_images, to_float
 
 log = logging.getLogger(__name__)
@@ -228,51 +228,29 @@ def evaluate_bundle(
     gives each path alone. `plots_dir` receives reliability.png and roc.png.
     """
     from shared.bundle import load_bundle
+    from shared.settings import get_settings
+    from trainer.config import BundleData
 
     if split not in ("test", "all"):
         raise ValueError(f"split must be 'test' or 'all', got {split!r}")
-    from shared.settings import get_settings
-
     settings = get_settings()
     bundle = load_bundle(bundle_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     manifest = bundle.manifest
-    operating_point = OperatingPoint.from_manifest(manifest)
-    training = manifest.get("training", {})
-    dataset_info = manifest.get("dataset", {})
-    split_params = dataset_info.get("split", {})
-    finding, view = training.get("finding", "COVID-19"), training.get("view", "PA")
-    per_path = [load_datasets([path], finding=finding, view=view) for path in data_paths]
-    samples = [sample for part in per_path for sample in part]
-    origin = {id(sample): str(path) for path, part in zip(data_paths, per_path) for sample in part}
+    operating_point = bundle.operating_point
+    bundle_data = BundleData.of(manifest)
+    per_path = [
+        (str(path), load_datasets([path], finding=bundle_data.finding, view=bundle_data.view)) for path in data_paths
+    ]
+    samples = [sample for _, part in per_path for sample in part]
     current_hash = dataset_hash(samples)
-    expected_hash = dataset_info.get("hash")
+    expected_hash = manifest.get("dataset", {}).get("hash")
     if expected_hash and current_hash != expected_hash:
-        log.warning(
-            "\n%s\nDATASET HASH DIFFERS from the one this model was trained on (%s… vs %s…): the split "
-            "below is not the training run's test split and the metrics are not comparable.\n%s",
-            "!" * 78,
-            current_hash[:12],
-            expected_hash[:12],
-            "!" * 78,
-        )
-    if split == "test":
-        _, chosen = split_samples(
-            samples,
-            test_fraction=float(split_params.get("test_fraction", 0.2)),
-            seed=int(split_params.get("seed", 42)),
-            group_by_patient=bool(split_params.get("group_by_patient", True)),
-        )
-    else:
-        chosen = list(samples)
+        _warn_dataset_differs(current_hash, expected_hash)
+    chosen = bundle_data.test_split(samples) if split == "test" else list(samples)
     loaded = load_images(
-        chosen,
-        bundle.input_size,
-        preprocessing=manifest.get("preprocessing"),
-        progress=progress,
-        desc=f"{split} images",
+        chosen, bundle.input_size, preprocessing=bundle.preprocessing, progress=progress, desc=f"{split} images"
     )
-    probabilities = predict_probabilities(bundle.model, loaded.images)
-    p_covid = operating_point.calibrate(probabilities[:, COVID_INDEX])
+    p_covid = operating_point.calibrate(predict_probabilities(bundle.model, loaded.images)[:, COVID_INDEX])
     targets = covid_targets(loaded.samples)
     threshold = operating_point.threshold
     result: dict[str, Any] = {
@@ -282,32 +260,63 @@ def evaluate_bundle(
         "n_skipped": len(loaded.skipped),
         "dataset_hash": current_hash,
         "dataset_hash_matches": expected_hash == current_hash if expected_hash else None,
-        "operating_point": {
-            "temperature": operating_point.temperature,
-            "threshold": threshold,
-            "indeterminate_band": list(operating_point.indeterminate_band)
-            if operating_point.indeterminate_band
-            else None,
-            "calibrated": "calibration" in manifest,
-        },
+        "operating_point": _operating_point_record(operating_point, calibrated="calibration" in manifest),
         "metrics": compute_metrics(targets, p_covid, threshold),
         "metrics_by_source": metrics_by_source(loaded.samples, p_covid, threshold),
     }
     if len(data_paths) > 1:
-        by_dataset: dict[str, dict[str, Any]] = {}
-        for path in map(str, data_paths):
-            rows = [i for i, sample in enumerate(loaded.samples) if origin.get(id(sample)) == path]
-            if rows:
-                by_dataset[path] = compute_metrics(targets[rows], p_covid[rows], threshold)
-        result["metrics_by_dataset"] = by_dataset
+        result["metrics_by_dataset"] = _metrics_by_dataset(per_path, loaded.samples, targets, p_covid, threshold)
     if plots_dir is not None:
-        from trainer import plots
-
-        folder = Path(plots_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "reliability.png").write_bytes(
-            plots.reliability_png(targets, p_covid, title=f"{bundle.name} {bundle.version}, {split}")
-        )
-        (folder / "roc.png").write_bytes(plots.roc_png(targets, p_covid, result["metrics"]["auc"]))
-        result["plots"] = [str(folder / "reliability.png"), str(folder / "roc.png")]
+        title = f"{bundle.name} {bundle.version}, {split}"
+        result["plots"] = _write_plots(Path(plots_dir), targets, p_covid, result["metrics"]["auc"], title)
     return result
+
+
+def _warn_dataset_differs(current_hash: str, expected_hash: str) -> None:
+    """Say loudly that the data is not what the bundle was trained on: its split and metrics are not comparable."""
+    log.warning(
+        "\n%s\nDATASET HASH DIFFERS from the one this model was trained on (%s… vs %s…): the split "
+        "below is not the training run's test split and the metrics are not comparable.\n%s",
+        "!" * 78,
+        current_hash[:12],
+        expected_hash[:12],
+        "!" * 78,
+    )
+
+
+def _operating_point_record(operating_point: OperatingPoint, *, calibrated: bool) -> dict[str, Any]:
+    """The evaluation's "operating_point" entry: temperature, threshold, band, and whether the bundle has one."""
+    band = operating_point.indeterminate_band
+    return {
+        "temperature": operating_point.temperature,
+        "threshold": operating_point.threshold,
+        "indeterminate_band": list(band) if band else None,
+        "calibrated": calibrated,
+    }
+
+
+def _metrics_by_dataset(
+    per_path: Sequence[tuple[str, list[Sample]]],
+    evaluated: Sequence[Sample],
+    targets: np.ndarray,
+    p_covid: np.ndarray,
+    threshold: float,
+) -> dict[str, dict[str, Any]]:
+    """compute_metrics for the evaluated images of each data path alone (paths with none left out)."""
+    origin = {id(sample): path for path, part in per_path for sample in part}
+    by_dataset: dict[str, dict[str, Any]] = {}
+    for path, _ in per_path:
+        rows = [i for i, sample in enumerate(evaluated) if origin.get(id(sample)) == path]
+        if rows:
+            by_dataset[path] = compute_metrics(targets[rows], p_covid[rows], threshold)
+    return by_dataset
+
+
+def _write_plots(folder: Path, targets: np.ndarray, p_covid: np.ndarray, auc: float | None, title: str) -> list[str]:
+    """reliability.png and roc.png in `folder` (made if missing); their paths."""
+    from trainer import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "reliability.png").write_bytes(plots.reliability_png(targets, p_covid, title=title))
+    (folder / "roc.png").write_bytes(plots.roc_png(targets, p_covid, auc))
+    return [str(folder / "reliability.png"), str(folder / "roc.png")]

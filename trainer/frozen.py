@@ -28,7 +28,9 @@ GRADCAM_SMOOTHING_CELLS = 1.0
 BALANCE_MODES = ("class", "source")
 
 
-def balanced_weights(labels: Sequence[str], sources: Sequence[str | None], mode: str = "source") -> np.ndarray:
+def balanced_weights(
+    labels: Sequence[str] | np.ndarray, sources: Sequence[str | None], mode: str = "source"
+) -> np.ndarray:
     """Sample weights, mean 1: each class the same total ("class"), and each source within a class too ("source")."""
     if mode not in BALANCE_MODES:
         raise ValueError(f"unknown balance mode {mode!r}; choose one of {BALANCE_MODES}")
@@ -98,7 +100,12 @@ def reference_map(backbone, images: np.ndarray) -> np.ndarray:
 
 
 def fit_linear_head(
-    features: np.ndarray, labels: Sequence[str], sources: Sequence[str | None], *, c: float, balance: str = "source"
+    features: np.ndarray,
+    labels: Sequence[str] | np.ndarray,
+    sources: Sequence[str | None],
+    *,
+    c: float,
+    balance: str = "source",
 ) -> LinearHead:
     """An L2 logistic regression (inverse strength `c`) on standardised features, balanced by `balance`."""
     from sklearn.linear_model import LogisticRegression
@@ -161,7 +168,9 @@ def out_of_source_scores(
     counts = np.zeros(len(samples))
     pairs: dict[str, dict] = {}
     folds = source_pair_folds(samples, min_per_class=min_per_class)
-    fold_rows = [([index[id(s)] for s in f.train], [index[id(s)] for s in f.test], f.name) for f in folds]
+    fold_rows: Sequence[tuple[list[int], list[int], str | None]] = [
+        ([index[id(s)] for s in f.train], [index[id(s)] for s in f.test], f.name) for f in folds
+    ]
     method = "leave-one-source-out, both classes (held-out covid source x normal source)"
     if not fold_rows:
         fold_rows = _grouped_folds(samples)

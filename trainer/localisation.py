@@ -59,8 +59,13 @@ def synthetic_positives(
     write_synthetic_dataset(root, n_per_class=n, size=size, seed=seed)
     positives = [sample for sample in load_dataset(root) if sample.label == "covid"]
     loaded = load_images(positives, size, preprocessing=preprocessing, progress=False)
-    masks = [
-        cv2.imread(str(root / "masks" / f"{sample.path.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
-        for sample in loaded.samples
-    ]
+    masks = [_lesion_mask(root / "masks" / f"{sample.path.stem}.png") for sample in loaded.samples]
     return loaded.images.astype(np.float32) / 255.0, masks
+
+
+def _lesion_mask(path: Path) -> np.ndarray:
+    """A synthetic film's lesion mask as booleans."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise FileNotFoundError(f"no lesion mask at {path}")
+    return np.asarray(mask) > 0

@@ -38,7 +38,9 @@ def sources_by_class(samples: Sequence[Sample]) -> dict[str, list[str]]:
     """{label: sorted sources that give images of that label}."""
     out: dict[str, set[str]] = {}
     for sample in samples:
-        out.setdefault(sample.label, set()).add(sample.source)
+        # An image of unknown source is never held out (it trains every fold's head).
+        if sample.source is not None:
+            out.setdefault(sample.label, set()).add(sample.source)
     return {label: sorted(sources) for label, sources in out.items()}
 
 

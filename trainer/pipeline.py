@@ -14,12 +14,14 @@ import numpy as np
 
 from shared.bundle import save_bundle
 from shared.calibration import OperatingPoint
+from shared.domain import Manifest
 from shared.gradcam import GradCam
 from shared.zoo import CLASS_NAMES
 from trainer import plots
-from trainer.config import TrainConfig, preprocessing_for
+from trainer.config import ResolvedConfig, preprocessing_for
 from trainer.datasets import (
     DatasetError,
+    Sample,
     count_labels,
     dataset_hash,
     load_datasets,
@@ -48,7 +50,7 @@ def step(message: str) -> None:
 class Splits:
     """The decoded, preprocessed images of each split, and what the manifest says about the data."""
 
-    samples: list
+    samples: list[Sample]
     preprocessing: dict[str, Any]
     train: LoadedImages
     validation: LoadedImages | None
@@ -61,7 +63,7 @@ class Splits:
         return [(name, loaded) for name, loaded in named if loaded is not None]
 
 
-def labelled_samples(config: TrainConfig, data_paths: Sequence[str | Path]) -> list:
+def labelled_samples(config: ResolvedConfig, data_paths: Sequence[str | Path]) -> list[Sample]:
     """Every sample of the data paths, refused unless both classes are there."""
     samples = load_datasets(data_paths, finding=config.finding, view=config.view)
     counts = count_labels(samples)
@@ -73,12 +75,12 @@ def labelled_samples(config: TrainConfig, data_paths: Sequence[str | Path]) -> l
     return samples
 
 
-def load_splits(config: TrainConfig, samples: list) -> Splits:
+def load_splits(config: ResolvedConfig, samples: list[Sample]) -> Splits:
     """Patient-grouped train / (validation) / test splits, decoded and preprocessed as the bundle will be."""
     train_samples, test_samples = split_samples(
         samples, test_fraction=config.test_fraction, seed=config.seed, group_by_patient=config.group_by_patient
     )
-    val_samples: list = []
+    val_samples: list[Sample] = []
     if config.val_fraction > 0:
         # Early stopping and calibration get their own patient-grouped split, carved from the training
         # part: the test split stays untouched until the end.
@@ -103,7 +105,7 @@ def load_splits(config: TrainConfig, samples: list) -> Splits:
     )
     preprocessing = preprocessing_for(config)
 
-    def _load(part: list, desc: str) -> LoadedImages:
+    def _load(part: list[Sample], desc: str) -> LoadedImages:
         return load_images(part, config.input_size, preprocessing=preprocessing, progress=config.progress, desc=desc)
 
     splits = Splits(
@@ -155,8 +157,8 @@ def evaluation_plots(evaluation: TestEvaluation, grid_png: bytes) -> dict[str, b
 
 
 def base_manifest(
-    config: TrainConfig, data: Splits, evaluation: TestEvaluation, *, weights: str, data_paths: Sequence[str | Path]
-) -> dict[str, Any]:
+    config: ResolvedConfig, data: Splits, evaluation: TestEvaluation, *, weights: str, data_paths: Sequence[str | Path]
+) -> Manifest:
     """The manifest every recipe writes: identity, preprocessing, training config, data and test metrics."""
     samples = data.samples
     return {
@@ -194,9 +196,7 @@ def base_manifest(
     }
 
 
-def publish(
-    model: keras.Model, manifest: dict[str, Any], out: str | Path, extra_files: dict[str, bytes]
-) -> dict[str, Any]:
+def publish(model: keras.Model, manifest: Manifest, out: str | Path, extra_files: dict[str, bytes]) -> Manifest:
     """Save the bundle to a folder or s3:// prefix (LUNGCAM_S3_ENDPOINT_URL applies) and say so."""
     from shared.settings import get_settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -25,7 +25,7 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def training_curves_png(history: dict[str, Sequence[float]], monitored: str = "validation") -> bytes:
+def training_curves_png(history: Mapping[str, Sequence[float]], monitored: str = "validation") -> bytes:
     """Loss and accuracy per epoch, training and the monitored split (the paper's figure, in two panels).
 
     `monitored` names what Keras's val_* figures were computed on: "validation", or "test" (paper recipe).

@@ -27,6 +27,7 @@ from shared.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from shared.domain import Manifest
 from shared.errors import LungcamError
 from trainer.datasets import count_labels, dataset_hash, load_datasets
 from trainer.evaluate import COVID_INDEX, covid_targets, predict_probabilities
@@ -79,7 +80,7 @@ def calibrate_for_site(
     confidence: float = DEFAULT_CONFIDENCE,
     version: str | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Manifest:
     """Score the site sample, refit temperature and threshold, and publish the new bundle version at `out`."""
     from shared.settings import get_settings
 
@@ -108,18 +109,19 @@ def calibrate_for_site(
         {"split": "site sample", "n": len(y), "n_covid": int(y.sum()), "n_normal": int(len(y) - y.sum())},
     )
     record = site_record(y, p_raw, p, point, confidence, dataset_hash(loaded.samples), previous)
-    manifest = {
-        **bundle.manifest,
-        "calibration": point.to_manifest(),
-        "site_calibration": record,
-        "version": version or f"{bundle.version}-site-{record['sample_sha256'][:8]}",
-    }
-    manifest["calibration"]["fitted_on"].update(
+    calibration = point.to_manifest()
+    calibration["fitted_on"].update(
         sensitivity=record["sensitivity"],
         specificity=record["specificity"],
         ece_before=record["ece_before"],
         ece_after=record["ece_after"],
     )
+    manifest: Manifest = {
+        **bundle.manifest,
+        "calibration": calibration,
+        "site_calibration": record,
+        "version": version or f"{bundle.version}-site-{record['sample_sha256'][:8]}",
+    }
     return copy_bundle(bundle_uri, out, manifest, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
 
 

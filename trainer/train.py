@@ -15,22 +15,24 @@ import numpy as np
 import tensorflow as tf
 
 from shared.calibration import OperatingPoint, fit_operating_point
+from shared.domain import Manifest
 from shared.pretrained import PACKAGED_WEIGHTS
 from shared.zoo import CLASS_NAMES, build_model, resolve_weights
 from trainer import plots
 
-# TrainConfig and the recipes' defaults live in trainer.config; importable from here as before.
-from trainer.config import (  # noqa: F401
-    FROZEN_DEFAULTS,
-    PAPER_DEFAULTS,
-    RECIPES,
-    ROBUST_DEFAULTS,
-    ConfigError,
-    TrainConfig,
-    preprocessing_for,
-    utc_version,
-)
+# TrainConfig and the recipes' defaults live in trainer.config; importable from here as before
+# (`X as X` re-exports them explicitly).
+from trainer.config import FROZEN_DEFAULTS as FROZEN_DEFAULTS
+from trainer.config import PAPER_DEFAULTS as PAPER_DEFAULTS
+from trainer.config import RECIPES as RECIPES
+from trainer.config import ROBUST_DEFAULTS as ROBUST_DEFAULTS
+from trainer.config import ConfigError as ConfigError
+from trainer.config import ResolvedConfig as ResolvedConfig
+from trainer.config import TrainConfig as TrainConfig
+from trainer.config import preprocessing_for as preprocessing_for
+from trainer.config import utc_version as utc_version
 from trainer.evaluate import COVID_INDEX, covid_targets, predict_probabilities
+from trainer.loading import LoadedImages
 from trainer.pipeline import (
     base_manifest,
     evaluation_plots,
@@ -135,7 +137,7 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_model(model: keras.Model, config: TrainConfig) -> None:
+def compile_model(model: keras.Model, config: ResolvedConfig) -> None:
     """Adam with the legacy per-step decay, binary cross-entropy on one-hot labels, accuracy."""
     # The paper used Adam(lr=1e-3, decay=lr/epochs). Keras 3 dropped `decay`; the legacy optimizer
     # applied lr / (1 + decay * iterations) with iterations counted in *steps*, not epochs, which is
@@ -151,7 +153,7 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
     )
 
 
-def build_for(config: TrainConfig, weights: str | None) -> keras.Model:
+def build_for(config: ResolvedConfig, weights: str | None) -> keras.Model:
     """The small CNN or a zoo backbone with the paper's head, as the (resolved) config says."""
     if config.arch == SMALL_ARCH:
         if weights is not None:
@@ -163,7 +165,7 @@ def build_for(config: TrainConfig, weights: str | None) -> keras.Model:
 
 
 def fit_on_arrays(
-    config: TrainConfig,
+    config: ResolvedConfig,
     model: keras.Model,
     train_images: np.ndarray,
     train_labels: Sequence[str],
@@ -218,9 +220,13 @@ def fit_on_arrays(
     )
 
 
-def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path) -> Manifest:
     """Train, evaluate on the test split, write plots and publish the bundle to `out`; return the manifest."""
-    config = config.resolved()
+    return train_resolved(config.resolved(), data_paths, out)
+
+
+def train_resolved(config: ResolvedConfig, data_paths: Sequence[str | Path], out: str | Path) -> Manifest:
+    """train() with the configuration resolved."""
     weights = resolve_weights(config.weights)  # fails early on a missing weights file
     keras.utils.set_random_seed(config.seed)
     samples = labelled_samples(config, data_paths)
@@ -255,39 +261,24 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     )
     training_seconds = time.perf_counter() - started
 
-    operating_point = OperatingPoint()
-    if val_images is not None:
-        step(f"calibrating on the validation split ({len(val_images.samples)} images)")
-        p_val = predict_probabilities(model, val_images.images)[:, COVID_INDEX]
-        operating_point = fit_operating_point(
-            covid_targets(val_images.samples),
-            p_val,
-            target_sensitivity=config.target_sensitivity,
-            indeterminate_width=config.indeterminate_width,
-            split="validation (patient-grouped, from the training part)",
-        )
-        print(
-            f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
-            f"{operating_point.threshold:.4f} for sensitivity >= {config.target_sensitivity:.2f}",
-            file=sys.stderr,
-        )
+    operating_point = _calibrated(config, model, val_images) if val_images is not None else OperatingPoint()
 
     step(f"evaluating on the test split ({len(test_images.samples)} images)")
     p_covid = operating_point.calibrate(predict_probabilities(model, test_images.images)[:, COVID_INDEX])
     evaluation = report_test_split(test_images, p_covid, operating_point)
 
     step("drawing the plots and the Grad-CAM grid")
-    history_record = {key: [float(v) for v in values] for key, values in history.history.items()}
-    history_record["epoch_seconds"] = epoch_log.seconds
-    # Keras's val_* keys stay (tools read them); this says which split they are.
-    history_record["val_split"] = monitored
+    curves = {key: [float(v) for v in values] for key, values in history.history.items()}
+    curves["epoch_seconds"] = epoch_log.seconds
+    # Keras's val_* keys stay (tools read them); val_split says which split they are.
+    history_record: dict[str, Any] = {**curves, "val_split": monitored}
     extra_files = {
-        "plots/training_curves.png": plots.training_curves_png(history_record, monitored=monitored),
+        "plots/training_curves.png": plots.training_curves_png(curves, monitored=monitored),
         **evaluation_plots(evaluation, gradcam_grid(model, config.gradcam_layer, test_images)),
         "history.json": json.dumps(history_record, indent=2).encode(),
     }
     manifest = base_manifest(config, data, evaluation, weights=_weights_label(weights), data_paths=data_paths)
-    manifest["training"].update(seconds=round(training_seconds, 1), epochs_run=len(history_record.get("loss", [])))
+    manifest["training"].update(seconds=round(training_seconds, 1), epochs_run=len(curves.get("loss", [])))
     if weights in PACKAGED_WEIGHTS:
         # Training may have changed the backbone (--fine-tune), so the bundle embeds it; the
         # manifest still says where it started.
@@ -299,6 +290,25 @@ def train(config: TrainConfig, data_paths: Sequence[str | Path], out: str | Path
     if val_images is not None:
         manifest["calibration"] = operating_point.to_manifest()
     return publish(model, manifest, out, extra_files)
+
+
+def _calibrated(config: ResolvedConfig, model: keras.Model, validation: LoadedImages) -> OperatingPoint:
+    """The operating point fitted on the validation split (temperature, threshold for the target sensitivity)."""
+    step(f"calibrating on the validation split ({len(validation.samples)} images)")
+    p_val = predict_probabilities(model, validation.images)[:, COVID_INDEX]
+    operating_point = fit_operating_point(
+        covid_targets(validation.samples),
+        p_val,
+        target_sensitivity=config.target_sensitivity,
+        indeterminate_width=config.indeterminate_width,
+        split="validation (patient-grouped, from the training part)",
+    )
+    print(
+        f"calibration on validation: temperature {operating_point.temperature:.3f}, threshold "
+        f"{operating_point.threshold:.4f} for sensitivity >= {config.target_sensitivity:.2f}",
+        file=sys.stderr,
+    )
+    return operating_point
 
 
 def _weights_label(weights: str | None) -> str:

@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 
 from shared.calibration import fit_operating_point, sigmoid
+from shared.domain import Manifest
 from shared.hashing import sha256_file
 from shared.pretrained import PACKAGED_WEIGHTS
 from shared.zoo import attach_head, build_packaged_backbone
-from trainer.config import TrainConfig
+from trainer.config import ResolvedConfig
+from trainer.datasets import Sample
 from trainer.features import FeatureCache, extract_features, feature_set_key, pooled_feature_model
 from trainer.frozen import (
     GRADCAM_SMOOTHING_CELLS,
@@ -43,10 +45,11 @@ def default_feature_cache() -> Path:
 
 
 def train_frozen(
-    config: TrainConfig, samples: list, data_paths: Sequence[str | Path], out: str | Path
-) -> dict[str, Any]:
+    config: ResolvedConfig, samples: list[Sample], data_paths: Sequence[str | Path], out: str | Path
+) -> Manifest:
     """The frozen recipe end to end: features, head, out-of-source operating point, test split, bundle."""
-    assert config.weights is not None and config.head_c is not None and config.balance is not None
+    # The frozen recipe always has a head (ResolvedConfig checked it); the other recipes have none.
+    assert config.head_c is not None and config.balance is not None
     backbone = build_packaged_backbone(config.arch, config.weights, config.input_size, config.gradcam_layer)
     data = load_splits(config, samples)
     cache = FeatureCache(Path(config.feature_cache) if config.feature_cache else default_feature_cache())
@@ -93,7 +96,8 @@ def train_frozen(
     )
     manifest = base_manifest(config, data, evaluation, weights=config.weights, data_paths=data_paths)
     # Grad-CAM reads the head's reference-subtracted maps, smoothed (benchmarks/gradcam_localisation.py).
-    manifest.update(gradcam_layer=REFERENCE_LAYER, gradcam_smoothing_cells=GRADCAM_SMOOTHING_CELLS)
+    manifest["gradcam_layer"] = REFERENCE_LAYER
+    manifest["gradcam_smoothing_cells"] = GRADCAM_SMOOTHING_CELLS
     manifest["training"].update(seconds=round(training_seconds, 1), epochs_run=0)
     manifest["backbone"] = {
         **PACKAGED_WEIGHTS[config.weights].provenance(),

@@ -57,7 +57,7 @@ class DatabaseCollector(Collector):
         )
         for model_name, model_version, count, total_ms in timings:
             inference.add_metric(
-                [model_name, model_version], count_value=int(count), sum_value=float(total_ms) / 1000.0
+                [model_name, model_version], count_value=int(count), sum_value=float(total_ms or 0.0) / 1000.0
             )
         yield inference
 

@@ -48,7 +48,8 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
             "error": scan.error or "",
             "finished_at": scan.finished_at.isoformat() if scan.finished_at else "",
         }
-        for p in scan.predictions or [None]:
+        predictions: Sequence[db.Prediction | None] = scan.predictions or [None]
+        for p in predictions:
             rows.append(
                 {
                     **base,

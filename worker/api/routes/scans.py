@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
@@ -11,7 +11,7 @@ from shared.scan_ids import SCAN_ID_PATTERN
 from shared.settings import Settings
 from shared.store import LocalStore, ObjectStore
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
-from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted
+from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted, Status
 from worker.api.security import quote_key, sign_file_path
 from worker.api.submission import check_image_sizes, current_status, submit
 
@@ -48,7 +48,9 @@ def submit_scan(
     if result.queued:
         return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
     response.status_code = status.HTTP_200_OK
-    return ScanSubmitted(scan_id=scan.scan_id, status=current_status(sessions, scan.scan_id), queued=False)
+    # The database's status column is a plain string; pydantic checks it is a Status when the model is built.
+    now = cast(Status, current_status(sessions, scan.scan_id))
+    return ScanSubmitted(scan_id=scan.scan_id, status=now, queued=False)
 
 
 # A path id outside the pattern (NUL, '/', 129 characters...) is a 422 before any database query.
