@@ -49,7 +49,7 @@ DISPLAY_MAX_SIDE = 1024
 # One predictions row, as db.upsert_predictions takes it (scan_id, model_name, model_version, label, ...).
 PredictionRow = dict[str, Any]
 # An overlay being stored, by (scan id, model): two versions of one model name are two overlays.
-OverlayUploads = dict[tuple[str, ModelKey], "Future[None]"]
+OverlayUploads = dict[tuple[str, ModelKey], Future[None]]
 
 
 class NotSelected(Exception):
