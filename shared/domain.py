@@ -1,9 +1,19 @@
-"""The project's shared vocabulary: the typed shapes that travel between its programs."""
+"""The project's vocabulary: the values, rules and typed shapes every program shares, each defined once."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, TypedDict, cast
+from typing import Any, NamedTuple, TypedDict, cast
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+class ModelKey(NamedTuple):
+    """A served model as prediction rows, overlays and batch records name it: its bundle's name and version."""
+
+    name: str
+    version: str
+
 
 # --- bundles ---------------------------------------------------------------------------------------
 # A bundle's manifest.json, as the trainer writes it and shared.bundle reads it. TypedDicts, not

@@ -9,10 +9,12 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from shared.imaging import robust_preprocessing
+from shared.settings import Settings
 from shared.synthetic import make_dicom, synthetic_xray
-from worker.consumer.decoding import DecodePool, decode_for_models
+from worker.consumer.decoding import DecodePool, available_cores, decode_for_models, decode_processes
 
 # The paper's preprocessing (version 1) at one size, CLAHE with stretch (version 2, the robust
 # recipe's) and with a centre crop (version 3) at others.
@@ -59,3 +61,16 @@ def test_a_killed_decoder_process_is_replaced_and_the_scan_still_decodes():
         assert time.monotonic() - started < 120
     finally:
         pool.close()
+
+
+def test_decode_processes_follow_the_pinned_gpu_not_the_environment(monkeypatch: pytest.MonkeyPatch):
+    """One per core on a GPU worker, none on a CPU-only one, LUNGCAM_DECODE_PROCESSES when set; the environment is not read."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("LUNGCAM_DECODE_PROCESSES", raising=False)
+    unset = Settings()
+    assert unset.decode_processes is None
+    assert [decode_processes(unset, pinned) for pinned in (None, "", "-1")] == [0, 0, 0]
+    assert decode_processes(unset, "0") == decode_processes(unset, "0,1") == available_cores()
+    assert (
+        decode_processes(Settings(decode_processes=3), "-1") == decode_processes(Settings(decode_processes=3), "0") == 3
+    )

@@ -29,8 +29,9 @@ from shared import db
 from shared.queueing import CLASSIFY_TASK, make_app, submit_scans
 from shared.settings import Settings
 from shared.store import LocalStore, StoreError, scan_key
-from worker.consumer.classifier import ScanClassifier, ServedModel
+from worker.consumer.classifier import ScanClassifier
 from worker.consumer.reconciler import Reconciler
+from worker.consumer.served import ServedModel
 from worker.consumer.tasks import MAX_BACKOFF_S, BatchRunner, backoff_bound_seconds, backoff_seconds
 from worker.consumer.transient import is_transient, traceback_without_messages
 

@@ -12,7 +12,8 @@ from helpers import make_tiny_bundle, mixed_scans
 from shared import db
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
-from worker.consumer.classifier import ScanClassifier, load_served_models
+from worker.consumer.classifier import ScanClassifier
+from worker.consumer.served import load_served_models
 
 
 def _classify(tmp_path: Path, calibration: dict | None) -> list[db.Prediction]:
@@ -69,6 +70,6 @@ def test_temperature_and_band_are_applied(tmp_path: Path):
 def test_a_bundle_that_never_ran_the_audit_is_named_in_a_warning_at_start(tmp_path: Path, caplog):
     bundle = make_tiny_bundle(tmp_path / "bundle", 64)
     settings = Settings(data_dir=tmp_path / "data", models=str(bundle))
-    with caplog.at_level(logging.WARNING, logger="worker.consumer.classifier"):
+    with caplog.at_level(logging.WARNING, logger="worker.consumer.served"):
         load_served_models(settings)
     assert any("tiny-test" in record.getMessage() and "audit" in record.getMessage() for record in caplog.records)

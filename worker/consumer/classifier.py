@@ -1,85 +1,85 @@
-"""The batch pipeline: fetch, decode, one Grad-CAM pass per model, overlays, one SQL transaction."""
+"""The batch pipeline, in four stages that each return a typed value.
+
+1. claim: in one transaction, pass over scans that are finished, unknown or leased elsewhere, and claim
+   the rest under this worker's lease -> `ClaimedBatch` of `ClaimedScan`s (source, models still needed).
+2. prepare: on the I/O threads, fetch each scan, apply the DICOM selection rule, decode once -> `Prepared`.
+3. infer: one Grad-CAM pass per model over each window of batch_size scans, overlays rendered and
+   stored -> `Inferred`.
+4. record: predictions and final statuses in one SQL transaction (scan by scan if the database
+   refuses it) -> `Recorded`.
+
+`ScanClassifier.process` runs them under the claimed scans' leases and returns a `BatchOutcome` built
+from the stages' values.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 import time
+from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
-from shared.bundle import Bundle, load_bundle
 from shared.dicom import dicom_header, selection_reason
+from shared.domain import ModelKey
 from shared.errors import LungcamError
-from shared.gradcam import GradCam
-from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
+from shared.imaging import ImageDecodeError, check_image_header
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
 from worker.consumer.budget import PixelBudget
-from worker.consumer.decoding import DecodePool, available_cores
+from worker.consumer.decoding import DecodePool, decode_processes
 from worker.consumer.leases import LeaseKeeper
+from worker.consumer.served import ServedModel, load_served_models, require_models_configured
 from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
 DISPLAY_MAX_SIDE = 1024
 
-
-class NoModelsConfigured(LungcamError, RuntimeError):
-    """The worker was started without any model bundle to serve."""
-
-
-@dataclass
-class ServedModel:
-    """A loaded bundle with its compiled Grad-CAM pass."""
-
-    bundle: Bundle
-    gradcam: GradCam
-
-    @property
-    def covid_index(self) -> int:
-        """Output index of the covid class."""
-        return self.bundle.class_names.index("covid")
-
-    @property
-    def input_key(self) -> str:
-        """Which preprocessed input this model takes (bundles with the same key share one array)."""
-        return preprocessing_key(self.bundle.preprocessing, self.bundle.input_size)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """(name, version): what a prediction row and a batch record name the model by."""
-        return self.bundle.name, self.bundle.version
-
-    @property
-    def demonstration(self) -> bool:
-        """Whether the bundle's manifest says it is a demonstration model (trained on synthetic images)."""
-        return bool(self.bundle.manifest.get("demonstration"))
-
-
-@dataclass
-class BatchOutcome:
-    """What happened to each scan id of one batch."""
-
-    done: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # scan id -> reason (permanent, recorded)
-    retry: dict[str, str] = field(default_factory=dict)  # scan id -> reason (transient)
-    skipped: list[str] = field(default_factory=list)  # already done, held by another lease, or unknown id
-    claimed: list[str] = field(default_factory=list)  # marked running under this worker's lease
-    not_selected: dict[str, str] = field(default_factory=dict)  # scan id -> why it is not a frontal chest film
+# One predictions row, as db.upsert_predictions takes it (scan_id, model_name, model_version, label, ...).
+PredictionRow = dict[str, Any]
+# An overlay being stored, by (scan id, model): two versions of one model name are two overlays.
+OverlayUploads = dict[tuple[str, ModelKey], Future[None]]
 
 
 class NotSelected(Exception):
     """A valid image that its DICOM header says is not a frontal chest radiograph (it ends `skipped`)."""
+
+
+# --- the stages' values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedScan:
+    """A scan claimed under this worker's lease: where its image is and which served models it still needs."""
+
+    scan_id: str
+    source_uri: str
+    # Every served model, or (screened before with some of them) only those it has no result from.
+    needed: frozenset[ModelKey]
+
+
+@dataclass(frozen=True)
+class ClaimedBatch:
+    """What the claim stage took: the scans leased to this worker now, and the ids it passed over."""
+
+    scans: tuple[ClaimedScan, ...]
+    passed_over: tuple[str, ...]  # finished, leased elsewhere or unknown: nothing is written for them
+
+    @property
+    def scan_ids(self) -> list[str]:
+        """The claimed scans' ids."""
+        return [scan.scan_id for scan in self.scans]
 
 
 @dataclass
@@ -88,31 +88,82 @@ class _Decoded:
     display: np.ndarray  # uint8 image (grey or RGB), longest side <= DISPLAY_MAX_SIDE, for the overlay
 
 
-def require_models_configured(settings: Settings) -> list[str]:
-    """The bundle URIs of LUNGCAM_MODELS; raises NoModelsConfigured when there are none."""
-    uris = settings.model_uris()
-    if not uris:
-        raise NoModelsConfigured(
-            "no model bundles configured: set LUNGCAM_MODELS to one or more bundle folders or s3:// prefixes"
-        )
-    return uris
+@dataclass(frozen=True)
+class PreparedScan:
+    """A claimed scan decoded for the models: their inputs and the display image its overlays are drawn on."""
+
+    claimed: ClaimedScan
+    images: _Decoded
+
+    @property
+    def scan_id(self) -> str:
+        """The scan's id."""
+        return self.claimed.scan_id
 
 
-def load_served_models(settings: Settings) -> list[ServedModel]:
-    """Load and verify every bundle in LUNGCAM_MODELS and warm up its compiled pass."""
-    uris = require_models_configured(settings)
-    served = []
-    for uri in uris:
-        bundle = load_bundle(uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-        gradcam = bundle.gradcam(positive_gradients_only=settings.positive_gradients_only)
-        started = time.perf_counter()
-        gradcam.warm_up(settings.batch_size)
-        log.info("model %s/%s ready (warm-up %.1f s)", bundle.name, bundle.version, time.perf_counter() - started)
-        warning = bundle.audit_warning
-        if warning:
-            log.warning("model %s/%s: %s", bundle.name, bundle.version, warning)
-        served.append(ServedModel(bundle, gradcam))
-    return served
+@dataclass(frozen=True)
+class Prepared:
+    """What the prepare stage made of the claimed scans."""
+
+    scans: tuple[PreparedScan, ...]  # ready for the models
+    not_selected: dict[str, str]  # scan id -> why its header says it is not a frontal chest film
+    failed: dict[str, str]  # scan id -> patient-free reason it cannot be classified
+    retry: dict[str, str]  # scan id -> the outage that stopped it
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """What the infer stage made of the prepared scans."""
+
+    done: tuple[str, ...]  # every needed model ran and every overlay is stored
+    rows: tuple[PredictionRow, ...]  # the prediction rows of the done scans
+    failed: dict[str, str]
+    retry: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the record stage wrote, and what it could not write for an outage (retry)."""
+
+    done: tuple[str, ...]
+    failed: dict[str, str]
+    not_selected: dict[str, str]
+    retry: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one `ScanClassifier.process` call did with each scan id it was given.
+
+    `not_selected` scans end with status skipped (db.SKIPPED); `passed_over` ones were not touched at all.
+    """
+
+    done: tuple[str, ...] = ()  # recorded done
+    not_selected: dict[str, str] = field(default_factory=dict)  # recorded skipped: why not a frontal chest film
+    failed: dict[str, str] = field(default_factory=dict)  # recorded failed, with this patient-free reason
+    retry: dict[str, str] = field(default_factory=dict)  # not recorded: a transient reason, to be re-published
+    passed_over: tuple[str, ...] = ()  # not claimed: finished, leased elsewhere, or an unknown id
+    claimed: tuple[str, ...] = ()  # held under this worker's lease during the call
+
+
+def _unprepared(exc: Exception) -> tuple[str, bool]:
+    """The patient-free reason a scan could not be prepared, and whether it is worth a retry (an outage)."""
+    if isinstance(exc, ImageDecodeError):
+        return f"undecodable image: {exc}", False
+    if isinstance(exc, (ObjectNotFound, SourceNotAllowed)):
+        return NOT_READABLE, False
+    if isinstance(exc, StoreError) and not exc.transient:
+        # Denied, or no such bucket: worded like a missing key, so errors reveal nothing of the store.
+        return NOT_READABLE, False
+    if is_transient(exc):
+        return f"store unavailable: {describe(exc)}", True
+    log.warning("could not prepare a scan: %s", type(exc).__name__, exc_info=not isinstance(exc, LungcamError))
+    return f"could not prepare image: {describe(exc)}", False
+
+
+def _database_unavailable(exc: Exception) -> str:
+    """The retry reason for a database outage (the type only: its message carries the statement's scan ids)."""
+    return f"database unavailable: {type(exc).__name__}"
 
 
 class ScanClassifier:
@@ -125,7 +176,9 @@ class ScanClassifier:
         sessions: sessionmaker[Session],
         settings: Settings,
         leases: LeaseKeeper | None = None,
-    ):
+        decoder: DecodePool | None = None,
+    ) -> None:
+        """Serve models; read scans from store; record through sessions; decode in decoder (default: in-thread)."""
         self.models = models
         self.store = store
         self.sessions = sessions
@@ -143,11 +196,8 @@ class ScanClassifier:
         # Decode once to the largest size anything needs: the display image or the biggest model input.
         self._decode_side = max([DISPLAY_MAX_SIDE, *(size for _key, _spec, size in self._input_specs)])
         self.budget = PixelBudget(settings.decode_pixel_budget)
-        self.decoder = DecodePool(decode_processes(settings))
+        self.decoder = decoder if decoder is not None else DecodePool(decode_processes(settings, pinned_gpu=None))
         self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format][2].lstrip(".")
-        # Scans that need only some of the served models (screened before with others): scan id -> models.
-        self._needed: dict[str, set[tuple[str, str]]] = {}
-        self._needed_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the I/O threads, the decode processes and the lease heartbeat."""
@@ -155,178 +205,134 @@ class ScanClassifier:
         self.decoder.close()
         self.leases.stop()
 
-    def process(self, scan_ids: list[str], *, force: set[str] | frozenset[str] = frozenset()) -> BatchOutcome:
+    def process(self, scan_ids: list[str], *, force: Collection[str] = frozenset()) -> BatchOutcome:
         """Classify scans; returns what was done, what failed for good and what should be retried."""
-        outcome = BatchOutcome()
         ids = list(dict.fromkeys(scan_ids))
         try:
-            sources = self._claim(ids, force, outcome)
+            batch = self.claim(ids, force)
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in ids})
-            return outcome
-        if not sources:
-            return outcome
-        outcome.claimed = list(sources)
-        self.leases.hold(outcome.claimed)
+            return BatchOutcome(retry=dict.fromkeys(ids, _database_unavailable(exc)))
+        if not batch.scans:
+            return BatchOutcome(passed_over=batch.passed_over)
+        claimed = batch.scan_ids
+        self.leases.hold(claimed)
         try:
-            self._classify_claimed(sources, outcome)
+            prepared = self.prepare(batch.scans)
+            inferred = self.infer(prepared.scans)
+            recorded = self.record(
+                inferred.rows, inferred.done, {**prepared.failed, **inferred.failed}, prepared.not_selected
+            )
         finally:
-            self.leases.release(outcome.claimed)
-            with self._needed_lock:
-                for scan_id in outcome.claimed:
-                    self._needed.pop(scan_id, None)
-        return outcome
+            self.leases.release(claimed)
+        return BatchOutcome(
+            done=recorded.done,
+            not_selected=recorded.not_selected,
+            failed=recorded.failed,
+            retry={**prepared.retry, **inferred.retry, **recorded.retry},
+            passed_over=batch.passed_over,
+            claimed=tuple(claimed),
+        )
 
-    def _classify_claimed(self, sources: dict[str, str], outcome: BatchOutcome) -> None:
-        """Fetch, decode, infer, upload and record the claimed scans, sorting each into the outcome."""
-        decoding = {scan_id: self.executor.submit(self._fetch_and_decode, uri) for scan_id, uri in sources.items()}
-        decoded: dict[str, _Decoded] = {}
-        failed: dict[str, str] = {}
-        for scan_id, future in decoding.items():
-            try:
-                decoded[scan_id] = future.result()
-            except NotSelected as exc:
-                outcome.not_selected[scan_id] = str(exc)
-            except ImageDecodeError as exc:
-                failed[scan_id] = f"undecodable image: {exc}"
-            except (ObjectNotFound, SourceNotAllowed):
-                failed[scan_id] = NOT_READABLE
-            except StoreError as exc:
-                if exc.transient:
-                    outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
-                else:
-                    # Denied, or no such bucket: worded like a missing key, so errors reveal nothing of the store.
-                    failed[scan_id] = NOT_READABLE
-            except Exception as exc:
-                if is_transient(exc):
-                    outcome.retry[scan_id] = f"store unavailable: {describe(exc)}"
-                else:
-                    log.warning(
-                        "could not prepare a scan: %s", type(exc).__name__, exc_info=not isinstance(exc, LungcamError)
-                    )
-                    failed[scan_id] = f"could not prepare image: {describe(exc)}"
-        try:
-            rows, uploads = self._infer_and_render(decoded)
-        except Exception as exc:
-            log.exception("model pass failed for %d scans", len(decoded))
-            target = outcome.retry if is_transient(exc) else failed
-            target.update({scan_id: f"model pass failed: {describe(exc)}" for scan_id in decoded})
-            rows, uploads, decoded = [], {}, {}
-        for (scan_id, _model), future in uploads.items():
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed below
-                if scan_id in failed or scan_id in outcome.retry:
-                    continue
-                if is_transient(exc):
-                    outcome.retry[scan_id] = f"overlay upload failed: {describe(exc)}"
-                else:
-                    failed[scan_id] = f"overlay upload failed: {describe(exc)}"
-        done = [scan_id for scan_id in decoded if scan_id not in outcome.retry and scan_id not in failed]
-        done_ids = set(done)
-        rows = [row for row in rows if row["scan_id"] in done_ids]
-        self._record_outcome(rows, done, failed, outcome)
+    # --- claim ------------------------------------------------------------------------------------
 
-    def _record_outcome(self, rows: list[dict], done: list[str], failed: dict[str, str], outcome: BatchOutcome) -> None:
-        """Record in one transaction; if the database refuses it (not an outage), scan by scan."""
-        not_selected = outcome.not_selected
-        try:
-            self._record(rows, done, failed, not_selected)
-            outcome.done, outcome.failed = done, failed
-            return
-        except Exception as exc:  # noqa: BLE001 - sorted below: transient errors retry, others fail the scans
-            if is_transient(exc):
-                unrecorded = [*done, *failed, *not_selected]
-                outcome.retry.update({scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in unrecorded})
-                outcome.not_selected = {}
-                return
-            log.warning("batch write refused (%s); recording %d scans one by one", type(exc).__name__, len(done))
-        failed = dict(failed)
-        for scan_id in done:
-            try:
-                self._record([row for row in rows if row["scan_id"] == scan_id], [scan_id], {})
-                outcome.done.append(scan_id)
-            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
-                if is_transient(exc):
-                    outcome.retry[scan_id] = f"database unavailable: {type(exc).__name__}"
-                else:
-                    failed[scan_id] = f"could not record result: {describe(exc)}"
-        try:
-            self._record([], [], failed, not_selected)
-            outcome.failed = failed
-        except Exception as exc:  # noqa: BLE001 - their leases expire and the reconciler re-queues them
-            if is_transient(exc):
-                outcome.retry.update(
-                    {scan_id: f"database unavailable: {type(exc).__name__}" for scan_id in [*failed, *not_selected]}
-                )
-                outcome.not_selected = {}
-            else:
-                log.error("could not record %d failed scans: %s", len(failed), type(exc).__name__)
-
-    def _claim(self, scan_ids: list[str], force: set[str] | frozenset[str], outcome: BatchOutcome) -> dict[str, str]:
-        """Load the scans' sources, skip finished or leased ones, and claim the rest under a lease (one transaction)."""
-        expected = {(m.bundle.name, m.bundle.version) for m in self.models}
+    def claim(self, scan_ids: list[str], force: Collection[str] = frozenset()) -> ClaimedBatch:
+        """Load the scans, pass over finished or leased ones, and claim the rest under a lease (one transaction)."""
         with self.sessions.begin() as session:
             scans = {s.scan_id: s for s in session.scalars(select(db.Scan).where(db.Scan.scan_id.in_(scan_ids)))}
-            have: dict[str, set[tuple[str, str]]] = {}
-            for scan_id, name, version in session.execute(
-                select(db.Prediction.scan_id, db.Prediction.model_name, db.Prediction.model_version).where(
-                    db.Prediction.scan_id.in_(scan_ids)
-                )
-            ):
-                have.setdefault(scan_id, set()).add((name, version))
-            now = db.utcnow()
-            sources = {}
-            needed: dict[str, set[tuple[str, str]]] = {}
-            complete: list[str] = []
-            unknown = 0
-            for scan_id in scan_ids:
-                scan = scans.get(scan_id)
-                missing = expected - have.get(scan_id, set())
-                if scan is None:
-                    unknown += 1
-                    outcome.skipped.append(scan_id)
-                elif scan_id in force:
-                    sources[scan_id] = scan.source_uri
-                elif scan.status == db.SKIPPED:
-                    # Not a frontal chest film: a redelivered message changes nothing.
-                    outcome.skipped.append(scan_id)
-                elif expected and not missing and scan.status in (db.DONE, db.QUEUED):
-                    # Finished work redelivered, or re-screened with models it already has: nothing to run.
-                    outcome.skipped.append(scan_id)
-                    if scan.status == db.QUEUED:
-                        complete.append(scan_id)
-                elif self._leased_elsewhere(scan, now):
-                    # A duplicate message (restored or re-published) while a live worker still works on it.
-                    outcome.skipped.append(scan_id)
-                else:
-                    sources[scan_id] = scan.source_uri
-                    if missing != expected:
-                        # Has results from some of the served models already: run only the others.
-                        needed[scan_id] = missing
-            if unknown:
-                log.warning("%d messages for unknown scan ids ignored", unknown)
+            candidates, complete, passed_over = self._sort_for_claim(
+                scan_ids, scans, self._results_by_scan(session, scan_ids), force
+            )
             claimed = db.claim_scans(
-                session, list(sources), self.leases.worker_id, self.settings.lease_s, take_over=force
+                session, list(candidates), self.leases.worker_id, self.settings.lease_s, take_over=force
             )
             # Another worker claimed some of them since they were read: theirs now.
             mine = set(claimed)
-            outcome.skipped.extend(scan_id for scan_id in sources if scan_id not in mine)
+            passed_over.extend(scan_id for scan_id in candidates if scan_id not in mine)
             db.mark_scans(session, complete, db.DONE, finished=True)
             # Which model versions each batch was screened with: what results and reports show by default.
-            batches = {scans[scan_id].batch_id for scan_id in [*claimed, *complete] if scans[scan_id].batch_id}
-            db.record_batch_models(session, batches, [(*m.key, m.demonstration) for m in self.models])
-        with self._needed_lock:
-            self._needed.update({scan_id: models for scan_id, models in needed.items() if scan_id in mine})
-        return {scan_id: sources[scan_id] for scan_id in claimed}
+            batches = {batch for scan_id in [*claimed, *complete] if (batch := scans[scan_id].batch_id)}
+            db.record_batch_models(
+                session, batches, [(m.key.name, m.key.version, m.demonstration) for m in self.models]
+            )
+        return ClaimedBatch(tuple(candidates[scan_id] for scan_id in claimed), tuple(passed_over))
+
+    @staticmethod
+    def _results_by_scan(session: Session, scan_ids: list[str]) -> dict[str, set[ModelKey]]:
+        """The models each scan already has a prediction from."""
+        have: dict[str, set[ModelKey]] = {}
+        for scan_id, name, version in session.execute(
+            select(db.Prediction.scan_id, db.Prediction.model_name, db.Prediction.model_version).where(
+                db.Prediction.scan_id.in_(scan_ids)
+            )
+        ):
+            have.setdefault(scan_id, set()).add(ModelKey(name, version))
+        return have
+
+    def _sort_for_claim(
+        self,
+        scan_ids: list[str],
+        scans: dict[str, db.Scan],
+        have: dict[str, set[ModelKey]],
+        force: Collection[str],
+    ) -> tuple[dict[str, ClaimedScan], list[str], list[str]]:
+        """(scans to claim with the models each needs, queued scans already complete, ids passed over)."""
+        expected = frozenset(model.key for model in self.models)
+        now = db.utcnow()
+        candidates: dict[str, ClaimedScan] = {}
+        complete: list[str] = []
+        passed_over: list[str] = []
+        for scan_id in scan_ids:
+            scan = scans.get(scan_id)
+            missing = expected - have.get(scan_id, set())
+            if scan is None:
+                passed_over.append(scan_id)
+            elif scan_id in force:
+                candidates[scan_id] = ClaimedScan(scan_id, scan.source_uri, expected)
+            elif scan.status == db.SKIPPED:
+                # Not a frontal chest film: a redelivered message changes nothing.
+                passed_over.append(scan_id)
+            elif expected and not missing and scan.status in (db.DONE, db.QUEUED):
+                # Finished work redelivered, or re-screened with models it already has: nothing to run.
+                passed_over.append(scan_id)
+                if scan.status == db.QUEUED:
+                    complete.append(scan_id)
+            elif self._leased_elsewhere(scan, now):
+                # A duplicate message (restored or re-published) while a live worker still works on it.
+                passed_over.append(scan_id)
+            else:
+                # With results from some of the served models already, it needs only the others.
+                candidates[scan_id] = ClaimedScan(scan_id, scan.source_uri, missing)
+        unknown = sum(1 for scan_id in scan_ids if scan_id not in scans)
+        if unknown:
+            log.warning("%d messages for unknown scan ids ignored", unknown)
+        return candidates, complete, passed_over
 
     def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
         """Whether a live lease on scan belongs to another worker or to another batch of this one."""
         if scan.status != db.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
             return False
         return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
+
+    # --- prepare ----------------------------------------------------------------------------------
+
+    def prepare(self, scans: Sequence[ClaimedScan]) -> Prepared:
+        """Fetch, select and decode the claimed scans on the I/O threads; sort out those that cannot go on."""
+        pending = [(scan, self.executor.submit(self._fetch_and_decode, scan.source_uri)) for scan in scans]
+        ready: list[PreparedScan] = []
+        not_selected: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        retry: dict[str, str] = {}
+        for scan, future in pending:
+            try:
+                ready.append(PreparedScan(scan, future.result()))
+            except NotSelected as exc:
+                not_selected[scan.scan_id] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
+                reason, transient = _unprepared(exc)
+                (retry if transient else failed)[scan.scan_id] = reason
+        return Prepared(tuple(ready), not_selected, failed, retry)
 
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
         """Fetch, check the DICOM header, decode once at reduced size under the pixel budget, derive inputs and display."""
@@ -346,93 +352,170 @@ class ScanClassifier:
             inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
         return _Decoded(inputs, display)
 
-    def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
-        rows: list[dict] = []
-        uploads: dict[tuple[str, str], Future] = {}
-        ids = list(decoded)
-        for start in range(0, len(ids), self.settings.batch_size):
-            chunk = ids[start : start + self.settings.batch_size]
+    # --- infer ------------------------------------------------------------------------------------
+
+    def infer(self, scans: Sequence[PreparedScan]) -> Inferred:
+        """One Grad-CAM pass per model over the prepared scans, each scan's overlays rendered and stored."""
+        try:
+            rows, uploads = self._run_models(scans)
+        except Exception as exc:
+            log.exception("model pass failed for %d scans", len(scans))
+            lost = dict.fromkeys([scan.scan_id for scan in scans], f"model pass failed: {describe(exc)}")
+            return Inferred((), (), {}, lost) if is_transient(exc) else Inferred((), (), lost, {})
+        return self._await_overlays(scans, rows, uploads)
+
+    def _run_models(self, scans: Sequence[PreparedScan]) -> tuple[list[PredictionRow], OverlayUploads]:
+        """Run every model over each window of batch_size scans, on the scans of the window that need it."""
+        rows: list[PredictionRow] = []
+        uploads: OverlayUploads = {}
+        size = self.settings.batch_size
+        for start in range(0, len(scans), size):
+            window = scans[start : start + size]
             for model in self.models:
-                bundle = model.bundle
-                with self._needed_lock:
-                    chunk = [
-                        scan_id
-                        for scan_id in ids[start : start + self.settings.batch_size]
-                        if model.key in self._needed.get(scan_id, {model.key})
-                    ]
-                if not chunk:
-                    continue
-                batch = np.stack([decoded[scan_id].inputs[model.input_key] for scan_id in chunk])
-                with self._model_lock:
-                    started = time.perf_counter()
-                    probabilities, cams = model.gradcam(batch)
-                    elapsed_ms = (time.perf_counter() - started) * 1000.0
-                # The bundle's operating point decides: calibrated p_covid against its threshold (and band),
-                # not argmax (a bundle without calibration has T=1 and threshold 0.5, which is argmax).
-                operating_point = bundle.operating_point
-                p_calibrated, labels = operating_point.predict(probabilities[:, model.covid_index])
-                for index, scan_id in enumerate(chunk):
-                    key = overlay_key(bundle.name, bundle.version, scan_id, self._overlay_extension)
-                    uploads[(scan_id, bundle.name)] = self.executor.submit(
-                        self._render_and_upload, decoded[scan_id].display, cams[index], key
-                    )
-                    rows.append(
-                        {
-                            "scan_id": scan_id,
-                            "model_name": bundle.name,
-                            "model_version": bundle.version,
-                            "label": labels[index],
-                            "p_covid": float(p_calibrated[index]),
-                            "threshold": float(operating_point.threshold),
-                            "overlay_key": key,
-                            # Computed beside the overlay, on the map and the input it was made from.
-                            "cam_note": cam_note(cams[index], batch[index]),
-                            "inference_ms": elapsed_ms / len(chunk),
-                        }
-                    )
+                chunk = [scan for scan in window if model.key in scan.claimed.needed]
+                if chunk:
+                    rows.extend(self._run_model(model, chunk, uploads))
         return rows, uploads
 
+    def _run_model(self, model: ServedModel, chunk: list[PreparedScan], uploads: OverlayUploads) -> list[PredictionRow]:
+        """One Grad-CAM pass of model over chunk: its prediction rows; its overlays are added to uploads."""
+        batch = np.stack([scan.images.inputs[model.input_key] for scan in chunk])
+        with self._model_lock:
+            started = time.perf_counter()
+            probabilities, cams = model.gradcam(batch)
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+        # The bundle's operating point decides: calibrated p_covid against its threshold (and band),
+        # not argmax (a bundle without calibration has T=1 and threshold 0.5, which is argmax).
+        operating_point = model.bundle.operating_point
+        p_calibrated, labels = operating_point.predict(probabilities[:, model.covid_index])
+        rows: list[PredictionRow] = []
+        for index, scan in enumerate(chunk):
+            key = overlay_key(model.key.name, model.key.version, scan.scan_id, self._overlay_extension)
+            uploads[(scan.scan_id, model.key)] = self.executor.submit(
+                self._render_and_upload, scan.images.display, cams[index], key
+            )
+            rows.append(
+                {
+                    "scan_id": scan.scan_id,
+                    "model_name": model.key.name,
+                    "model_version": model.key.version,
+                    "label": labels[index],
+                    "p_covid": float(p_calibrated[index]),
+                    "threshold": float(operating_point.threshold),
+                    "overlay_key": key,
+                    # Computed beside the overlay, on the map and the input it was made from.
+                    "cam_note": cam_note(cams[index], batch[index]),
+                    "inference_ms": elapsed_ms / len(chunk),
+                }
+            )
+        return rows
+
     def _render_and_upload(self, display: np.ndarray, cam: np.ndarray, key: str) -> None:
+        """Draw cam over the display image and store it under key."""
         body, content_type, _extension = encode_overlay(
             display, cam, self.settings.overlay_format, max_side=DISPLAY_MAX_SIDE
         )
         self.store.put(key, body, content_type)
 
-    def _record(
-        self, rows: list[dict], done: list[str], failed: dict[str, str], not_selected: dict[str, str] | None = None
+    def _await_overlays(
+        self, scans: Sequence[PreparedScan], rows: list[PredictionRow], uploads: OverlayUploads
+    ) -> Inferred:
+        """Wait for every overlay; a scan is done only when all of its overlays are stored (first error wins)."""
+        failed: dict[str, str] = {}
+        retry: dict[str, str] = {}
+        for (scan_id, _model), future in uploads.items():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
+                if scan_id not in failed and scan_id not in retry:
+                    (retry if is_transient(exc) else failed)[scan_id] = f"overlay upload failed: {describe(exc)}"
+        done = tuple(scan.scan_id for scan in scans if scan.scan_id not in failed and scan.scan_id not in retry)
+        done_ids = set(done)
+        return Inferred(done, tuple(row for row in rows if row["scan_id"] in done_ids), failed, retry)
+
+    # --- record -----------------------------------------------------------------------------------
+
+    def record(
+        self,
+        rows: Sequence[PredictionRow],
+        done: Sequence[str],
+        failed: dict[str, str],
+        not_selected: dict[str, str],
+    ) -> Recorded:
+        """Record predictions and final statuses in one transaction; if the database refuses it, scan by scan."""
+        try:
+            self._write(rows, done, failed, not_selected)
+            return Recorded(tuple(done), dict(failed), dict(not_selected), {})
+        except Exception as exc:  # noqa: BLE001 - sorted below: transient errors retry, others fail the scans
+            if is_transient(exc):
+                return Recorded((), {}, {}, dict.fromkeys([*done, *failed, *not_selected], _database_unavailable(exc)))
+            log.warning("batch write refused (%s); recording %d scans one by one", type(exc).__name__, len(done))
+        return self._record_one_by_one(rows, done, failed, not_selected)
+
+    def _record_one_by_one(
+        self,
+        rows: Sequence[PredictionRow],
+        done: Sequence[str],
+        failed: dict[str, str],
+        not_selected: dict[str, str],
+    ) -> Recorded:
+        """Each done scan in a transaction of its own (a refused one fails), then the failed and not selected ones."""
+        recorded: list[str] = []
+        failed = dict(failed)
+        retry: dict[str, str] = {}
+        for scan_id in done:
+            try:
+                self._write([row for row in rows if row["scan_id"] == scan_id], [scan_id], {}, {})
+                recorded.append(scan_id)
+            except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
+                if is_transient(exc):
+                    retry[scan_id] = _database_unavailable(exc)
+                else:
+                    failed[scan_id] = f"could not record result: {describe(exc)}"
+        try:
+            self._write([], [], failed, not_selected)
+        except Exception as exc:  # noqa: BLE001 - their leases expire and the reconciler re-queues them
+            if is_transient(exc):
+                retry.update(dict.fromkeys([*failed, *not_selected], _database_unavailable(exc)))
+                return Recorded(tuple(recorded), {}, {}, retry)
+            log.error("could not record %d failed scans: %s", len(failed), type(exc).__name__)
+            return Recorded(tuple(recorded), {}, dict(not_selected), retry)
+        return Recorded(tuple(recorded), failed, dict(not_selected), retry)
+
+    def _write(
+        self,
+        rows: Sequence[PredictionRow],
+        done: Sequence[str],
+        failed: dict[str, str],
+        not_selected: dict[str, str],
     ) -> None:
         """Write predictions and final statuses in one transaction."""
         with self.sessions.begin() as session:
-            db.upsert_predictions(session, rows)
+            db.upsert_predictions(session, list(rows))
             db.mark_scans(session, done, db.DONE, finished=True)
             for scan_id, reason in failed.items():
                 db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
-            for scan_id, reason in (not_selected or {}).items():
+            for scan_id, reason in not_selected.items():
                 db.mark_scans(session, [scan_id], db.SKIPPED, error=reason, finished=True)
 
 
-def decode_processes(settings: Settings) -> int:
-    """LUNGCAM_DECODE_PROCESSES, or by default one per core on a GPU worker and none on a CPU-only one.
+def classifier_from_settings(settings: Settings, pinned_gpu: str | None = None) -> ScanClassifier:
+    """Check the configuration and the database schema (cheap, so first), then load the served models.
 
-    Measured (benchmarks/throughput.py, 2 cores, CPU-only): decode processes compete with the model
-    for the same cores and cost IPC, so the pipeline ran 10% slower with them; on a GPU host the
-    cores are free for decoding, which holds the GIL, so processes are what use them.
+    pinned_gpu (what `worker.consumer.gpu.pin_gpu` set; None: no GPU) sizes the decode processes.
     """
-    if settings.decode_processes is not None:
-        return settings.decode_processes
-    on_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
-    return available_cores() if on_gpu else 0
-
-
-def classifier_from_settings(settings: Settings) -> ScanClassifier:
-    """Check the configuration and the database schema (cheap, so first), then load the served models."""
     from shared.store import store_from_settings
 
     require_models_configured(settings)
     engine = db.make_engine(settings.resolved_database_url())
     db.require_current_schema(engine)
+    models = load_served_models(settings)
     classifier = ScanClassifier(
-        load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings
+        models,
+        store_from_settings(settings),
+        db.make_session_factory(engine),
+        settings,
+        decoder=DecodePool(decode_processes(settings, pinned_gpu)),
     )
     classifier.decoder.warm_up()
     return classifier

@@ -13,11 +13,14 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.imaging import ImageDecodeError, decode_reduced, preprocess_for_manifest, to_uint8
+
+if TYPE_CHECKING:  # a decode child imports this module: it needs no settings (nor pydantic)
+    from shared.settings import Settings
 
 # (key, the bundle's manifest["preprocessing"], input size): bundles with equal keys share one input.
 InputSpec = tuple[str, dict[str, Any] | None, int]
@@ -74,3 +77,18 @@ class DecodePool:
         """Stop the decode processes."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_processes(settings: Settings, pinned_gpu: str | None) -> int:
+    """LUNGCAM_DECODE_PROCESSES, or by default one per core on a GPU worker and none on a CPU-only one.
+
+    pinned_gpu is what the worker pinned (`worker.consumer.gpu.pin_gpu`'s CUDA_VISIBLE_DEVICES value);
+    None, "" or "-1" means no GPU. Measured (benchmarks/throughput.py, 2 cores, CPU-only): decode
+    processes compete with the model for the same cores and cost IPC, so the pipeline ran 10% slower
+    with them; on a GPU host the cores are free for decoding, which holds the GIL, so processes are
+    what use them.
+    """
+    if settings.decode_processes is not None:
+        return settings.decode_processes
+    on_gpu = pinned_gpu not in (None, "", "-1")
+    return available_cores() if on_gpu else 0

@@ -24,7 +24,7 @@ def run_worker(gpu: str, queues: list[str], loglevel: str, hostname: str | None 
     settings = get_settings()
     # Models load here, in the main process, before consuming starts: loading them in a pool
     # initialiser (worker_process_init) can outlast the pool's start-up timeout and kill the worker.
-    classifier = classifier_from_settings(settings)
+    classifier = classifier_from_settings(settings, pinned_gpu=pinned)
     app = make_app(settings)
     bind_classify_task(app, classifier, settings)
     log.info("worker on CUDA_VISIBLE_DEVICES=%s serving %d model(s)", pinned, len(classifier.models))

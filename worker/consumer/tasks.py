@@ -81,11 +81,12 @@ class BatchRunner:
                 outcome = self._fail(outcome.retry)
         self._retry_or_fail(outcome, by_id)
         log.info(
-            "batch: %d done, %d failed, %d to retry, %d skipped",
+            "batch: %d done, %d not selected (skipped), %d failed, %d to retry, %d passed over",
             len(outcome.done),
+            len(outcome.not_selected),
             len(outcome.failed),
             len(outcome.retry),
-            len(outcome.skipped),
+            len(outcome.passed_over),
         )
         return {"done": len(outcome.done), "failed": len(outcome.failed), "retry": len(outcome.retry)}
 
