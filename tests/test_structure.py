@@ -288,8 +288,6 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
 # The environment is read in one place: Settings (and the helpers beside it), plus run.py, which runs before
 # the project is installed.
 ENVIRONMENT_READERS = {"shared.settings", "run"}
-# TODO(issue 20 merge): classifier.py's CUDA_VISIBLE_DEVICES read moves to shared.settings.pinned_gpu().
-ENVIRONMENT_READERS_PENDING = {"worker.consumer.classifier"}
 ENVIRONMENT_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
 
 
@@ -316,7 +314,7 @@ def environment_uses(path: Path) -> list[int]:
 def test_only_settings_read_the_environment():
     """os.environ, os.getenv and os.putenv appear only in shared/settings.py (and run.py): settings are the one reader."""
     modules = {**project_modules(), "run": ROOT / "run.py"}
-    allowed = ENVIRONMENT_READERS | ENVIRONMENT_READERS_PENDING
+    allowed = ENVIRONMENT_READERS
     problems = [
         f"{path.relative_to(ROOT)}:{line}: reads or sets the environment; use shared.settings"
         for name, path in modules.items()
