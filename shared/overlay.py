@@ -5,9 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from shared.imaging import fit_within
-
-DEFAULT_MAX_SIDE = 1024
+from shared.imaging.preprocess import DISPLAY_MAX_SIDE, fit_within
 
 # fmt -> (OpenCV extension, content type, file extension). PNG is lossless and the default; JPEG
 # and WebP are lossy but several times smaller (see docs/decoding.md for measured sizes and costs).
@@ -23,7 +21,7 @@ PNG_COMPRESSION = 1  # zlib level: overlays are written once per scan, speed bea
 
 
 def render_overlay(
-    image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE
+    image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DISPLAY_MAX_SIDE
 ) -> np.ndarray:
     """Blend a [0,1] map over an image (float [0,1] or uint8, grey or RGB); returns RGB uint8."""
     return _blend(image, cam, alpha=alpha, max_side=max_side, bgr=False)
@@ -95,7 +93,7 @@ def encode_overlay(
     fmt: str = "png",
     *,
     alpha: float = 0.4,
-    max_side: int = DEFAULT_MAX_SIDE,
+    max_side: int = DISPLAY_MAX_SIDE,
 ) -> tuple[bytes, str, str]:
     """Render an overlay and encode it; returns (bytes, content type, file extension such as ".png")."""
     if fmt not in OVERLAY_FORMATS:
@@ -105,7 +103,7 @@ def encode_overlay(
     return _encode_bgr(bgr, fmt), content_type, extension
 
 
-def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
+def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DISPLAY_MAX_SIDE) -> bytes:
     """Render an overlay and encode it as PNG bytes."""
     return encode_png(render_overlay(image, cam, alpha=alpha, max_side=max_side))
 

@@ -63,4 +63,4 @@ def synthetic_positives(
         cv2.imread(str(root / "masks" / f"{sample.path.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
         for sample in loaded.samples
     ]
-    return loaded.images.astype(np.float32) / 255.0, masks
+    return loaded.images, masks

@@ -16,10 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
 from shared.bundle import Bundle, load_bundle
-from shared.dicom import dicom_header, selection_reason
 from shared.errors import LungcamError
 from shared.gradcam import GradCam
-from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
+from shared.imaging.dicom import selection_reason
+from shared.imaging.formats import probe
+from shared.imaging.limits import ImageDecodeError
+from shared.imaging.preprocess import DISPLAY_MAX_SIDE, preprocessing_key
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
@@ -30,8 +32,6 @@ from worker.consumer.leases import LeaseKeeper
 from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
-
-DISPLAY_MAX_SIDE = 1024
 
 
 class NoModelsConfigured(LungcamError, RuntimeError):
@@ -329,11 +329,13 @@ class ScanClassifier:
         return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
 
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
-        """Fetch, check the DICOM header, decode once at reduced size under the pixel budget, derive inputs and display."""
+        """Fetch, read the header once (selection, size guard), decode once at reduced size under the pixel budget."""
         data = self.fetcher.fetch(source_uri)
         settings = self.settings
+        # The one header parse of this scan: the selection rule, the size guard and the decoder all use it.
+        probed = probe(data)
         reason = selection_reason(
-            dicom_header(data),
+            probed.dicom_header,
             modalities=settings.csv_list(settings.classify_modalities),
             body_parts=settings.csv_list(settings.classify_body_parts),
             lateral_views=settings.csv_list(settings.lateral_views),
@@ -342,8 +344,8 @@ class ScanClassifier:
             raise NotSelected(reason)
         # The shared size guard: a header declaring more than the limits (a deflate bomb) fails here,
         # before a pixel is inflated or decoded.
-        with self.budget.admit(check_image_header(data)):
-            inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
+        with self.budget.admit(probed.check()):
+            inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs, probed=probed)
         return _Decoded(inputs, display)
 
     def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
