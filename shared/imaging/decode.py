@@ -20,8 +20,10 @@ import cv2
 import numpy as np
 import pydicom
 import pydicom.encaps
-import pydicom.pixels
 import pydicom.uid
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from shared.imaging.dicom import (
@@ -141,7 +143,8 @@ def _reduce_integer(
 
 def _to_unit(pixels: np.ndarray, full_scale: float) -> np.ndarray:
     """Integer pixels to float32 in [0, 1] (full_scale maps to 1)."""
-    return pixels.astype(np.float32) / np.float32(full_scale)
+    unit: np.ndarray = pixels.astype(np.float32) / np.float32(full_scale)
+    return unit
 
 
 def _fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -153,7 +156,8 @@ def _widen_uint8(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
     """uint8 -> uint16 times 257 (v/255 == 257v/65535) when it will be shrunk, so the box average keeps sub-level precision."""
     if pixels.dtype != np.uint8 or max_side is None or max(pixels.shape[:2]) <= max_side:
         return pixels
-    return np.multiply(pixels, np.uint16(257), dtype=np.uint16)
+    widened: np.ndarray = np.multiply(pixels, np.uint16(257), dtype=np.uint16)
+    return widened
 
 
 # --- PNG, JPEG and TIFF -------------------------------------------------------------------------
@@ -309,7 +313,7 @@ def _dicom_colour(pixels: np.ndarray, dataset: pydicom.Dataset, photometric: str
     """RGB pixels (palette indices looked up) and the value that maps to 1.0."""
     if photometric == PALETTE_PHOTOMETRIC:
         try:
-            rgb = pydicom.pixels.apply_color_lut(pixels, dataset)
+            rgb = apply_color_lut(pixels, dataset)
         except Exception as exc:
             raise ImageDecodeError(f"corrupt DICOM palette ({type(exc).__name__})") from exc
         # Entries are 8 or 16 bit, as the descriptor's third value says (pydicom returns uint16 for both).
@@ -323,7 +327,7 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
     """Decode only frame 0, turning decoder failures into a reason that names the transfer syntax."""
     transfer_syntax = UID(dataset.file_meta.TransferSyntaxUID)
     try:
-        decoder = pydicom.pixels.get_decoder(transfer_syntax)
+        decoder = get_decoder(transfer_syntax)
     except NotImplementedError as exc:  # video and other syntaxes pydicom has no decoder class for
         raise ImageDecodeError(
             f"unsupported DICOM transfer syntax: {safe_uid_name(transfer_syntax)}", kind="unsupported"
@@ -336,12 +340,12 @@ def _dicom_first_frame(dataset: pydicom.Dataset) -> np.ndarray:
     preferred = PREFERRED_PLUGINS.get(transfer_syntax)
     if preferred in decoder.available_plugins:
         try:
-            return pydicom.pixels.pixel_array(dataset, index=0, decoding_plugin=preferred)
+            return pixel_array(dataset, index=0, decoding_plugin=preferred)
         except Exception:  # noqa: BLE001 - the other plugins may still manage a layout this one declines
             pass  # their error is the one reported
     try:
         # as_rgb (the default) converts the YBR family to RGB, leaving PALETTE COLOR as indices.
-        return pydicom.pixels.pixel_array(dataset, index=0)
+        return pixel_array(dataset, index=0)
     except Exception as exc:
         if not transfer_syntax.is_compressed:
             raise ImageDecodeError("truncated or corrupt DICOM pixel data") from exc
@@ -378,9 +382,9 @@ def _dicom_grey_to_unit(pixels: np.ndarray, dataset: pydicom.Dataset, *, invert:
 
 def _dicom_display_values(pixels: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
     """Modality LUT (rescale) then VOI LUT (window), as float64."""
-    values = pydicom.pixels.apply_modality_lut(pixels, dataset)
+    values = apply_modality_lut(pixels, dataset)
     try:
-        values = pydicom.pixels.apply_voi_lut(values, dataset, index=0)
+        values = apply_voi_lut(values, dataset, index=0)
     except ValueError:
         # A malformed window (zero width, unknown function) should not cost the scan: the
         # min-max stretch still gives a usable image.
@@ -423,12 +427,14 @@ def _dicom_grey_to_uint16(pixels: np.ndarray, dataset: pydicom.Dataset, *, inver
     table = np.rint(np.clip(unit, 0.0, 1.0) * 65535.0).astype(np.uint16)
     if pixels.dtype.kind == "u" and low >= 0:
         # Index by the stored value directly (no offset subtraction, so no full-size temporary).
-        return np.concatenate([np.zeros(low, np.uint16), table])[pixels]
+        looked_up: np.ndarray = np.concatenate([np.zeros(low, np.uint16), table])[pixels]
+        return looked_up
     # Signed data: a 2**bits table indexed by the unsigned view of the same bytes.
     bits = pixels.dtype.itemsize * 8
     full = np.zeros(2**bits, dtype=np.uint16)
     full[np.arange(low, high + 1) % 2**bits] = table
-    return full[pixels.view(np.dtype(f"u{pixels.dtype.itemsize}"))]
+    signed_looked_up: np.ndarray = full[pixels.view(np.dtype(f"u{pixels.dtype.itemsize}"))]
+    return signed_looked_up
 
 
 def _value_range(pixels: np.ndarray) -> tuple[int, int]:

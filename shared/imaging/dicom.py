@@ -21,8 +21,8 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-import pydicom.pixels
 import pydicom.uid
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from shared.imaging.limits import ImageDecodeError, check_size
@@ -193,7 +193,7 @@ def read_dicom(data: bytes) -> DicomFacts:
     inflated up to its pixel data, through a bounded stream; nothing is checked against the limits here.
     """
     from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
-    from pydicom.tag import Tag
+    from pydicom.tag import BaseTag, Tag
 
     source = BytesIO(data)
     try:
@@ -205,7 +205,7 @@ def read_dicom(data: bytes) -> DicomFacts:
     implicit, little = _encoding(meta, source)
     body_start = source.tell()
     stream: Any = _BoundedInflater(data, body_start, MAX_DEFLATED_HEADER_BYTES) if deflated else source
-    wanted = [Tag(tag) for tag in {*HEADER_TAGS, *PIXEL_TAGS}]
+    wanted: list[BaseTag | int] = [Tag(tag) for tag in {*HEADER_TAGS, *PIXEL_TAGS}]
     found: list[tuple[int, str | None, int]] = []
 
     def at_pixels(tag: int, vr: str | None, length: int) -> bool:
@@ -335,7 +335,7 @@ def _check_syntax(syntax: UID, bits: int) -> None:
     if not syntax.is_compressed:
         return
     try:
-        available = pydicom.pixels.get_decoder(syntax).is_available
+        available = get_decoder(syntax).is_available
     except NotImplementedError:
         available = False
     if not available:
@@ -436,7 +436,7 @@ def decodable_transfer_syntaxes() -> list[str]:
     found = []
     for uid in pydicom.uid.AllTransferSyntaxes:
         try:
-            available = pydicom.pixels.get_decoder(uid).is_available
+            available = get_decoder(uid).is_available
         except NotImplementedError:  # video, JPIP and others pydicom has no decoder for
             continue
         if available:
@@ -502,7 +502,7 @@ def _as_list(value: object) -> list[object]:
     if isinstance(value, str):
         return [value]
     try:
-        return list(value)  # type: ignore[call-overload]
+        return list(value)  # type: ignore[call-overload,no-any-return]
     except TypeError:
         return [value]
 
@@ -519,7 +519,7 @@ class _BoundedInflater:
 
     def __init__(self, data: bytes, start: int, cap: int) -> None:
         """Inflate data[start:] lazily, at most cap bytes."""
-        self._source = memoryview(data)[start:]
+        self._source: memoryview = memoryview(data)[start:]
         self._fed = 0
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         self._buffer = bytearray()
@@ -580,6 +580,7 @@ class _BoundedInflater:
             )
         want = min(want, self.cap - (self._buffer_start + len(self._buffer)))
         tail = self._inflater.unconsumed_tail
+        source: bytes | memoryview
         if tail:
             source = tail
         elif self._fed < len(self._source):

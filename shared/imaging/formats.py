@@ -11,6 +11,7 @@ than its size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from shared.imaging.dicom import (
     MAX_PIXEL_DATA_BYTES,
@@ -173,7 +174,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def tiff_size(data: bytes) -> tuple[int, int]:
     """Width and height from the first IFD (ImageWidth 256, ImageLength 257), classic or BigTIFF."""
-    order = "little" if data[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
     big = int.from_bytes(data[2:4], order) == 43
     # Classic: 4-byte IFD offset, 2-byte entry count, 12-byte entries with a 4-byte value field.
     # BigTIFF: 8-byte offset (at 8), 8-byte count, 20-byte entries with an 8-byte value field.

@@ -252,7 +252,8 @@ def _standardise_intensity(grey: np.ndarray, spec: dict[str, Any]) -> np.ndarray
             tiles = int(spec.get("clahe_tiles", 8))
             clahe = cv2.createCLAHE(clipLimit=float(spec.get("clahe_clip_limit", 2.0)), tileGridSize=(tiles, tiles))
             out = clahe.apply(pixels)
-        return out.astype(np.float32) / np.float32(255.0)
+        standardised: np.ndarray = out.astype(np.float32) / np.float32(255.0)
+        return standardised
     if method == "zscore":
         std = float(grey.std())
         z = (grey - float(grey.mean())) / std if std > 1e-6 else np.zeros_like(grey)
@@ -266,4 +267,5 @@ def _percentile_stretch(grey: np.ndarray) -> np.ndarray:
     low, high = np.percentile(grey, [1.0, 99.0])
     if high - low < 1e-6:
         return np.zeros_like(grey)
-    return np.clip((grey - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    stretched: np.ndarray = np.clip((grey - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return stretched
