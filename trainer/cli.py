@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # Before anything imports TensorFlow: silence its C++ INFO/WARNING start-up chatter.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from shared.imaging.preprocess import INTENSITY_METHODS, SQUARE_METHODS  # no OpenCV, no Keras
+
 EXIT_USAGE = 2
 ARCH_CHOICES = (
     "vgg16",
@@ -21,8 +23,9 @@ ARCH_CHOICES = (
     "resnet50",
     "small",
 )  # shared.zoo.ARCHITECTURES + trainer.robust's, without Keras
-INTENSITY_CHOICES = ("none", "equalize", "clahe", "zscore", "percentile")  # shared.imaging.INTENSITY_METHODS
-SQUARE_CHOICES = ("stretch", "centre_crop")  # shared.imaging.SQUARE_METHODS
+# The preprocessing module imports without OpenCV (or Keras): its constants are the choices.
+INTENSITY_CHOICES = INTENSITY_METHODS
+SQUARE_CHOICES = SQUARE_METHODS
 RECIPE_CHOICES = ("paper", "robust", "frozen")  # trainer.train.RECIPES
 
 
