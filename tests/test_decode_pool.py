@@ -10,7 +10,7 @@ import time
 import cv2
 import numpy as np
 
-from shared.imaging import robust_preprocessing
+from shared.imaging import probe, robust_preprocessing
 from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, decode_for_models
 
@@ -31,7 +31,8 @@ def test_processes_give_exactly_what_the_thread_path_gives():
     data = _dicom()
     pool = DecodePool(2)
     try:
-        inputs, display = pool.decode(data, 1024, SPECS)
+        # The header parsed in this process travels with the bytes (a pickled probe): the child does not parse it again.
+        inputs, display = pool.decode(data, 1024, SPECS, probe(data))
     finally:
         pool.close()
     expected_inputs, expected_display = decode_for_models(data, 1024, SPECS)
