@@ -27,7 +27,8 @@ from worker.consumer.decoding import decode_for_models
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _films() -> dict[str, bytes]:
+@pytest.fixture(scope="module")
+def films() -> dict[str, bytes]:
     """A 16-bit PNG, an 8-bit JPEG (large enough for libjpeg's reduced decode) and a 12-bit DICOM."""
     rng = np.random.default_rng(20)
     film = synthetic_film(rng, 1500, 1300, bits=16)
@@ -69,10 +70,9 @@ def classifier(tmp_path: Path) -> Iterator[ScanClassifier]:
 
 
 def test_the_consumer_parses_each_scans_header_exactly_once(
-    classifier: ScanClassifier, monkeypatch: pytest.MonkeyPatch
+    classifier: ScanClassifier, films: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real batch: sniffing, the header read and pydicom's data set parser each run once per scan."""
-    films = _films()
     for scan_id, data in films.items():
         classifier.store.put(scan_key(scan_id), data)
     with classifier.sessions.begin() as session:
@@ -91,15 +91,16 @@ def test_the_consumer_parses_each_scans_header_exactly_once(
         assert outcome.done == [scan_id], outcome
         assert (len(sniffs), len(headers), sum(map(len, others))) == (1, 1, 0), scan_id
         # DICOM: the file meta group and the data set's header, parsed once, then the pixel data element
-        # read from where the header parse stopped (reading the header twice would make 5 and more).
+        # read from where the header parse stopped (before the probe, the consumer made 7 such calls).
         assert len(data_sets) == (3 if scan_id == "dicom" else 0), scan_id
         monkeypatch.undo()
 
 
 @pytest.mark.parametrize("preprocessing", [None, robust_preprocessing()], ids=["v1", "v2-clahe"])
-def test_the_trainer_sees_exactly_the_inputs_a_worker_computes(tmp_path: Path, preprocessing: dict | None) -> None:
+def test_the_trainer_sees_exactly_the_inputs_a_worker_computes(
+    tmp_path: Path, films: dict[str, bytes], preprocessing: dict | None
+) -> None:
     """PNG 16-bit, JPEG and DICOM: trainer.loading's tensors equal decode_for_models' (the worker's) to 1e-6."""
-    films = _films()
     samples = []
     for name, data in films.items():
         path = tmp_path / name

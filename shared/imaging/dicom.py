@@ -192,6 +192,7 @@ def read_dicom(data: bytes) -> DicomFacts:
     Raises ImageDecodeError (kind "corrupt") when the header does not parse. A deflated data set is
     inflated up to its pixel data, through a bounded stream; nothing is checked against the limits here.
     """
+    # pydicom's public read_file_meta_info takes only a path; its stream reader is the private one.
     from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
     from pydicom.tag import BaseTag, Tag
 
