@@ -37,12 +37,12 @@ import pydicom.pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.imaging import decode_image, decode_reduced, fit_within, preprocess, to_uint8
+from shared.imaging.decode import decode_image, decode_reduced
+from shared.imaging.preprocess import DISPLAY_MAX_SIDE, fit_within, preprocess, to_uint8
 from shared.overlay import encode_overlay, overlay_png
 from shared.synthetic import make_dicom, synthetic_film
 
 INPUT_SIZE = 224
-DISPLAY_MAX_SIDE = 1024
 
 
 def best_ms(step: Callable[[], object], repeats: int) -> float:

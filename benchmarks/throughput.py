@@ -81,7 +81,8 @@ def seed_way(bundle, files: list[Path]) -> float:
 
 def batched_pass(bundle, files: list[Path], batch_size: int) -> float:
     """Images per second of the compiled batched pass alone (inputs decoded beforehand)."""
-    from shared.imaging import load_image, preprocess
+    from shared.imaging.decode import load_image
+    from shared.imaging.preprocess import preprocess
 
     gradcam = bundle.gradcam()
     inputs = np.stack([preprocess(load_image(path), bundle.input_size) for path in files])

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 
-from shared.imaging import fit_within
+from shared.imaging.preprocess import DISPLAY_MAX_SIDE, fit_within
 
-DEFAULT_MAX_SIDE = 1024
 
-# fmt -> (OpenCV extension, content type, file extension). PNG is lossless and the default; JPEG
-# and WebP are lossy but several times smaller (see docs/decoding.md for measured sizes and costs).
-OVERLAY_FORMATS: dict[str, tuple[str, str, str]] = {
-    "png": (".png", "image/png", ".png"),
-    "jpeg": (".jpg", "image/jpeg", ".jpg"),
-    "webp": (".webp", "image/webp", ".webp"),
+class OverlayFormat(NamedTuple):
+    """How an overlay format is encoded and stored."""
+
+    opencv_extension: str  # what cv2.imencode is told, e.g. ".jpg"
+    content_type: str  # e.g. "image/jpeg"
+    file_extension: str  # of the stored object, e.g. ".jpg"
+
+
+class EncodedOverlay(NamedTuple):
+    """An encoded overlay: its bytes, content type and file extension (such as ".png")."""
+
+    body: bytes
+    content_type: str
+    extension: str
+
+
+# PNG is lossless and the default; JPEG and WebP are lossy but several times smaller (see
+# docs/decoding.md for measured sizes and costs).
+OVERLAY_FORMATS: dict[str, OverlayFormat] = {
+    "png": OverlayFormat(".png", "image/png", ".png"),
+    "jpeg": OverlayFormat(".jpg", "image/jpeg", ".jpg"),
+    "webp": OverlayFormat(".webp", "image/webp", ".webp"),
 }
 # Overlays are looked at, not measured: quality high enough that the heat map's edges stay clean.
 JPEG_QUALITY = 90
@@ -23,7 +40,7 @@ PNG_COMPRESSION = 1  # zlib level: overlays are written once per scan, speed bea
 
 
 def render_overlay(
-    image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE
+    image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DISPLAY_MAX_SIDE
 ) -> np.ndarray:
     """Blend a [0,1] map over an image (float [0,1] or uint8, grey or RGB); returns RGB uint8."""
     return _blend(image, cam, alpha=alpha, max_side=max_side, bgr=False)
@@ -83,7 +100,7 @@ def _encode_bgr(
         "jpeg": [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality],
         "webp": [cv2.IMWRITE_WEBP_QUALITY, webp_quality],
     }[fmt]
-    ok, buffer = cv2.imencode(OVERLAY_FORMATS[fmt][0], bgr, params)
+    ok, buffer = cv2.imencode(OVERLAY_FORMATS[fmt].opencv_extension, bgr, params)
     if not ok:
         raise RuntimeError(f"{fmt.upper()} encoding failed")
     return buffer.tobytes()
@@ -95,17 +112,17 @@ def encode_overlay(
     fmt: str = "png",
     *,
     alpha: float = 0.4,
-    max_side: int = DEFAULT_MAX_SIDE,
-) -> tuple[bytes, str, str]:
-    """Render an overlay and encode it; returns (bytes, content type, file extension such as ".png")."""
+    max_side: int = DISPLAY_MAX_SIDE,
+) -> EncodedOverlay:
+    """Render an overlay and encode it (its bytes, content type and file extension such as ".png")."""
     if fmt not in OVERLAY_FORMATS:
         raise ValueError(f"fmt must be one of {sorted(OVERLAY_FORMATS)}, got {fmt!r}")
-    _, content_type, extension = OVERLAY_FORMATS[fmt]
+    spec = OVERLAY_FORMATS[fmt]
     bgr = _blend(image, cam, alpha=alpha, max_side=max_side, bgr=True)
-    return _encode_bgr(bgr, fmt), content_type, extension
+    return EncodedOverlay(_encode_bgr(bgr, fmt), spec.content_type, spec.file_extension)
 
 
-def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DEFAULT_MAX_SIDE) -> bytes:
+def overlay_png(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4, max_side: int = DISPLAY_MAX_SIDE) -> bytes:
     """Render an overlay and encode it as PNG bytes."""
     return encode_png(render_overlay(image, cam, alpha=alpha, max_side=max_side))
 

@@ -28,6 +28,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from shared.imaging.dicom import read_dataset
+
 # Same columns as the dev set's manifest.csv, so the trainer reads both the same way.
 MANIFEST_COLUMNS = [
     "file",
@@ -376,7 +378,7 @@ def _compress(dataset: Dataset, pixels: np.ndarray, transfer_syntax: UID) -> Non
         if not writer.Write():
             raise RuntimeError("GDCM could not write JPEG Lossless")
         # Only the encapsulated pixels are taken over: GDCM also adds empty study elements.
-        encoded = pydicom.dcmread(target)
+        encoded = read_dataset(target.read_bytes(), pixels=True)
     dataset.PixelData = encoded.PixelData
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True

@@ -26,7 +26,13 @@ from shared.calibration import (
     reliability_bins,
     threshold_for_sensitivity,
 )
-from shared.imaging import PREPROCESSING, preprocess, preprocess_for_manifest, preprocessing_key, robust_preprocessing
+from shared.imaging.preprocess import (
+    PREPROCESSING,
+    preprocess,
+    preprocess_for_manifest,
+    preprocessing_key,
+    robust_preprocessing,
+)
 from shared.synthetic import synthetic_xray
 
 

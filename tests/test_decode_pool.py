@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.imaging import robust_preprocessing
+from shared.imaging import probe, robust_preprocessing
 from shared.settings import Settings
 from shared.synthetic import make_dicom, synthetic_xray
 from worker.consumer.decoding import DecodePool, available_cores, decode_for_models, decode_processes
@@ -33,7 +33,8 @@ def test_processes_give_exactly_what_the_thread_path_gives():
     data = _dicom()
     pool = DecodePool(2)
     try:
-        inputs, display = pool.decode(data, 1024, SPECS)
+        # The header parsed in this process travels with the bytes (a pickled probe): the child does not parse it again.
+        inputs, display = pool.decode(data, 1024, SPECS, probe(data))
     finally:
         pool.close()
     expected_inputs, expected_display = decode_for_models(data, 1024, SPECS)

@@ -31,16 +31,18 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from shared.dicom import DicomHeader, dicom_header, selection_reason
 from shared.imaging import (
+    DicomHeader,
     ImageDecodeError,
     decode_image,
     decode_reduced,
+    dicom_header,
     fit_within,
     pixel_count,
-    preprocess,
+    selection_reason,
     sniff_format,
 )
+from shared.imaging.preprocess import preprocess
 from shared.overlay import encode_overlay, overlay_png, render_overlay
 from shared.synthetic import make_dicom, synthetic_film
 

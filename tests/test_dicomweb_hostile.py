@@ -286,7 +286,7 @@ def test_a_deflate_bomb_part_is_refused_from_its_header_without_inflating(hostil
     """A 1 MB part declaring 22600x22600 16-bit (1 GB inflated): a recorded failure, the pull's memory flat."""
     from hardening_support import MB, PeakMemory, deflate_bomb
 
-    from shared.dicom import dicom_header
+    from shared.imaging import dicom_header
 
     archive, source = hostile
     bomb = deflate_bomb()

@@ -139,9 +139,9 @@ def test_frozen_training_names_the_backbone_and_fits_the_operating_point_out_of_
     from trainer.loading import load_images
 
     loaded = load_images(samples, 64, preprocessing=bundle.preprocessing, progress=False)
-    p_model = bundle.model.predict(loaded.images.astype(np.float32) / 255.0, verbose=0)
+    p_model = bundle.model.predict(loaded.images, verbose=0)
     assert np.allclose(p_model.sum(axis=1), 1.0, atol=1e-5)
-    probabilities, cams = bundle.gradcam()(loaded.images.astype(np.float32) / 255.0)
+    probabilities, cams = bundle.gradcam()(loaded.images)
     assert np.allclose(probabilities, p_model, atol=1e-5) and cams.shape == (4, 8, 8)
 
 

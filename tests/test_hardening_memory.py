@@ -21,13 +21,13 @@ from hardening_support import MB, PeakMemory, _explicit_body, _file_meta, deflat
 from helpers import redis_url
 
 from shared import db
-from shared.dicom import dicom_header
 from shared.imaging import (
     MAX_PIXEL_DATA_BYTES,
     ImageDecodeError,
     check_image_header,
     decode_image,
     decode_reduced,
+    dicom_header,
     pixel_count,
 )
 
@@ -71,7 +71,7 @@ def _pixel_element(length: int, actual: int | None = None) -> bytes:
 
 
 def test_declared_sizes_short_pixel_data_and_inflation_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shared.imaging as imaging
+    from shared.imaging import dicom
 
     # Every frame counts: 40 frames of 3000 x 3000 x 16 bit declare 720 MB, beyond the pixel data limit.
     frames = image_header(3000, 3000, frames=40)
@@ -95,7 +95,7 @@ def test_declared_sizes_short_pixel_data_and_inflation_are_capped(monkeypatch: p
             check_image_header(lying_headers()[name], verify_pixel_data=True)
     # Whatever precedes the pixel data inflates only up to a cap (here lowered to 1 MiB): an 8 MB
     # private blob in a deflated header is refused after 1 MiB, with its bytes dropped as they come.
-    monkeypatch.setattr(imaging, "MAX_DEFLATED_HEADER_BYTES", 1024 * 1024)
+    monkeypatch.setattr(dicom, "MAX_DEFLATED_HEADER_BYTES", 1024 * 1024)
     blob = struct.pack("<HH2sHI", 0x0009, 0x1001, b"OB", 0, 8 * MB) + bytes(8 * MB)
     with pytest.raises(ImageDecodeError, match="inflates beyond 1 MiB"):
         check_image_header(_deflated(image_header(64, 64), blob + _pixel_element(64 * 64 * 2)))

@@ -11,6 +11,7 @@ import warnings
 import zlib
 from io import BytesIO
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -18,17 +19,16 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from shared import imaging
 from shared.imaging import (
     MAX_IMAGE_SIDE,
     PREPROCESSING,
     ImageDecodeError,
     decode_image,
     load_image,
-    preprocess,
     sniff_format,
     to_uint8,
 )
+from shared.imaging.preprocess import preprocess
 from shared.synthetic import MANIFEST_COLUMNS, make_dicom, synthetic_xray, write_synthetic_dataset
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_truncated_jpeg() -> None:
 
 def test_truncated_jpeg_is_refused_even_if_the_decoder_returns_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
     # OpenCV 4.x builds return a half-grey image with only a warning; simulate that decoder.
-    monkeypatch.setattr(imaging.cv2, "imdecode", lambda *args: np.full((48, 64), 128, np.uint8))
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: np.full((48, 64), 128, np.uint8))
     data = encode_with_pillow(smooth_grey(), "JPEG")
     expect_decode_error(data[: len(data) - 40], "truncated or corrupt jpeg (no end-of-image marker)")
 
@@ -294,7 +294,7 @@ def test_unexpected_decoder_exception_is_wrapped(monkeypatch: pytest.MonkeyPatch
     def explode(*args: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(imaging.cv2, "imdecode", explode)
+    monkeypatch.setattr(cv2, "imdecode", explode)
     error = expect_decode_error(encode_with_pillow(smooth_grey(), "PNG"), "corrupt png (RuntimeError)")
     assert isinstance(error.__cause__, RuntimeError)
 

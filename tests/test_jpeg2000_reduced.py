@@ -13,8 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 
-import shared.imaging as imaging
-from shared.imaging import decode_image, decode_reduced, fit_within, preprocess
+from shared.imaging import decode as imaging
+from shared.imaging import decode_image, decode_reduced, fit_within, probe
+from shared.imaging.preprocess import preprocess
 from shared.synthetic import make_dicom, synthetic_xray
 
 
@@ -62,7 +63,7 @@ def test_a_large_jpeg2000_decodes_at_a_reduced_level_close_to_the_full_decode(
 
 def test_a_jpeg2000_smaller_than_twice_the_side_takes_the_full_decode() -> None:
     data = _jpeg2000(300, 260)
-    dataset, photometric = imaging._dicom_dataset(data)
+    dataset, photometric = imaging._dicom_dataset(data, probe(data).dicom)
     assert imaging._jpeg2000_reduced(dataset, photometric, 256) is None
     reduced = decode_reduced(data, 256)
     assert np.abs(reduced.image - fit_within(decode_image(data), 256)[:, :, 0]).mean() < 0.003

@@ -324,3 +324,43 @@ def test_only_settings_read_the_environment():
     assert not problems, "\n".join(problems)
     # The checker sees the real readers, so an empty result above means something.
     assert environment_uses(ROOT / "shared" / "settings.py") and environment_uses(ROOT / "run.py")
+
+
+# Magic numbers of the formats the decoders read: only shared/imaging/ sniffs bytes.
+MAGIC_BYTES = (b"\x89PNG", b"\xff\xd8\xff", b"DICM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+IMAGING_PACKAGE = "shared.imaging"
+
+
+def _header_parsing(tree: ast.AST) -> list[str]:
+    """What in a module sniffs bytes or parses a DICOM file: magic-byte literals, dcmread, pydicom.filereader."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, bytes):
+            found += [f"line {node.lineno}: magic bytes {magic!r}" for magic in MAGIC_BYTES if magic in node.value]
+        elif isinstance(node, ast.Attribute) and node.attr in ("dcmread", "filereader"):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Name) and node.id == "dcmread":
+            found.append(f"line {node.lineno}: dcmread")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pydicom"):
+            names = {alias.name for alias in node.names}
+            if node.module.startswith("pydicom.filereader") or names & {"dcmread", "filereader"}:
+                found.append(f"line {node.lineno}: from {node.module} import {', '.join(sorted(names))}")
+        elif isinstance(node, ast.Import):
+            found += [
+                f"line {node.lineno}: import {a.name}" for a in node.names if a.name.startswith("pydicom.filereader")
+            ]
+    return found
+
+
+def test_only_the_imaging_package_sniffs_bytes_or_parses_dicom_headers():
+    """One home for reading headers: shared/imaging/ (worker/pacs builds DICOM objects from parsed data sets)."""
+    problems = []
+    parsed_inside = 0
+    for name, path in project_modules().items():
+        found = _header_parsing(ast.parse(path.read_text(), str(path)))
+        if _in(name, IMAGING_PACKAGE):
+            parsed_inside += len(found)
+        else:
+            problems += [f"{name}: {what}" for what in found]
+    assert not problems, "\n".join(problems)
+    assert parsed_inside >= 5, "the check found no sniffing or parsing even in shared/imaging/"

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from shared.calibration import AUDIT_PASSED
-from shared.imaging import LUNG_BOX, lung_box_mask
+from shared.imaging.preprocess import LUNG_BOX, lung_box_mask
 
 AUDIT_VERSION = 1
 # A model must be above this AUC on the images as they are for the audit to say anything.

@@ -10,6 +10,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from shared.imaging.preprocess import INTENSITY_METHODS, SQUARE_METHODS  # no OpenCV, no Keras
+
 EXIT_USAGE = 2
 ARCH_CHOICES = (
     "vgg16",
@@ -17,8 +19,9 @@ ARCH_CHOICES = (
     "resnet50",
     "small",
 )  # shared.zoo.ARCHITECTURES + trainer.robust's, without Keras
-INTENSITY_CHOICES = ("none", "equalize", "clahe", "zscore", "percentile")  # shared.imaging.INTENSITY_METHODS
-SQUARE_CHOICES = ("stretch", "centre_crop")  # shared.imaging.SQUARE_METHODS
+# The preprocessing module imports without OpenCV (or Keras): its constants are the choices.
+INTENSITY_CHOICES = INTENSITY_METHODS
+SQUARE_CHOICES = SQUARE_METHODS
 RECIPE_CHOICES = ("paper", "robust", "frozen")  # trainer.train.RECIPES
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from shared.calibration import DEFAULT_TARGET_SENSITIVITY
 from shared.domain import Manifest
 from shared.errors import LungcamError
-from shared.imaging import INTENSITY_METHODS, PREPROCESSING, SQUARE_METHODS, robust_preprocessing
+from shared.imaging.preprocess import INTENSITY_METHODS, PREPROCESSING, SQUARE_METHODS, robust_preprocessing
 from shared.pretrained import PACKAGED_WEIGHTS, PACKAGED_WEIGHTS_ARCH
 from shared.zoo import ARCHITECTURES
 from trainer.datasets import DEFAULT_FINDING, DEFAULT_VIEW, Sample, split_samples

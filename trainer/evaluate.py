@@ -181,7 +181,7 @@ def format_by_source(metrics_by_source: dict[str, dict[str, Any]]) -> str:
 
 
 def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
-    """Class probabilities for uint8 images, in fixed batches with the model in inference mode."""
+    """Class probabilities for [0,1] float (or uint8) images, in fixed batches with the model in inference mode."""
     if len(images) == 0:
         return np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
     # Fixed batches through the compiled inference function in both train and evaluate: the same

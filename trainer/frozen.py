@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.datasets import Sample
+from trainer.loading import to_float
 from trainer.loso import source_pair_folds
 
 FROZEN_FEATURE_LAYER = "block4_conv3"
@@ -92,9 +93,9 @@ class LinearHead:
 
 
 def reference_map(backbone, images: np.ndarray) -> np.ndarray:
-    """The mean backbone output map over uint8 images (at most REFERENCE_FILMS, evenly spaced)."""
+    """The mean backbone output map over the images (at most REFERENCE_FILMS, evenly spaced)."""
     step = max(1, len(images) // REFERENCE_FILMS)
-    chosen = images[::step][:REFERENCE_FILMS].astype(np.float32) / np.float32(255.0)
+    chosen = to_float(images[::step][:REFERENCE_FILMS])
     maps = [np.asarray(backbone.predict_on_batch(chosen[i : i + 16])) for i in range(0, len(chosen), 16)]
     return np.concatenate(maps).mean(axis=0)
 

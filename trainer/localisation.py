@@ -60,7 +60,7 @@ def synthetic_positives(
     positives = [sample for sample in load_dataset(root) if sample.label == "covid"]
     loaded = load_images(positives, size, preprocessing=preprocessing, progress=False)
     masks = [_lesion_mask(root / "masks" / f"{sample.path.stem}.png") for sample in loaded.samples]
-    return loaded.images.astype(np.float32) / 255.0, masks
+    return loaded.images, masks
 
 
 def _lesion_mask(path: Path) -> np.ndarray:

@@ -36,7 +36,7 @@ from trainer.evaluate import (
     format_metrics_table,
     metrics_by_source,
 )
-from trainer.loading import LoadedImages, load_images
+from trainer.loading import LoadedImages, load_images, to_float
 
 GRADCAM_GRID_SIZE = 12
 
@@ -217,5 +217,5 @@ def gradcam_grid(model: keras.Model, layer: str, test: LoadedImages, *, smoothin
         chosen.extend(pair)
     chosen = chosen or list(range(min(GRADCAM_GRID_SIZE, len(test.samples))))
     images = test.images[chosen]
-    probabilities, cams = GradCam(model, layer, smoothing_cells=smoothing_cells)(images.astype(np.float32) / 255.0)
+    probabilities, cams = GradCam(model, layer, smoothing_cells=smoothing_cells)(to_float(images))
     return plots.gradcam_grid_png(images, cams, [test.samples[i].label for i in chosen], probabilities[:, COVID_INDEX])

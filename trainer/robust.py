@@ -1,6 +1,6 @@
 """The robust recipe's parts: a small CNN, photometric and geometric augmentation, and the fit loop.
 
-Everything here works on in-memory uint8 arrays already preprocessed the bundle's way, so
+Everything here works on in-memory float32 arrays already preprocessed the bundle's way, so
 `trainer.train` and `benchmarks/leave_one_source_out.py` run exactly the same code.
 """
 
@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras import layers
 
 from shared.zoo import LOGITS_LAYER
+from trainer.loading import to_float
 
 SMALL_ARCH = "small"
 SMALL_GRADCAM_LAYER = "block4_conv2"
@@ -156,19 +157,20 @@ def augmented_dataset(
     rotation_degrees: float,
     sample_weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """Shuffled, augmented [0,1] batches (with per-sample weights when given) from uint8 images."""
+    """Shuffled, augmented [0,1] batches (with per-sample weights when given) from float32 [0,1] (or uint8) images."""
     height, width, channels = images.shape[1:]
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
     weights = np.ones(len(images), np.float32) if sample_weights is None else sample_weights.astype(np.float32)
 
     def _gather(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return images[indices], targets[indices], weights[indices]
 
     def _fetch(step: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        batch, labels, w = tf.numpy_function(_gather, [indices], (tf.uint8, tf.float32, tf.float32))
+        batch, labels, w = tf.numpy_function(_gather, [indices], (tf.as_dtype(images.dtype), tf.float32, tf.float32))
         batch.set_shape((None, height, width, channels))
         labels.set_shape((None, targets.shape[1]))
         w.set_shape((None,))
-        floats = tf.cast(batch, tf.float32) / 255.0
+        floats = tf.cast(batch, tf.float32) / scale
         if strength > 0 or rotation_degrees > 0:
             floats = augment_batch(
                 floats, tf.stack([tf.cast(seed, tf.int64), step]), strength=strength, rotation_degrees=rotation_degrees
@@ -244,7 +246,7 @@ def fit_robust(
         rotation_degrees=rotation_degrees,
         sample_weights=balanced_sample_weights(labels01),
     )
-    val_floats = val_images.astype(np.float32) / np.float32(255.0)
+    val_floats = to_float(val_images)
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=patience, restore_best_weights=True, start_from_epoch=1
     )

@@ -111,19 +111,20 @@ def one_hot(samples_labels: Sequence[str]) -> np.ndarray:
 def make_dataset(
     images: np.ndarray, targets: np.ndarray, batch_size: int, *, shuffle: bool, rotation_degrees: float, seed: int
 ) -> tf.data.Dataset:
-    """A tf.data pipeline over uint8 images: optional shuffle, batching, [0,1] scaling, rotation."""
+    """A tf.data pipeline over float32 [0,1] (or uint8) images: optional shuffle, batching, rotation."""
     # Index the in-memory array instead of from_tensor_slices(images): the latter copies the whole
     # array into the graph, which hits the 2 GB protobuf limit on the full public datasets.
     height, width, channels = images.shape[1:]
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
 
     def _gather(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return images[indices], targets[indices]
 
     def _fetch(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        batch, labels = tf.numpy_function(_gather, [indices], (tf.uint8, tf.float32))
+        batch, labels = tf.numpy_function(_gather, [indices], (tf.as_dtype(images.dtype), tf.float32))
         batch.set_shape((None, height, width, channels))
         labels.set_shape((None, targets.shape[1]))
-        return tf.cast(batch, tf.float32) / 255.0, labels
+        return tf.cast(batch, tf.float32) / scale, labels
 
     dataset = tf.data.Dataset.range(len(images))
     if shuffle:
@@ -174,7 +175,7 @@ def fit_on_arrays(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> keras.callbacks.History:
-    """Train `model` on uint8 images with the (resolved) config's recipe; `val_*` is validation data.
+    """Train `model` on [0,1] float images with the (resolved) config's recipe; `val_*` is validation data.
 
     The paper's recipe trains a fixed number of epochs and only reports the validation curves; the
     robust recipe stops early on the validation loss and keeps the best weights.

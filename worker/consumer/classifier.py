@@ -28,10 +28,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
-from shared.dicom import dicom_header, selection_reason
 from shared.domain import ModelKey
 from shared.errors import LungcamError
-from shared.imaging import ImageDecodeError, check_image_header
+from shared.imaging.dicom import selection_reason
+from shared.imaging.formats import probe
+from shared.imaging.limits import ImageDecodeError
+from shared.imaging.preprocess import DISPLAY_MAX_SIDE
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
@@ -43,8 +45,6 @@ from worker.consumer.served import ServedModel, load_served_models, require_mode
 from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
-
-DISPLAY_MAX_SIDE = 1024
 
 # One predictions row, as db.upsert_predictions takes it (scan_id, model_name, model_version, label, ...).
 PredictionRow = dict[str, Any]
@@ -335,21 +335,23 @@ class ScanClassifier:
         return Prepared(tuple(ready), not_selected, failed, retry)
 
     def _fetch_and_decode(self, source_uri: str) -> _Decoded:
-        """Fetch, check the DICOM header, decode once at reduced size under the pixel budget, derive inputs and display."""
+        """Fetch, read the header once (selection, size guard), decode once at reduced size under the pixel budget."""
         data = self.fetcher.fetch(source_uri)
         settings = self.settings
+        # The one header parse of this scan: the selection rule, the size guard and the decoder all use it.
+        probed = probe(data)
         reason = selection_reason(
-            dicom_header(data),
-            modalities=settings.csv_list(settings.classify_modalities),
-            body_parts=settings.csv_list(settings.classify_body_parts),
-            lateral_views=settings.csv_list(settings.lateral_views),
+            probed.dicom_header,
+            modalities=settings.classify_modality_list(),
+            body_parts=settings.classify_body_part_list(),
+            lateral_views=settings.lateral_view_list(),
         )
         if reason:
             raise NotSelected(reason)
         # The shared size guard: a header declaring more than the limits (a deflate bomb) fails here,
         # before a pixel is inflated or decoded.
-        with self.budget.admit(check_image_header(data)):
-            inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
+        with self.budget.admit(probed.check()):
+            inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs, probed=probed)
         return _Decoded(inputs, display)
 
     # --- infer ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 pydicom and parts of the reduction hold the GIL, so decode threads share one core (measured in
 benchmarks/cpu_cost.py: 2 threads ran 0.6-1.1x as fast as 1); processes do not. They are spawned,
 never forked: a fork after TensorFlow has started is unsafe. A child imports only the decoders
-(no TensorFlow), and gets bytes and gives back the model inputs and the display image.
+(no TensorFlow), and gets bytes with their probed header (so it does not parse the header again)
+and gives back the model inputs and the display image.
 """
 
 from __future__ import annotations
@@ -13,23 +14,28 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.imaging import ImageDecodeError, decode_reduced, preprocess_for_manifest, to_uint8
+from shared.imaging.formats import ImageProbe
+from shared.imaging.inputs import InputSpec, model_inputs
+from shared.imaging.limits import ImageDecodeError
+from shared.imaging.preprocess import to_uint8
 
 if TYPE_CHECKING:  # a decode child imports this module: it needs no settings (nor pydantic)
     from shared.settings import Settings
 
-# (key, the bundle's manifest["preprocessing"], input size): bundles with equal keys share one input.
-InputSpec = tuple[str, dict[str, Any] | None, int]
 
+def decode_for_models(
+    data: bytes, side: int, specs: tuple[InputSpec, ...], probed: ImageProbe | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Decode once at `side`, then derive each model input (as its bundle's manifest says) and the uint8 display image.
 
-def decode_for_models(data: bytes, side: int, specs: tuple[InputSpec, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Decode once at `side`, then derive each model input (as its bundle's manifest says) and the uint8 display image."""
-    reduced = decode_reduced(data, side).image
-    return {key: preprocess_for_manifest(reduced, spec, size) for key, spec, size in specs}, to_uint8(reduced)
+    `probed`: `probe(data)` made by the caller, so the header is not parsed again (None: parsed here).
+    """
+    inputs, reduced = model_inputs(data, side, specs, probed=probed)
+    return inputs, to_uint8(reduced)
 
 
 def available_cores(*_ignored: object) -> int:
@@ -52,14 +58,16 @@ class DecodePool:
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
 
-    def decode(self, data: bytes, side: int, specs: tuple[InputSpec, ...]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The model inputs and display image of one scan's bytes."""
+    def decode(
+        self, data: bytes, side: int, specs: tuple[InputSpec, ...], probed: ImageProbe | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The model inputs and display image of one scan's bytes (`probed`: its header, already parsed)."""
         if self._pool is None:
-            return decode_for_models(data, side, specs)
+            return decode_for_models(data, side, specs, probed)
         for _attempt in (1, 2):
             pool = self._pool
             try:
-                return pool.submit(decode_for_models, data, side, specs).result()
+                return pool.submit(decode_for_models, data, side, specs, probed).result()
             except BrokenProcessPool:
                 # A decoder died (a native crash on a hostile file, or the OOM killer): the worker lives on.
                 # Every decode in flight sees this once; each is tried again in a fresh pool.

@@ -10,7 +10,7 @@ from shared.bundle import Bundle, load_bundle
 from shared.domain import ModelKey
 from shared.errors import LungcamError
 from shared.gradcam import GradCam
-from shared.imaging import preprocessing_key
+from shared.imaging.preprocess import preprocessing_key
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

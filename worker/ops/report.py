@@ -18,7 +18,10 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from shared import db
-from shared.imaging import ImageDecodeError, check_image_header, decode_image, fit_within, to_uint8
+from shared.imaging.decode import decode_image
+from shared.imaging.formats import probe
+from shared.imaging.limits import ImageDecodeError
+from shared.imaging.preprocess import fit_within, to_uint8
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
 from shared.store import ObjectStore, StoreError
@@ -107,8 +110,9 @@ def _write_original(scan: db.Scan, fetcher: SourceFetcher, assets: Path) -> _Ima
     try:
         data = fetcher.fetch(scan.source_uri)
         # The shared size guard first: a deflate bomb or a lying header gets no thumbnail, and costs nothing.
-        check_image_header(data)
-        image = to_uint8(decode_image(data))
+        probed = probe(data)
+        probed.check()
+        image = to_uint8(decode_image(data, probed=probed))
         # Browsers cannot show DICOM or 16-bit PNG: both sizes are written as 8-bit JPEG.
         (assets / f"{scan.scan_id}.jpg").write_bytes(_jpeg(fit_within(image, THUMBNAIL_SIDE)))
         (assets / f"{scan.scan_id}.full.jpg").write_bytes(_jpeg(image, 92))

@@ -377,10 +377,11 @@ def retrieve_instance(http: _Http, instance: RemoteInstance, max_part_bytes: int
 
 def _checked_part10(data: bytes, instance: RemoteInstance) -> bytes:
     """data as a Part 10 file if it parses as the instance asked for, else InstanceError."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from shared.imaging import ImageDecodeError, check_image_header, sniff_format
+    from shared.imaging.dicom import read_dataset
+    from shared.imaging.formats import check_image_header, sniff_format
+    from shared.imaging.limits import ImageDecodeError
 
     # The shared size guard reads the header through a bounded stream: a deflate bomb is refused
     # before pydicom (which inflates a deflated data set whole) sees it. Parts that are not DICOM
@@ -395,7 +396,7 @@ def _checked_part10(data: bytes, instance: RemoteInstance) -> bytes:
         except ImageDecodeError as exc:
             raise InstanceError(f"WADO-RS answered an instance that cannot be classified ({exc})") from None
     try:
-        dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        dataset = read_dataset(data)
         part10 = True
     except InvalidDicomError:
         part10 = False  # a bare data set (no preamble): re-encoded below if it parses
@@ -403,7 +404,7 @@ def _checked_part10(data: bytes, instance: RemoteInstance) -> bytes:
         raise InstanceError("WADO-RS answered a part that does not parse as DICOM") from None
     if not part10:
         try:
-            dataset = pydicom.dcmread(BytesIO(data), force=True)
+            dataset = read_dataset(data, pixels=True, force=True)
             if "SOPInstanceUID" not in dataset or "SOPClassUID" not in dataset:
                 raise ValueError("no SOP UIDs")
             data = _encode(dataset)

@@ -38,8 +38,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import db
-from shared.dicom import dicom_header
-from shared.imaging import ImageDecodeError, check_image_header, decodable_transfer_syntaxes
+from shared.imaging.dicom import decodable_transfer_syntaxes
+from shared.imaging.formats import check_image_header, probe
+from shared.imaging.limits import ImageDecodeError
 from shared.settings import Settings
 from shared.store import ObjectStore, scan_key
 
@@ -181,7 +182,8 @@ def handle_store(event: Any, receiver: Receiver) -> int:
         # The instance as received: the data set's bytes, unchanged, behind a file meta header. It is
         # never decoded here (pynetdicom's event.dataset would inflate a deflated one whole).
         data = event.encoded_dataset(include_meta=True)
-        header = dicom_header(data)
+        probed = probe(data)  # the one header parse: UIDs below, the size guard after
+        header = probed.dicom_header
         if header is None:
             raise ImageDecodeError("not a DICOM data set")
     except Exception as exc:  # noqa: BLE001 - a data set that does not parse
@@ -202,7 +204,7 @@ def handle_store(event: Any, receiver: Receiver) -> int:
         return SUCCESS
     try:
         # The worker's decoder would refuse it: say so now, while the sender still has the image.
-        check_image_header(data, verify_pixel_data=True)
+        check_image_header(data, verify_pixel_data=True, probed=probed)
     except ImageDecodeError as exc:
         # The reason names sizes and code strings only (ImageDecodeError never carries patient data).
         log.warning("a %s instance from %s cannot be classified (%s): 0xC210", kind, calling, exc)

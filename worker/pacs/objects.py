@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from shared.imaging.dicom import read_dataset
 from worker.pacs import uids
 
 MANUFACTURER = "lungcam"
@@ -57,7 +57,7 @@ _TYPE2_COPIED = (
 
 def read_source(data: bytes) -> Dataset:
     """The source instance's header (no pixel data: only its identifying modules are needed)."""
-    source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+    source = read_dataset(data, force=True)
     for keyword in _TYPE2_COPIED:
         if keyword not in source:
             setattr(source, keyword, "")
