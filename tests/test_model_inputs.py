@@ -88,7 +88,7 @@ def test_the_consumer_parses_each_scans_header_exactly_once(
             pydicom.filereader, "read_dataset", lambda *a, **k: data_sets.append(1) or read_dataset(*a, **k)
         )
         outcome = classifier.process([scan_id])
-        assert outcome.done == [scan_id], outcome
+        assert outcome.done == (scan_id,), outcome
         assert (len(sniffs), len(headers), sum(map(len, others))) == (1, 1, 0), scan_id
         # DICOM: the file meta group and the data set's header, parsed once, then the pixel data element
         # read from where the header parse stopped (before the probe, the consumer made 7 such calls).
