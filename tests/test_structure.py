@@ -233,7 +233,10 @@ API_IMAGE_MODULES = [
     "shared.queueing",
     "shared.results",
     "shared.sources",
-    "shared.db",
+    "shared.domain",
+    "shared.engine",
+    "shared.models",
+    "shared.scans",
     "shared.store",
 ]
 
@@ -248,7 +251,7 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
     """make_app + bind_classify_task take their settings as arguments; the task runs in-process on a real database."""
     from celery_batches import SimpleRequest
 
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, migrate
     from shared.queueing import CLASSIFY_TASK, make_app
     from shared.settings import Settings
     from shared.store import LocalStore
@@ -258,11 +261,11 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
     for name in [key for key in os.environ if key.startswith("LUNGCAM_")]:
         monkeypatch.delenv(name)
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    db.migrate(url)
+    migrate(url)
     settings = Settings(broker_url=redis_url(14), database_url=url, batch_size=5, batch_flush_ms=300)
     app = make_app(settings)
-    engine = db.make_engine(url)
-    classifier = ScanClassifier([], LocalStore(tmp_path / "store"), db.make_session_factory(engine), settings)
+    engine = make_engine(url)
+    classifier = ScanClassifier([], LocalStore(tmp_path / "store"), make_session_factory(engine), settings)
     try:
         bind_classify_task(app, classifier, settings)
         task = app.tasks[CLASSIFY_TASK]

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError as DatabaseError
 
-from shared import db
+from shared.engine import make_engine, make_session_factory, require_current_schema
 from shared.queueing import make_app
 from shared.settings import Settings, get_settings
 from shared.sources import SourceNotAllowed, SourcePolicy
@@ -44,13 +44,13 @@ expiring inside `overlay_url`, built on `LUNGCAM_PUBLIC_URL` (never on the Host 
 def open_resources(settings: Settings) -> Resources:
     """Create the engine (schema checked), session factory, Celery app, store and metrics registry."""
     # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
-    engine = db.make_engine(settings.resolved_database_url(), hide_parameters=True)
+    engine = make_engine(settings.resolved_database_url(), hide_parameters=True)
     try:
-        db.require_current_schema(engine)
+        require_current_schema(engine)
     except Exception:
         engine.dispose()
         raise
-    sessions = db.make_session_factory(engine)
+    sessions = make_session_factory(engine)
     return Resources(
         settings=settings,
         engine=engine,
@@ -167,9 +167,9 @@ def serve(host: str, port: int, loglevel: str = "INFO") -> int:
 
     settings = get_settings()
     # Checked here too, so a schema that is behind is one line on the terminal, not a lifespan traceback.
-    engine = db.make_engine(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url())
     try:
-        db.require_current_schema(engine)
+        require_current_schema(engine)
     finally:
         engine.dispose()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=loglevel.lower())

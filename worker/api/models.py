@@ -10,14 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from shared.scan_ids import SCAN_ID_PATTERN
+from shared.domain import SCAN_ID_PATTERN, Priority, Status
 
 # s3://bucket/key, bucket per S3 naming rules (lower case, digits, '.', '-'; 3 to 63 characters).
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
 MAX_BATCH_SCANS = 10_000
-
-Priority = Literal["stat", "routine"]
-Status = Literal["queued", "running", "done", "failed", "skipped"]
 
 
 class ScanIn(BaseModel):
@@ -30,7 +27,9 @@ class ScanIn(BaseModel):
     )
     source_uri: str | None = Field(default=None, description="s3://bucket/key of an image already in a store.")
     image_base64: str | None = Field(default=None, description="The image file (PNG, JPEG or DICOM), base64-encoded.")
-    priority: Priority = Field(default="routine", description="'stat' scans are classified before 'routine' ones.")
+    priority: Priority = Field(
+        default=Priority.ROUTINE, description="'stat' scans are classified before 'routine' ones."
+    )
     force: bool = Field(default=False, description="Classify again even if the scan already exists.")
 
     # The decoded upload, kept so the image is decoded once (it can be tens of megabytes).

@@ -14,13 +14,16 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
 from shared.bundle import Bundle, load_bundle
 from shared.dicom import dicom_header, selection_reason
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, require_current_schema
 from shared.errors import LungcamError
 from shared.gradcam import GradCam
 from shared.imaging import ImageDecodeError, check_image_header, preprocessing_key
+from shared.models import Prediction, Scan, utcnow
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
+from shared.scans import PredictionRow, claim_scans, mark_scans, record_batch_models, upsert_predictions
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
@@ -226,10 +229,12 @@ class ScanClassifier:
                     failed[scan_id] = f"overlay upload failed: {describe(exc)}"
         done = [scan_id for scan_id in decoded if scan_id not in outcome.retry and scan_id not in failed]
         done_ids = set(done)
-        rows = [row for row in rows if row["scan_id"] in done_ids]
+        rows = [row for row in rows if row.scan_id in done_ids]
         self._record_outcome(rows, done, failed, outcome)
 
-    def _record_outcome(self, rows: list[dict], done: list[str], failed: dict[str, str], outcome: BatchOutcome) -> None:
+    def _record_outcome(
+        self, rows: list[PredictionRow], done: list[str], failed: dict[str, str], outcome: BatchOutcome
+    ) -> None:
         """Record in one transaction; if the database refuses it (not an outage), scan by scan."""
         not_selected = outcome.not_selected
         try:
@@ -246,7 +251,7 @@ class ScanClassifier:
         failed = dict(failed)
         for scan_id in done:
             try:
-                self._record([row for row in rows if row["scan_id"] == scan_id], [scan_id], {})
+                self._record([row for row in rows if row.scan_id == scan_id], [scan_id], {})
                 outcome.done.append(scan_id)
             except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
                 if is_transient(exc):
@@ -269,15 +274,15 @@ class ScanClassifier:
         """Load the scans' sources, skip finished or leased ones, and claim the rest under a lease (one transaction)."""
         expected = {(m.bundle.name, m.bundle.version) for m in self.models}
         with self.sessions.begin() as session:
-            scans = {s.scan_id: s for s in session.scalars(select(db.Scan).where(db.Scan.scan_id.in_(scan_ids)))}
+            scans = {s.scan_id: s for s in session.scalars(select(Scan).where(Scan.scan_id.in_(scan_ids)))}
             have: dict[str, set[tuple[str, str]]] = {}
             for scan_id, name, version in session.execute(
-                select(db.Prediction.scan_id, db.Prediction.model_name, db.Prediction.model_version).where(
-                    db.Prediction.scan_id.in_(scan_ids)
+                select(Prediction.scan_id, Prediction.model_name, Prediction.model_version).where(
+                    Prediction.scan_id.in_(scan_ids)
                 )
             ):
                 have.setdefault(scan_id, set()).add((name, version))
-            now = db.utcnow()
+            now = utcnow()
             sources = {}
             needed: dict[str, set[tuple[str, str]]] = {}
             complete: list[str] = []
@@ -290,13 +295,13 @@ class ScanClassifier:
                     outcome.skipped.append(scan_id)
                 elif scan_id in force:
                     sources[scan_id] = scan.source_uri
-                elif scan.status == db.SKIPPED:
+                elif scan.status == Status.SKIPPED:
                     # Not a frontal chest film: a redelivered message changes nothing.
                     outcome.skipped.append(scan_id)
-                elif expected and not missing and scan.status in (db.DONE, db.QUEUED):
+                elif expected and not missing and scan.status in (Status.DONE, Status.QUEUED):
                     # Finished work redelivered, or re-screened with models it already has: nothing to run.
                     outcome.skipped.append(scan_id)
-                    if scan.status == db.QUEUED:
+                    if scan.status == Status.QUEUED:
                         complete.append(scan_id)
                 elif self._leased_elsewhere(scan, now):
                     # A duplicate message (restored or re-published) while a live worker still works on it.
@@ -308,23 +313,21 @@ class ScanClassifier:
                         needed[scan_id] = missing
             if unknown:
                 log.warning("%d messages for unknown scan ids ignored", unknown)
-            claimed = db.claim_scans(
-                session, list(sources), self.leases.worker_id, self.settings.lease_s, take_over=force
-            )
+            claimed = claim_scans(session, list(sources), self.leases.worker_id, self.settings.lease_s, take_over=force)
             # Another worker claimed some of them since they were read: theirs now.
             mine = set(claimed)
             outcome.skipped.extend(scan_id for scan_id in sources if scan_id not in mine)
-            db.mark_scans(session, complete, db.DONE, finished=True)
+            mark_scans(session, complete, Status.DONE, finished=True)
             # Which model versions each batch was screened with: what results and reports show by default.
             batches = {scans[scan_id].batch_id for scan_id in [*claimed, *complete] if scans[scan_id].batch_id}
-            db.record_batch_models(session, batches, [(*m.key, m.demonstration) for m in self.models])
+            record_batch_models(session, batches, [(*m.key, m.demonstration) for m in self.models])
         with self._needed_lock:
             self._needed.update({scan_id: models for scan_id, models in needed.items() if scan_id in mine})
         return {scan_id: sources[scan_id] for scan_id in claimed}
 
-    def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
+    def _leased_elsewhere(self, scan: Scan, now: dt.datetime) -> bool:
         """Whether a live lease on scan belongs to another worker or to another batch of this one."""
-        if scan.status != db.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
+        if scan.status != Status.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
             return False
         return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
 
@@ -346,8 +349,10 @@ class ScanClassifier:
             inputs, display = self.decoder.decode(data, self._decode_side, self._input_specs)
         return _Decoded(inputs, display)
 
-    def _infer_and_render(self, decoded: dict[str, _Decoded]) -> tuple[list[dict], dict[tuple[str, str], Future]]:
-        rows: list[dict] = []
+    def _infer_and_render(
+        self, decoded: dict[str, _Decoded]
+    ) -> tuple[list[PredictionRow], dict[tuple[str, str], Future]]:
+        rows: list[PredictionRow] = []
         uploads: dict[tuple[str, str], Future] = {}
         ids = list(decoded)
         for start in range(0, len(ids), self.settings.batch_size):
@@ -377,18 +382,18 @@ class ScanClassifier:
                         self._render_and_upload, decoded[scan_id].display, cams[index], key
                     )
                     rows.append(
-                        {
-                            "scan_id": scan_id,
-                            "model_name": bundle.name,
-                            "model_version": bundle.version,
-                            "label": labels[index],
-                            "p_covid": float(p_calibrated[index]),
-                            "threshold": float(operating_point.threshold),
-                            "overlay_key": key,
+                        PredictionRow(
+                            scan_id=scan_id,
+                            model_name=bundle.name,
+                            model_version=bundle.version,
+                            label=labels[index],
+                            p_covid=float(p_calibrated[index]),
+                            threshold=float(operating_point.threshold),
+                            overlay_key=key,
                             # Computed beside the overlay, on the map and the input it was made from.
-                            "cam_note": cam_note(cams[index], batch[index]),
-                            "inference_ms": elapsed_ms / len(chunk),
-                        }
+                            cam_note=cam_note(cams[index], batch[index]),
+                            inference_ms=elapsed_ms / len(chunk),
+                        )
                     )
         return rows, uploads
 
@@ -399,16 +404,20 @@ class ScanClassifier:
         self.store.put(key, body, content_type)
 
     def _record(
-        self, rows: list[dict], done: list[str], failed: dict[str, str], not_selected: dict[str, str] | None = None
+        self,
+        rows: list[PredictionRow],
+        done: list[str],
+        failed: dict[str, str],
+        not_selected: dict[str, str] | None = None,
     ) -> None:
         """Write predictions and final statuses in one transaction."""
         with self.sessions.begin() as session:
-            db.upsert_predictions(session, rows)
-            db.mark_scans(session, done, db.DONE, finished=True)
+            upsert_predictions(session, rows)
+            mark_scans(session, done, Status.DONE, finished=True)
             for scan_id, reason in failed.items():
-                db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
+                mark_scans(session, [scan_id], Status.FAILED, error=reason, finished=True)
             for scan_id, reason in (not_selected or {}).items():
-                db.mark_scans(session, [scan_id], db.SKIPPED, error=reason, finished=True)
+                mark_scans(session, [scan_id], Status.SKIPPED, error=reason, finished=True)
 
 
 def decode_processes(settings: Settings) -> int:
@@ -429,10 +438,10 @@ def classifier_from_settings(settings: Settings) -> ScanClassifier:
     from shared.store import store_from_settings
 
     require_models_configured(settings)
-    engine = db.make_engine(settings.resolved_database_url())
-    db.require_current_schema(engine)
+    engine = make_engine(settings.resolved_database_url())
+    require_current_schema(engine)
     classifier = ScanClassifier(
-        load_served_models(settings), store_from_settings(settings), db.make_session_factory(engine), settings
+        load_served_models(settings), store_from_settings(settings), make_session_factory(engine), settings
     )
     classifier.decoder.warm_up()
     return classifier

@@ -32,15 +32,15 @@ class Services:
 
 def open_services() -> Services:
     """Settings, a session factory on a schema at head, the store and the Celery app."""
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, require_current_schema
     from shared.queueing import make_app
     from shared.settings import get_settings
     from shared.store import store_from_settings
 
     settings = get_settings()
-    engine = db.make_engine(settings.resolved_database_url())
-    db.require_current_schema(engine)
-    return Services(settings, db.make_session_factory(engine), store_from_settings(settings), make_app(settings))
+    engine = make_engine(settings.resolved_database_url())
+    require_current_schema(engine)
+    return Services(settings, make_session_factory(engine), store_from_settings(settings), make_app(settings))
 
 
 def _progress_bar(total: int, description: str) -> Any:
@@ -232,10 +232,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_migrate(args: argparse.Namespace) -> int:
     """`lungcam migrate`: create or upgrade the database schema."""
-    from shared import db
+    from shared.engine import migrate
     from shared.settings import get_settings
 
-    db.migrate(get_settings().resolved_database_url())
+    migrate(get_settings().resolved_database_url())
     print("database schema is at the latest migration")
     return 0
 

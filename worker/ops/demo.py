@@ -227,8 +227,8 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
 
     Returns the images to queue and the models' manifests.
     """
-    from shared import db
     from shared.bundle import read_manifest
+    from shared.engine import migrate
     from shared.store import store_from_settings
     from worker.ops.ingest import survey
 
@@ -247,7 +247,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
         _check_named_backbone(manifest)
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
-    db.migrate(settings.resolved_database_url())
+    migrate(settings.resolved_database_url())
     next(iter(store_from_settings(settings).list("readyz-probe/")), None)
     return items, manifests
 
@@ -303,8 +303,9 @@ def screen(
     import httpx
     from tqdm import tqdm
 
-    from shared import db
+    from shared.domain import FINISHED_STATUSES
     from shared.embedded_redis import stop_embedded_redis
+    from shared.engine import make_engine, make_session_factory
     from shared.queueing import broker_url_for, make_app
     from shared.results import batch_model_keys, demonstration_keys, get_batch_progress, list_batch_scans
     from shared.settings import get_settings
@@ -356,9 +357,9 @@ def screen(
         _wait_until_ready(base_url, worker, api, n_models)
 
         runtime = Settings(**{**settings.model_dump(), "broker_url": broker, "models": models})
-        engine = db.make_engine(runtime.resolved_database_url())
+        engine = make_engine(runtime.resolved_database_url())
         cleanup.callback(engine.dispose)
-        sessions = db.make_session_factory(engine)
+        sessions = make_session_factory(engine)
         store = store_from_settings(runtime)
         with tqdm(total=len(items), desc="queueing", unit="scan", file=sys.stderr) as bar:
             batch_id, _ = ingest(
@@ -376,7 +377,7 @@ def screen(
             while True:
                 worker.check_alive()
                 progress = httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()
-                finished = sum(progress["counts"].get(status, 0) for status in db.FINISHED_STATUSES)
+                finished = sum(progress["counts"].get(status, 0) for status in FINISHED_STATUSES)
                 bar.update(finished - bar.n)
                 if progress["complete"]:
                     break

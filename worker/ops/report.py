@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from shared import db
 from shared.imaging import ImageDecodeError, check_image_header, decode_image, fit_within, to_uint8
+from shared.models import Scan
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
 from shared.store import ObjectStore, StoreError
@@ -89,7 +89,7 @@ def _shrink(data: bytes) -> bytes:
 def write_report(
     out_html: Path,
     progress: BatchProgress,
-    scans: list[db.Scan],
+    scans: list[Scan],
     *,
     store: ObjectStore,
     fetcher: SourceFetcher,
@@ -113,7 +113,7 @@ def write_report(
     assets.mkdir(parents=True, exist_ok=True)
     current = set(current_models) if current_models is not None else None
 
-    def prepare(scan: db.Scan) -> _Row:
+    def prepare(scan: Scan) -> _Row:
         predictions = [
             {
                 "model_name": p.model_name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 
-from shared import db
+from shared.models import Scan
 
 RESULT_COLUMNS = (
     "scan_id",
@@ -35,7 +35,7 @@ TABLE_COLUMNS = (
 )
 
 
-def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+def result_rows(scans: Iterable[Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
     """One row per scan and model (one row with empty model fields for scans without predictions).
 
     With `current` (the batch's model versions), a prediction of any other model is marked older_model=yes.

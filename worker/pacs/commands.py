@@ -75,12 +75,12 @@ def _follow(args: argparse.Namespace, batch_id: str) -> int:
     """Wait for the batch like `lungcam status` (polling SQL; this program cannot import worker.ops)."""
     import time
 
-    from shared import db
+    from shared.engine import make_engine, make_session_factory
     from shared.results import get_batch_progress
     from shared.settings import get_settings
 
-    engine = db.make_engine(get_settings().resolved_database_url())
-    sessions = db.make_session_factory(engine)
+    engine = make_engine(get_settings().resolved_database_url())
+    sessions = make_session_factory(engine)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     try:
         while True:

@@ -25,13 +25,13 @@ class Services:
 
 def open_services(settings: Settings | None = None, *, with_app: bool = True) -> Services:
     """Open the services for settings (default: the environment's); the schema must be at head."""
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, require_current_schema
     from shared.queueing import make_app
     from shared.settings import get_settings
     from shared.store import store_from_settings
 
     settings = settings or get_settings()
-    engine = db.make_engine(settings.resolved_database_url())
-    db.require_current_schema(engine)
+    engine = make_engine(settings.resolved_database_url())
+    require_current_schema(engine)
     app = make_app(settings) if with_app else None
-    return Services(settings, engine, db.make_session_factory(engine), store_from_settings(settings), app)
+    return Services(settings, engine, make_session_factory(engine), store_from_settings(settings), app)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
 from shared import results
-from shared.scan_ids import SCAN_ID_PATTERN
+from shared.domain import SCAN_ID_PATTERN, Status
 from shared.settings import Settings
 from shared.store import LocalStore, ObjectStore
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
@@ -46,7 +46,7 @@ def submit_scan(
     check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
     result = submit(sessions, celery, store, [scan], upload_threads=1, sources=sources)
     if result.queued:
-        return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
+        return ScanSubmitted(scan_id=scan.scan_id, status=Status.QUEUED, queued=True)
     response.status_code = status.HTTP_200_OK
     return ScanSubmitted(scan_id=scan.scan_id, status=current_status(sessions, scan.scan_id), queued=False)
 
