@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from helpers import insert_scans_at_old_revision
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.domain import Priority
+from shared.domain import Priority, Status
 from shared.engine import (
     SQLITE_BUSY_TIMEOUT_MS,
     alembic_config,
@@ -243,6 +244,31 @@ def test_mark_scans(sessions: sessionmaker[Session]) -> None:
 def test_status_check_constraint(engine: sa.Engine) -> None:
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri, status) VALUES ('z', 'z', 'bogus')"))
+
+
+def test_every_engine_hides_bound_values_from_errors(engine: sa.Engine) -> None:
+    """SQLAlchemy leaves bound values (scan ids, which may name a patient) out of its error messages."""
+    assert make_engine("sqlite://").hide_parameters and engine.hide_parameters
+    with pytest.raises(IntegrityError) as caught, engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO scans (scan_id, source_uri, status) VALUES (:scan_id, 'x', 'bogus')"),
+            {"scan_id": "jane-doe-1970-01-01"},
+        )
+    # Only SQLAlchemy's own part: PostgreSQL's DETAIL ("Failing row contains ...") still carries the row.
+    message = str(caught.value)
+    assert "[parameters:" not in message and "SQL parameters hidden" in message
+
+
+def test_status_and_priority_are_plain_strings_in_the_database(sessions: sessionmaker[Session]) -> None:
+    """Status and Priority members are stored, compared and serialised as their values."""
+    with sessions.begin() as session:
+        add_scans(session, [NewScan("p", "x", priority=Priority.STAT)], None)
+        mark_scans(session, ["p"], Status.DONE, finished=True)
+    with sessions() as session:
+        row = session.execute(sa.text("SELECT status, priority FROM scans WHERE scan_id = 'p'")).one()
+        assert tuple(row) == ("done", "stat") and row.status == Status.DONE and row.priority == Priority.STAT
+        assert session.scalar(sa.select(sa.func.count()).where(Scan.status == Status.DONE)) == 1
+    assert json.dumps([Status.DONE, Priority.STAT]) == '["done", "stat"]' and f"{Status.SKIPPED}" == "skipped"
 
 
 def test_batch_counts(sessions: sessionmaker[Session]) -> None:

@@ -7,6 +7,7 @@ and PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -415,7 +416,7 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
         app.close()
     wall = time.monotonic() - started
     print(f"\nwall time {wall:.0f} s; per kill (in flight, first finished s, all re-claimed s): {clock.summary()}")
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
     assert _statuses(sessions) == {Status.DONE: 300}
     for in_flight, first, every in clock.summary():
         assert in_flight > 0 and first is not None and every is not None and first < 90 and every < 90, clock.summary()
@@ -454,7 +455,7 @@ def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundl
         worker.stop()
         app.close()
     print(f"at the wipe: {at_wipe}")
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
 
 
 def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back(tmp_path, bundle, private_redis):
@@ -464,7 +465,7 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
     url = f"sqlite:///{tmp_path / 'down.sqlite'}"
     sessions = _sessions(url)
     scans = _stage(tmp_path / "store", 3, seed=5)
-    scans[0]["priority"] = "stat"
+    scans[0] = dataclasses.replace(scans[0], priority=Priority.STAT)
     app = make_app(Settings(broker_url=private_redis.url, database_url=url))
     try:
         with pytest.raises(OperationalError):
@@ -488,7 +489,7 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
         wait_until(lambda: _all_done(sessions, 3), 120, 0.5, "the scans submitted during the outage to be done")
     finally:
         worker.stop()
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
 
 
 # --- re-running an interrupted ingest ----------------------------------------------------------------

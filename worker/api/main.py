@@ -43,8 +43,8 @@ expiring inside `overlay_url`, built on `LUNGCAM_PUBLIC_URL` (never on the Host 
 
 def open_resources(settings: Settings) -> Resources:
     """Create the engine (schema checked), session factory, Celery app, store and metrics registry."""
-    # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
-    engine = make_engine(settings.resolved_database_url(), hide_parameters=True)
+    # make_engine hides bound parameters (scan ids) from SQL errors, which end up in logs.
+    engine = make_engine(settings.resolved_database_url())
     try:
         require_current_schema(engine)
     except Exception:
