@@ -97,8 +97,9 @@ def pipeline(bundle_dir: Path, files: list[Path], batch_size: int, store_kind: s
     """Images per second through Redis, a real worker process, the store and the database."""
     from helpers import start_worker, wait_until
 
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, migrate
     from shared.queueing import make_app, submit_scans
+    from shared.scans import NewScan, batch_counts
     from shared.settings import Settings
     from shared.store import scan_key, store_from_settings
 
@@ -125,26 +126,26 @@ def pipeline(bundle_dir: Path, files: list[Path], batch_size: int, store_kind: s
         store.client.create_bucket(Bucket="lungcam-bench")
     for index, path in enumerate(files):
         store.put(scan_key(f"b{index:05d}"), path.read_bytes())
-    engine = db.make_engine(settings.resolved_database_url())
-    db.migrate(engine)
-    sessions = db.make_session_factory(engine)
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    sessions = make_session_factory(engine)
     worker = start_worker(env, tmp / "worker.log")
     try:
         worker.wait_ready()
         app = make_app(settings)
-        scans = [{"scan_id": f"b{index:05d}", "source_uri": scan_key(f"b{index:05d}")} for index in range(len(files))]
+        scans = [NewScan(f"b{index:05d}", scan_key(f"b{index:05d}")) for index in range(len(files))]
         started = time.perf_counter()
         submit_scans(sessions, app, scans, batch_id="bench")
 
         def finished() -> bool:
             with sessions() as session:
-                counts = db.batch_counts(session, "bench")
+                counts = batch_counts(session, "bench")
             return counts["done"] + counts["failed"] == len(files)
 
         wait_until(finished, 3600, interval=0.1, message="benchmark batch")
         elapsed = time.perf_counter() - started
         with sessions() as session:
-            counts = db.batch_counts(session, "bench")
+            counts = batch_counts(session, "bench")
         print(f"pipeline counts: {counts}", flush=True)
     finally:
         worker.stop()

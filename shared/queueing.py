@@ -5,19 +5,21 @@ The API, the operator tools and the consumer all publish through here; nothing h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu import Exchange, Queue
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Priority, Status
+from shared.scans import NewScan, add_scans, mark_scans, resubmit_scans
 from shared.settings import Settings
 
 CLASSIFY_TASK = "lungcam.classify"
-STAT_QUEUE = "stat"
-ROUTINE_QUEUE = "routine"
+# One queue per priority, named after it.
+STAT_QUEUE: str = Priority.STAT.value
+ROUTINE_QUEUE: str = Priority.ROUTINE.value
 # Listed in the order a worker drains them: every stat message before any routine one.
 QUEUES = (STAT_QUEUE, ROUTINE_QUEUE)
 
@@ -92,7 +94,7 @@ def publish(
         CLASSIFY_TASK,
         args=[scan_id],
         kwargs={"attempt": attempt, "force": force},
-        queue=priority,
+        queue=str(priority),  # a Priority member goes out as its plain value
         countdown=countdown,
     )
 
@@ -100,7 +102,7 @@ def publish(
 def submit_scans(
     sessions: sessionmaker[Session],
     app: Celery,
-    scans: list[dict],
+    scans: Sequence[NewScan],
     *,
     batch_id: str | None = None,
     batch_name: str | None = None,
@@ -115,33 +117,20 @@ def submit_scans(
     result = SubmitResult()
     move = force or rescreen
     with sessions.begin() as session:
-        inserted = set(db.add_scans(session, scans, batch_id, batch_name=batch_name))
+        inserted = set(add_scans(session, scans, batch_id, batch_name=batch_name))
         if move:
             # A forced re-submission replaces the scan's source and priority and moves it into
             # this batch, so the batch's progress and report include it.
-            for scan in scans:
-                if scan["scan_id"] in inserted:
-                    continue
-                values: dict[str, object] = {
-                    "source_uri": scan["source_uri"],
-                    "priority": scan.get("priority") or db.ROUTINE,
-                    # The reconciler's grace period counts from here, not from the first submission.
-                    "published_at": db.utcnow(),
-                }
-                if batch_id is not None:
-                    values["batch_id"] = batch_id
-                # An instance received over DICOM replacing the scan brings its UIDs (its provenance) along.
-                values.update({name: scan[name] for name in db.DICOM_UID_FIELDS if scan.get(name)})
-                session.execute(update(db.Scan).where(db.Scan.scan_id == scan["scan_id"]).values(**values))
-            db.mark_scans(session, [s["scan_id"] for s in scans if s["scan_id"] not in inserted], db.QUEUED)
+            existing = [scan for scan in scans if scan.scan_id not in inserted]
+            resubmit_scans(session, existing, batch_id)
+            mark_scans(session, [scan.scan_id for scan in existing], Status.QUEUED)
     # Rows are committed before messages go out, so a worker never sees an id it cannot find.
     # If publishing fails after the commit, the scans stay `queued`: the workers' reconciler re-sends
     # them once they have had no live message for LUNGCAM_REQUEUE_AFTER_S.
     for scan in scans:
-        scan_id = scan["scan_id"]
-        if scan_id in inserted or move:
-            publish(app, scan_id, scan.get("priority") or db.ROUTINE, force=force and scan_id not in inserted)
-            result.queued.append(scan_id)
+        if scan.scan_id in inserted or move:
+            publish(app, scan.scan_id, scan.priority, force=force and scan.scan_id not in inserted)
+            result.queued.append(scan.scan_id)
         else:
-            result.already.append(scan_id)
+            result.already.append(scan.scan_id)
     return result

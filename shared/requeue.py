@@ -7,12 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
 from shared.broker_state import NotRedis, RedisBroker
+from shared.models import utcnow
 from shared.queueing import publish
+from shared.scans import stale_queued, stamp_published
 
 
 @dataclass
@@ -32,12 +32,9 @@ def requeue_stale(sessions: sessionmaker[Session], app: Celery, *, older_than_s:
     queue; a scan without any message is published anew. A broker that cannot be inspected (not Redis)
     gets every stale scan published, as before (the task is idempotent: a duplicate costs a skip).
     """
-    cutoff = db.utcnow() - dt.timedelta(seconds=older_than_s)
-    last_sent = func.coalesce(db.Scan.published_at, db.Scan.submitted_at, type_=db.UTCDateTime)
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     with sessions() as session:
-        stale = session.execute(
-            select(db.Scan.scan_id, db.Scan.priority).where(db.Scan.status == db.QUEUED, last_sent < cutoff)
-        ).all()
+        stale = stale_queued(session, cutoff)
     result = RequeueResult()
     if not stale:
         return result
@@ -60,13 +57,7 @@ def requeue_stale(sessions: sessionmaker[Session], app: Celery, *, older_than_s:
     restored = broker.restore(tag for tags in held_too_long.values() for tag in tags) if held_too_long else set()
     with sessions.begin() as session:
         # The reconciler's grace period counts from this re-send, so it does not send the same scans again at once.
-        ids = [scan_id for scan_id, _ in to_publish]
-        session.execute(
-            update(db.Scan)
-            .where(db.Scan.scan_id.in_(ids), db.Scan.status == db.QUEUED)
-            .values(published_at=db.utcnow())
-            .execution_options(synchronize_session=False)
-        )
+        stamp_published(session, [scan_id for scan_id, _ in to_publish], utcnow())
     for scan_id, priority in to_publish:
         if restored.intersection(held_too_long.get(scan_id, ())):
             result.restored.append(scan_id)

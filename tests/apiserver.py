@@ -22,7 +22,8 @@ import uvicorn
 from helpers import redis_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.engine import make_engine, make_session_factory
+from shared.engine import migrate as migrate_schema
 from shared.settings import Settings
 from shared.store import LocalStore
 from shared.synthetic import synthetic_xray
@@ -52,7 +53,7 @@ def serve(settings: Settings, *, migrate: bool = True) -> Iterator[str]:
     The database is migrated first (as `lungcam migrate` does in a deployment) unless migrate is False.
     """
     if migrate:
-        db.migrate(settings.resolved_database_url())
+        migrate_schema(settings.resolved_database_url())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -111,9 +112,9 @@ def running_api(root: Path, **overrides: object) -> Iterator[Api]:
     """A served API plus an authenticated client on it."""
     settings = api_settings(root, **overrides)
     with serve(settings) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
-        engine = db.make_engine(settings.resolved_database_url())
+        engine = make_engine(settings.resolved_database_url())
         try:
-            yield Api(url, client, settings, db.make_session_factory(engine))
+            yield Api(url, client, settings, make_session_factory(engine))
         finally:
             engine.dispose()
 

@@ -32,7 +32,9 @@ from apiserver import (
     serve,
 )
 
-from shared import db
+from shared.domain import Status
+from shared.models import Scan
+from shared.scans import PredictionRow, mark_scans, upsert_predictions
 from shared.store import overlay_key, scan_key
 from worker.api.logs import redact_path
 from worker.api.security import file_signature
@@ -108,7 +110,7 @@ def test_readyz_503_when_the_broker_is_down(broker: redis.Redis, tmp_path: Path)
         assert "broker is unavailable" in submitted.json()["detail"]
         # The row is committed before publishing, so `lungcam requeue` can send it once the broker is back.
         with down.sessions() as session:
-            assert session.get(db.Scan, scan_id).status == db.QUEUED
+            assert session.get(Scan, scan_id).status == Status.QUEUED
     assert response.status_code == 503, response.text
     checks = response.json()["checks"]
     assert checks["broker"]["ok"] is False and "unreachable" in checks["broker"]["detail"]
@@ -133,23 +135,23 @@ def test_metrics_report_scans_per_status_and_inference_time(fresh_api: Api):
     assert response.status_code == 202, response.text
     # What a worker would write: one scan done with a prediction, one failed, one running.
     with fresh_api.sessions.begin() as session:
-        db.upsert_predictions(
+        upsert_predictions(
             session,
             [
-                {
-                    "scan_id": ids[0],
-                    "model_name": "m",
-                    "model_version": "1",
-                    "label": "normal",
-                    "p_covid": 0.1,
-                    "overlay_key": None,
-                    "inference_ms": 250.0,
-                }
+                PredictionRow(
+                    scan_id=ids[0],
+                    model_name="m",
+                    model_version="1",
+                    label="normal",
+                    p_covid=0.1,
+                    overlay_key=None,
+                    inference_ms=250.0,
+                )
             ],
         )
-        db.mark_scans(session, [ids[0]], db.DONE, finished=True)
-        db.mark_scans(session, [ids[1]], db.FAILED, error="undecodable image", finished=True)
-        db.mark_scans(session, [ids[2]], db.RUNNING)
+        mark_scans(session, [ids[0]], Status.DONE, finished=True)
+        mark_scans(session, [ids[1]], Status.FAILED, error="undecodable image", finished=True)
+        mark_scans(session, [ids[2]], Status.RUNNING)
 
     assert httpx.get(f"{fresh_api.url}/metrics").status_code == 401
     response = httpx.get(f"{fresh_api.url}/metrics", headers=AUTH)
@@ -432,7 +434,7 @@ def test_s3_source_is_referenced_not_copied(api: Api):
     assert response.status_code == 202
     assert not api.store().exists(scan_key(scan_id))
     with api.sessions() as session:
-        assert session.get(db.Scan, scan_id).source_uri == "s3://archive-bucket/2020/a b.png"
+        assert session.get(Scan, scan_id).source_uri == "s3://archive-bucket/2020/a b.png"
 
 
 @pytest.mark.parametrize(
@@ -461,7 +463,7 @@ def test_a_source_outside_the_allowed_buckets_is_403_and_queues_nothing(broker: 
     assert _queue_length(broker, "routine") == before
     assert api.client.get(f"/v1/scans/{scan_id}").status_code == 404
     with api.sessions() as session:
-        assert session.get(db.Scan, batch["scans"][0]["scan_id"]) is None  # nothing of the batch recorded
+        assert session.get(Scan, batch["scans"][0]["scan_id"]) is None  # nothing of the batch recorded
 
 
 def test_resubmitting_does_not_queue_twice_unless_forced(broker: redis.Redis, fresh_api: Api):
@@ -474,7 +476,7 @@ def test_resubmitting_does_not_queue_twice_unless_forced(broker: redis.Redis, fr
     assert _queue_length(broker, "routine") == before + 1
 
     with fresh_api.sessions.begin() as session:
-        db.mark_scans(session, [scan_id], db.DONE, finished=True)
+        mark_scans(session, [scan_id], Status.DONE, finished=True)
     response = fresh_api.client.post("/v1/scans", json={"scan_id": scan_id, "image_base64": b64(second)})
     assert response.status_code == 200
     assert response.json() == {"scan_id": scan_id, "status": "done", "queued": False}
@@ -526,21 +528,21 @@ def _done_with_overlay(api: Api, scan_id: str) -> bytes:
     png = png_bytes(5, 48)
     api.store().put(key, png, "image/png")
     with api.sessions.begin() as session:
-        db.upsert_predictions(
+        upsert_predictions(
             session,
             [
-                {
-                    "scan_id": scan_id,
-                    "model_name": "m",
-                    "model_version": "1",
-                    "label": "covid",
-                    "p_covid": 0.9,
-                    "overlay_key": key,
-                    "inference_ms": 12.0,
-                }
+                PredictionRow(
+                    scan_id=scan_id,
+                    model_name="m",
+                    model_version="1",
+                    label="covid",
+                    p_covid=0.9,
+                    overlay_key=key,
+                    inference_ms=12.0,
+                )
             ],
         )
-        db.mark_scans(session, [scan_id], db.DONE, finished=True)
+        mark_scans(session, [scan_id], Status.DONE, finished=True)
     return png
 
 

@@ -21,7 +21,9 @@ import pytest
 from apiserver import Api, b64, png_bytes, redis_client, running_api
 from helpers import LUNGCAM, REPO, redis_url
 
-from shared import db
+from shared.domain import Status
+from shared.engine import migrate
+from shared.scans import PredictionRow, mark_scans, upsert_predictions
 from shared.store import overlay_key
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_HARDENING_REDIS_URL", redis_url(14))
@@ -60,21 +62,21 @@ def test_links_use_the_configured_public_url_whatever_the_host_header(api: Api):
     key = overlay_key("m", "1", scan_id)
     api.store().put(key, png_bytes(2), "image/png")
     with api.sessions.begin() as session:
-        db.upsert_predictions(
+        upsert_predictions(
             session,
             [
-                {
-                    "scan_id": scan_id,
-                    "model_name": "m",
-                    "model_version": "1",
-                    "label": "covid",
-                    "p_covid": 0.9,
-                    "overlay_key": key,
-                    "inference_ms": 1.0,
-                }
+                PredictionRow(
+                    scan_id=scan_id,
+                    model_name="m",
+                    model_version="1",
+                    label="covid",
+                    p_covid=0.9,
+                    overlay_key=key,
+                    inference_ms=1.0,
+                )
             ],
         )
-        db.mark_scans(session, [scan_id], db.DONE, finished=True)
+        mark_scans(session, [scan_id], Status.DONE, finished=True)
     for host in ("evil.example", "evil.example:443", "127.0.0.1"):
         scan = api.client.get(f"/v1/scans/{scan_id}", headers={"Host": host}).json()
         url = scan["predictions"][0]["overlay_url"]
@@ -142,7 +144,7 @@ def _hostile_post(port: int, answers: list[tuple[float, bytes]]) -> None:
 def test_sixteen_concurrent_93_mb_unauthenticated_posts_get_401_within_a_second_without_growing_the_api(tmp_path: Path):
     """Against `lungcam api` as its own process, so its memory is measured alone."""
     database = f"sqlite:///{tmp_path / 'api.sqlite'}"
-    db.migrate(database)
+    migrate(database)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -14,7 +14,8 @@ import pytest
 from apiserver import PNG_MAGIC, WORKER_REDIS_URL, Api, b64, png_bytes, redis_client, running_api
 from helpers import make_bundle, mixed_scans, start_worker, wait_until
 
-from shared import db
+from shared.domain import Status
+from shared.models import Scan
 from shared.store import S3Store, scan_key
 
 pytestmark = pytest.mark.slow
@@ -101,8 +102,8 @@ class TestWithWorker:
         stat = api.client.get(f"/v1/scans/{deployment.stat_id}").json()
         stat_finished = dt.datetime.fromisoformat(stat["finished_at"])
         with api.sessions() as session:
-            routine = [session.get(db.Scan, scan_id) for scan_id in deployment.routine_ids]
-        assert {scan.status for scan in routine} == {db.DONE}
+            routine = [session.get(Scan, scan_id) for scan_id in deployment.routine_ids]
+        assert {scan.status for scan in routine} == {Status.DONE}
         later = sum(scan.finished_at > stat_finished for scan in routine)
         # In practice the stat scan is in the worker's first batch, ahead of ~95% of the backlog.
         earlier = len(routine) - later

@@ -17,8 +17,10 @@ import pytest
 from helpers import make_tiny_bundle, mixed_scans
 from sqlalchemy import select
 
-from shared import db
-from shared.domain import ModelKey
+from shared.domain import ModelKey, Status
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import Prediction, Scan
+from shared.scans import NewScan, PredictionRow, add_scans, upsert_predictions
 from shared.settings import Settings
 from shared.store import LocalStore, StoreError, overlay_key, scan_key
 from shared.synthetic import make_dicom, synthetic_xray
@@ -70,13 +72,13 @@ class Site:
         for scan_id, data in images.items():
             self.classifier.store.put(scan_key(scan_id), data)
         with self.sessions.begin() as session:
-            db.add_scans(session, [{"scan_id": s, "source_uri": scan_key(s)} for s in images], "b")
+            add_scans(session, [NewScan(s, scan_key(s)) for s in images], "b")
         return list(images)
 
     def status(self, scan_id: str) -> tuple[str, str | None]:
         """(status, error) of a scan."""
         with self.sessions() as session:
-            scan = session.get(db.Scan, scan_id)
+            scan = session.get(Scan, scan_id)
             assert scan is not None
             return scan.status, scan.error
 
@@ -85,10 +87,10 @@ class Site:
         with self.sessions() as session:
             rows = session.execute(
                 select(
-                    db.Prediction.scan_id,
-                    db.Prediction.model_name,
-                    db.Prediction.model_version,
-                    db.Prediction.overlay_key,
+                    Prediction.scan_id,
+                    Prediction.model_name,
+                    Prediction.model_version,
+                    Prediction.overlay_key,
                 )
             )
             return {(scan_id, ModelKey(name, version)): key for scan_id, name, version, key in rows}
@@ -101,9 +103,9 @@ def make_site(tmp_path: Path, two_versions: list[ServedModel]) -> Iterator[Any]:
 
     def build(refused: set[str] | None = None) -> Site:
         url = f"sqlite:///{tmp_path / 'c.sqlite'}"
-        db.migrate(url)
-        engine = db.make_engine(url)
-        sessions = db.make_session_factory(engine)
+        migrate(url)
+        engine = make_engine(url)
+        sessions = make_session_factory(engine)
         settings = Settings(data_dir=tmp_path / "data", database_url=url, batch_size=4, decode_processes=0)
         store = RefusingStore(tmp_path / "store", refused or set())
         classifier = ScanClassifier(two_versions, store, sessions, settings)
@@ -126,7 +128,10 @@ def test_a_failed_upload_of_one_version_fails_the_scan_though_the_other_version_
     refused, fine = site.add(mixed_scans(2, size=64))
     outcome = site.classifier.process([refused, fine])
     assert outcome.done == (fine,) and list(outcome.failed) == [refused] and outcome.retry == {}
-    assert site.status(refused) == (db.FAILED, "overlay upload failed: StoreError: S3 PutObject failed: AccessDenied")
+    assert site.status(refused) == (
+        Status.FAILED,
+        "overlay upload failed: StoreError: S3 PutObject failed: AccessDenied",
+    )
     # Both versions ran on both scans; only the scan whose every overlay is stored has rows.
     assert site.predictions() == {(fine, V1): _overlay(V1, fine), (fine, V2): _overlay(V2, fine)}
     assert site.classifier.store.exists(_overlay(V2, refused)) and not site.classifier.store.exists(
@@ -140,18 +145,18 @@ def test_each_model_runs_on_exactly_the_scans_of_its_window_that_need_it(make_si
     site = make_site()
     only_v1, only_v2, neither = site.add(mixed_scans(3, size=64))
     with site.sessions.begin() as session:
-        db.upsert_predictions(
+        upsert_predictions(
             session,
             [
-                {
-                    "scan_id": scan_id,
-                    "model_name": model.name,
-                    "model_version": model.version,
-                    "label": "normal",
-                    "p_covid": 0.1,
-                    "threshold": 0.5,
-                    "overlay_key": KEPT,
-                }
+                PredictionRow(
+                    scan_id=scan_id,
+                    model_name=model.name,
+                    model_version=model.version,
+                    label="normal",
+                    p_covid=0.1,
+                    threshold=0.5,
+                    overlay_key=KEPT,
+                )
                 for scan_id, model in ((only_v1, V1), (only_v2, V2))
             ],
         )
@@ -178,6 +183,6 @@ def test_the_outcome_names_not_selected_scans_apart_from_those_passed_over(make_
     first = site.classifier.process([*ids, "unknown"])
     assert list(first.not_selected) == ["lateral"] and "lateral view (LL)" in first.not_selected["lateral"]
     assert first.done == (ids[1],) and first.passed_over == ("unknown",) and first.claimed == tuple(ids)
-    assert site.status("lateral") == (db.SKIPPED, first.not_selected["lateral"])
+    assert site.status("lateral") == (Status.SKIPPED, first.not_selected["lateral"])
     again = site.classifier.process(ids)
     assert again.passed_over == tuple(ids) and again.claimed == () and again.not_selected == {} and again.done == ()

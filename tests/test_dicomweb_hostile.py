@@ -25,8 +25,11 @@ import sqlalchemy as sa
 from helpers import LUNGCAM, REPO
 from pacs_support import make_study_dicoms, sop_uid_of, study_uid_of
 
-from shared import db
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import Scan
 from shared.queueing import make_app
+from shared.scans import batch_counts, mark_scans
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from worker.pacs.dicomweb import RETRIEVAL_FAILED, PullError, pull
@@ -203,9 +206,9 @@ class Site:
         finally:
             app.close()
 
-    def scans(self) -> dict[str, db.Scan]:
+    def scans(self) -> dict[str, Scan]:
         with self.sessions() as session:
-            return {scan.scan_id: scan for scan in session.scalars(sa.select(db.Scan))}
+            return {scan.scan_id: scan for scan in session.scalars(sa.select(Scan))}
 
     def stored(self) -> set[str]:
         return {key.rsplit("/", 1)[-1] for key in self.store.list("scans/")}
@@ -214,11 +217,11 @@ class Site:
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
+    migrate(url)
+    engine = make_engine(url)
     settings = Settings(database_url=url, store_url=str(tmp_path / "store"), dicomweb_max_part_bytes=4 * 2**20)
     try:
-        yield Site(settings, db.make_session_factory(engine), LocalStore(tmp_path / "store"))
+        yield Site(settings, make_session_factory(engine), LocalStore(tmp_path / "store"))
     finally:
         engine.dispose()
 
@@ -231,8 +234,11 @@ def test_one_404_among_ten_gives_nine_scans_and_one_recorded_failure_and_a_rerun
     assert first.found == 10 and len(first.queued) == 9 and first.failed == 1
     assert "9 queued, 0 already known, 1 could not be retrieved" in first.summary()
     scans = site.scans()
-    assert scans[sops[3]].status == db.FAILED and scans[sops[3]].error == RETRIEVAL_FAILED + "WADO-RS answered HTTP 404"
-    assert {s for s in sops if scans[s].status == db.QUEUED} == set(sops) - {sops[3]}
+    assert (
+        scans[sops[3]].status == Status.FAILED
+        and scans[sops[3]].error == RETRIEVAL_FAILED + "WADO-RS answered HTTP 404"
+    )
+    assert {s for s in sops if scans[s].status == Status.QUEUED} == set(sops) - {sops[3]}
     assert site.stored() == set(sops) - {
         sops[3]
     }  # nothing stored without its row, nothing recorded as stored that is not
@@ -244,10 +250,15 @@ def test_one_404_among_ten_gives_nine_scans_and_one_recorded_failure_and_a_rerun
     assert again.queued == [sops[3]] and len(again.already) == 9 and again.failed == 0
     assert again.batch_id == first.batch_id
     scan = site.scans()[sops[3]]
-    assert (scan.status, scan.error, scan.sop_instance_uid, scan.batch_id) == (db.QUEUED, None, sops[3], first.batch_id)
+    assert (scan.status, scan.error, scan.sop_instance_uid, scan.batch_id) == (
+        Status.QUEUED,
+        None,
+        sops[3],
+        first.batch_id,
+    )
     assert site.store.get(scan_key(sops[3])) == archive.files[sops[3]]
     with site.sessions() as session:
-        assert db.batch_counts(session, first.batch_id)["total"] == 10
+        assert batch_counts(session, first.batch_id)["total"] == 10
 
 
 def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_part_is_never_buffered(
@@ -265,7 +276,7 @@ def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_par
     archive.records.append(_record("1.2.3", "1.2.3.4", "1.2.3.99", SR))  # not an image: never retrieved
     result = site.pull(source)
     assert result.refused == 1 and result.failed == 4 and sorted(result.queued) == sorted([good, sops[5], sops[6]])
-    errors = {sop: scan.error for sop, scan in site.scans().items() if scan.status == db.FAILED}
+    errors = {sop: scan.error for sop, scan in site.scans().items() if scan.status == Status.FAILED}
     assert errors == {
         html: RETRIEVAL_FAILED + "WADO-RS answered a part of type text/html, not DICOM",
         garbage: RETRIEVAL_FAILED + "WADO-RS answered a part that does not parse as DICOM",
@@ -396,12 +407,12 @@ def test_ingest_wait_exits_4_when_a_pulled_scan_fails(hostile, tmp_path: Path):
         "LUNGCAM_BROKER_URL": "memory://",
     }
     assert subprocess.run([LUNGCAM, "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
-    engine = db.make_engine(f"sqlite:///{data_dir / 'lungcam.sqlite'}")
-    sessions = db.make_session_factory(engine)
+    engine = make_engine(f"sqlite:///{data_dir / 'lungcam.sqlite'}")
+    sessions = make_session_factory(engine)
 
     def queued() -> int:
         with sessions() as session:
-            return session.scalar(sa.select(sa.func.count()).where(db.Scan.status == db.QUEUED)) or 0
+            return session.scalar(sa.select(sa.func.count()).where(Scan.status == Status.QUEUED)) or 0
 
     # Nothing consumes memory://: this process plays the worker, finishing two scans and failing one.
     try:
@@ -417,8 +428,8 @@ def test_ingest_wait_exits_4_when_a_pulled_scan_fails(hostile, tmp_path: Path):
             time.sleep(0.2)
         assert queued() == 3, command.communicate(timeout=10)
         with sessions.begin() as session:
-            db.mark_scans(session, sops[:2], db.DONE, finished=True)
-            db.mark_scans(session, sops[2:], db.FAILED, error="could not decode", finished=True)
+            mark_scans(session, sops[:2], Status.DONE, finished=True)
+            mark_scans(session, sops[2:], Status.FAILED, error="could not decode", finished=True)
         stdout, stderr = command.communicate(timeout=60)
     finally:
         engine.dispose()

@@ -20,7 +20,8 @@ import pytest
 from hardening_support import MB, PeakMemory, _explicit_body, _file_meta, deflate_bomb, image_header, lying_headers
 from helpers import redis_url
 
-from shared import db
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, migrate
 from shared.imaging import (
     MAX_PIXEL_DATA_BYTES,
     ImageDecodeError,
@@ -30,6 +31,8 @@ from shared.imaging import (
     dicom_header,
     pixel_count,
 )
+from shared.models import Scan
+from shared.scans import NewScan, add_scans, mark_scans
 
 LIMIT = 500 * MB
 
@@ -116,18 +119,16 @@ def test_the_report_gives_the_bomb_no_thumbnail_at_bounded_memory(bomb: bytes, t
     from worker.ops.report import write_report
 
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
     store.put(scan_key("bomb"), bomb)
     store.put(scan_key("film"), cv2.imencode(".png", np.full((64, 64), 128, np.uint8))[1].tobytes())
     with sessions.begin() as session:
-        db.add_scans(
-            session, [{"scan_id": s, "source_uri": scan_key(s)} for s in ("bomb", "film")], "b1", batch_name="bombs"
-        )
-        db.mark_scans(session, ["bomb"], db.FAILED, error="undecodable image: image too large", finished=True)
-        db.mark_scans(session, ["film"], db.DONE, finished=True)
+        add_scans(session, [NewScan(s, scan_key(s)) for s in ("bomb", "film")], "b1", batch_name="bombs")
+        mark_scans(session, ["bomb"], Status.FAILED, error="undecodable image: image too large", finished=True)
+        mark_scans(session, ["film"], Status.DONE, finished=True)
     with sessions() as session:
         progress, scans = get_batch_progress(session, "b1"), list_batch_scans(session, "b1")
     fetcher = SourceFetcher(store, Settings(data_dir=tmp_path / "data", store_url=str(tmp_path / "store")))
@@ -173,12 +174,14 @@ def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bo
 
                 def finished() -> bool:
                     with api.sessions() as session:
-                        return all(session.get(db.Scan, s).status in (db.DONE, db.FAILED) for s in ("bomb-1", "film-1"))
+                        return all(
+                            session.get(Scan, s).status in (Status.DONE, Status.FAILED) for s in ("bomb-1", "film-1")
+                        )
 
                 wait_until(finished, 120, message="both scans finished")
             with api.sessions() as session:
-                bomb_scan, film = session.get(db.Scan, "bomb-1"), session.get(db.Scan, "film-1")
-                assert (film.status, bomb_scan.status) == (db.DONE, db.FAILED)
+                bomb_scan, film = session.get(Scan, "bomb-1"), session.get(Scan, "film-1")
+                assert (film.status, bomb_scan.status) == (Status.DONE, Status.FAILED)
                 assert bomb_scan.error.startswith("undecodable image: unsupported: image too large: 22600x22600")
         finally:
             worker.stop()

@@ -12,10 +12,10 @@ import pytest
 import redis
 from helpers import LUNGCAM, REPO, encode_scan, redis_url
 
-from shared import db
+from shared.domain import is_valid_scan_id
+from shared.engine import make_engine, make_session_factory, migrate
 from shared.errors import SubmissionError
 from shared.queueing import make_app
-from shared.scan_ids import is_valid_scan_id
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from shared.synthetic import synthetic_xray
@@ -52,12 +52,12 @@ def test_a_png_a_jpg_a_1_png_and_c_tif_are_four_scans_each_holding_its_own_file(
     assert found.summary(queued=4) == (
         "6 file(s) seen, 4 scan(s) queued, 2 skipped (1 hidden, 1 not an image suffix (.txt))"
     )
-    db.migrate(settings.resolved_database_url())
-    engine = db.make_engine(settings.resolved_database_url())
+    migrate(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url())
     store = LocalStore(tmp_path / "store")
     app = make_app(settings, broker_url="memory://")
     try:
-        _batch, result = ingest(found.items, store=store, sessions=db.make_session_factory(engine), app=app)
+        _batch, result = ingest(found.items, store=store, sessions=make_session_factory(engine), app=app)
     finally:
         app.close()
         engine.dispose()

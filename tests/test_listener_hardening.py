@@ -23,7 +23,8 @@ from hardening_support import MB, PeakMemory, deflate_bomb, lying_headers
 from helpers import redis_url
 from pacs_support import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
 
-from shared import db
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import Scan
 
 REDIS_URL = redis_url(8)
 IDLE_TIMEOUT_S = 2.0
@@ -43,9 +44,9 @@ class Running:
     def port(self) -> int:
         return self.listener.port
 
-    def scan(self, scan_id: str) -> db.Scan | None:
+    def scan(self, scan_id: str) -> Scan | None:
         with self.sessions() as session:
-            return session.get(db.Scan, scan_id)
+            return session.get(Scan, scan_id)
 
     def stored(self) -> set[str]:
         folder = self.root / "store" / "scans"
@@ -56,8 +57,8 @@ class Running:
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("listener-hardening")
     url = f"sqlite:///{root / 'lungcam.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
+    migrate(url)
+    engine = make_engine(url)
     redis.Redis.from_url(REDIS_URL).flushdb()
     port = free_port()
     env = subprocess_env(
@@ -74,7 +75,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     )
     listener = ListenerProcess(env, port, root / "listener.log")
     try:
-        yield Running(listener, root, db.make_session_factory(engine))
+        yield Running(listener, root, make_session_factory(engine))
     finally:
         listener.stop()
         engine.dispose()

@@ -13,8 +13,9 @@ import pydicom.filereader
 import pytest
 from helpers import redis_url
 
-from shared import db
+from shared.engine import make_engine, make_session_factory, migrate
 from shared.imaging import decode_side, dicom, formats, robust_preprocessing
+from shared.scans import NewScan, add_scans
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from shared.synthetic import make_dicom, synthetic_film
@@ -60,10 +61,10 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, function: Callable[..., object
 def classifier(tmp_path: Path) -> Iterator[ScanClassifier]:
     """A consumer decoding in-process (decode_processes=0) on SQLite and a local store, serving no model."""
     url = f"sqlite:///{tmp_path / 'parse.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
+    migrate(url)
+    engine = make_engine(url)
     settings = Settings(broker_url=redis_url(14), database_url=url, decode_processes=0)
-    made = ScanClassifier([], LocalStore(tmp_path / "store"), db.make_session_factory(engine), settings)
+    made = ScanClassifier([], LocalStore(tmp_path / "store"), make_session_factory(engine), settings)
     yield made
     made.close()
     engine.dispose()
@@ -76,7 +77,7 @@ def test_the_consumer_parses_each_scans_header_exactly_once(
     for scan_id, data in films.items():
         classifier.store.put(scan_key(scan_id), data)
     with classifier.sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": s, "source_uri": scan_key(s)} for s in films], "parse")
+        add_scans(session, [NewScan(scan_id=s, source_uri=scan_key(s)) for s in films], "parse")
     readers = {"png16": formats.png_size, "jpeg": formats.jpeg_header, "dicom": dicom.read_dicom}
     for scan_id, reader in readers.items():
         sniffs = _count_calls(monkeypatch, formats.sniff_format)

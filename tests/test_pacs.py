@@ -34,7 +34,10 @@ from pacs_support import (
     subprocess_env,
 )
 
-from shared import db
+from shared.domain import Status
+from shared.engine import alembic_config, current_revision, make_engine, make_session_factory, migrate
+from shared.models import SEND_FAILED, SEND_RETRY, SEND_SENT, Prediction, ResultSend, Scan, utcnow
+from shared.scans import NewScan, PredictionRow, add_scans, mark_scans, upsert_predictions
 
 REDIS_MAIN = redis_url(1)
 REDIS_DB_DOWN = redis_url(2)
@@ -135,26 +138,18 @@ def _sr_facts(data_or_dataset) -> tuple[float, str]:
 def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
     from alembic import command
 
-    db.migrate(db_url, "0001")
-    engine = db.make_engine(db_url)
+    migrate(db_url, "0001")
+    engine = make_engine(db_url)
     try:
         with engine.begin() as connection:
             connection.execute(sa.text("INSERT INTO scans (scan_id, source_uri) VALUES ('old', 'scans/old')"))
-        db.migrate(engine, "0003")
-        assert db.current_revision(engine) == "0003"
-        sessions = db.make_session_factory(engine)
+        migrate(engine, "0003")
+        assert current_revision(engine) == "0003"
+        sessions = make_session_factory(engine)
         with sessions.begin() as session:
-            db.add_scans(
+            add_scans(
                 session,
-                [
-                    {
-                        "scan_id": "1.2.3",
-                        "source_uri": "scans/1.2.3",
-                        "study_uid": "1.2",
-                        "series_uid": "1.2.9",
-                        "sop_instance_uid": "1.2.3",
-                    }
-                ],
+                [NewScan("1.2.3", "scans/1.2.3", study_uid="1.2", series_uid="1.2.9", sop_instance_uid="1.2.3")],
                 None,
             )
             # Plain SQL: the ORM helpers write today's columns, and this schema is at 0003.
@@ -165,24 +160,24 @@ def test_migration_0003_upgrades_and_downgrades_with_data(db_url: str) -> None:
                 )
             )
             session.add(
-                db.ResultSend(
+                ResultSend(
                     scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1", state="sent"
                 )
             )
         with sessions() as session:
-            scan = session.get(db.Scan, "1.2.3")
+            scan = session.get(Scan, "1.2.3")
             assert (scan.study_uid, scan.series_uid, scan.sop_instance_uid) == ("1.2", "1.2.9", "1.2.3")
-            assert session.get(db.Scan, "old").sop_instance_uid is None
+            assert session.get(Scan, "old").sop_instance_uid is None
         with pytest.raises(sa.exc.IntegrityError), sessions.begin() as session:
-            session.add(db.ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1"))
+            session.add(ResultSend(scan_id="1.2.3", model_name="m", model_version="1", destination="dicom://A@h:1"))
         with engine.begin() as connection:
-            command.downgrade(db.alembic_config(connection), "0001")
+            command.downgrade(alembic_config(connection), "0001")
         inspector = sa.inspect(engine)
         assert "result_sends" not in inspector.get_table_names()
         assert "sop_instance_uid" not in {c["name"] for c in inspector.get_columns("scans")}
         with engine.connect() as connection:
             assert connection.execute(sa.text("SELECT count(*) FROM scans")).scalar() == 2
-        db.migrate(engine)
+        migrate(engine)
         assert "result_sends" in sa.inspect(engine).get_table_names()
     finally:
         engine.dispose()
@@ -229,9 +224,9 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
     from worker.pacs.sender import Sender, backoff_bound_s, backoff_s, transport_for
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
     closed_port = free_port()
     settings = Settings(
@@ -250,42 +245,42 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
             for index, (data, sop) in enumerate(zip(files, sops)):
                 store.put(scan_key(sop), data)
                 scans.append(
-                    {
-                        "scan_id": sop,
-                        "source_uri": scan_key(sop),
-                        "study_uid": study_uid_of(data),
-                        "series_uid": "1.2.3",
-                        "sop_instance_uid": sop if index != 3 else None,
-                    }
+                    NewScan(
+                        sop,
+                        scan_key(sop),
+                        study_uid=study_uid_of(data),
+                        series_uid="1.2.3",
+                        sop_instance_uid=sop if index != 3 else None,
+                    )
                 )  # the fourth: a PNG-like scan, no DICOM context
-            db.add_scans(session, scans, None)
+            add_scans(session, scans, None)
             for sop in sops:
                 store.put(overlay_key("m", "1", sop), png)
-            db.upsert_predictions(
+            upsert_predictions(
                 session,
                 [
-                    {
-                        "scan_id": sop,
-                        "model_name": "m",
-                        "model_version": "1",
-                        "label": "covid",
-                        "p_covid": 0.9,
-                        "overlay_key": overlay_key("m", "1", sop),
-                    }
+                    PredictionRow(
+                        scan_id=sop,
+                        model_name="m",
+                        model_version="1",
+                        label="covid",
+                        p_covid=0.9,
+                        overlay_key=overlay_key("m", "1", sop),
+                    )
                     for sop in sops
                 ],
             )
-            db.mark_scans(session, [sops[0], sops[3]], db.DONE, finished=True)
-            db.mark_scans(session, [sops[1]], db.FAILED, error="x", finished=True)  # failed: sends nothing
+            mark_scans(session, [sops[0], sops[3]], Status.DONE, finished=True)
+            mark_scans(session, [sops[1]], Status.FAILED, error="x", finished=True)  # failed: sends nothing
         transport = transport_for(settings)
         assert transport.label == f"dicom://ORTHANC@127.0.0.1:{closed_port}"
         # The sender's clock is driven here: a minute of backoff passes without a minute of waiting.
-        now = [db.utcnow()]
+        now = [utcnow()]
         sender = Sender(settings, sessions, store, transport, clock=lambda: now[0])
         counts = sender.run_once()
         assert (counts.sent, counts.retry, counts.failed) == (0, 1, 0)
         (row,) = _rows(sessions)
-        assert row.scan_id == sops[0] and row.state == db.SEND_RETRY and row.attempts == 1 and row.last_error
+        assert row.scan_id == sops[0] and row.state == SEND_RETRY and row.attempts == 1 and row.last_error
         retry_at = _aware(row.next_attempt_at)
         assert PHI_NAME not in row.last_error
         assert now[0] <= retry_at <= now[0] + dt.timedelta(seconds=backoff_bound_s(settings, 1))
@@ -296,7 +291,7 @@ def test_sender_retries_with_backoff_then_gives_up_and_sends_only_done_dicom_sca
         counts = sender.run_once()
         assert (counts.retry, counts.failed) == (0, 1)
         (row,) = _rows(sessions)
-        assert row.state == db.SEND_FAILED and row.attempts == 2 and row.next_attempt_at is None
+        assert row.state == SEND_FAILED and row.attempts == 2 and row.next_attempt_at is None
         assert sender.run_once().handled == 0  # given up
         assert backoff_bound_s(settings, 3) == 240 and backoff_bound_s(settings, 20) == 3600
         assert all(0 <= backoff_s(settings, 3) <= 240 for _ in range(100))
@@ -309,9 +304,9 @@ def _aware(moment: dt.datetime) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
 
 
-def _rows(sessions) -> list[db.ResultSend]:
+def _rows(sessions) -> list[ResultSend]:
     with sessions() as session:
-        return list(session.scalars(sa.select(db.ResultSend)))
+        return list(session.scalars(sa.select(ResultSend)))
 
 
 def test_dicomweb_sources_filters_credentials_and_destinations() -> None:
@@ -359,9 +354,9 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
     from worker.pacs.listener import OUT_OF_RESOURCES, SUCCESS, Receiver
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     (tmp_path / "not-a-folder").write_text("a file where the store folder should be")
     (data,) = make_study_dicoms(1, seed=71, size=64)
     sop = sop_uid_of(data)
@@ -380,7 +375,7 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
         assert receiver.priority_for("X", "LUNGCAM") == "routine"
         assert receiver.receive(data, priority="routine", **ids) == OUT_OF_RESOURCES
         with sessions() as session:
-            assert session.get(db.Scan, sop) is None
+            assert session.get(Scan, sop) is None
         store = LocalStore(tmp_path / "store")
         # Broker down: the row is committed (queued) but the answer is a failure, so the sender retries...
         assert Receiver(settings, sessions, store, apps[0]).receive(data, priority="stat", **ids) == OUT_OF_RESOURCES
@@ -389,7 +384,7 @@ def test_receiver_answers_out_of_resources_when_the_store_or_broker_is_down(tmp_
         assert Receiver(settings, sessions, store, apps[1]).receive(data, priority="stat", **ids) == SUCCESS
         assert _queue_lengths(broker_url) == {"stat": 1, "routine": 0}
         with sessions() as session:
-            scan = session.get(db.Scan, sop)
+            scan = session.get(Scan, sop)
             assert (scan.status, scan.priority, scan.sop_instance_uid, scan.batch_id[:6]) == (
                 "queued",
                 "stat",
@@ -436,9 +431,9 @@ class Stack:
             dicom_send_backoff_s=1,
         )
         _flush_redis(REDIS_MAIN)
-        db.migrate(self.db_url)
-        self.engine = db.make_engine(self.db_url)
-        self.sessions = db.make_session_factory(self.engine)
+        migrate(self.db_url)
+        self.engine = make_engine(self.db_url)
+        self.sessions = make_session_factory(self.engine)
         self.worker = None
         self.listener = ListenerProcess(self.env, self.listen_port, root / "listener.log")
 
@@ -452,26 +447,26 @@ class Stack:
             self.worker.stop()
             self.worker = None
 
-    def scans(self, ids: list[str]) -> dict[str, db.Scan]:
+    def scans(self, ids: list[str]) -> dict[str, Scan]:
         with self.sessions() as session:
-            return {s.scan_id: s for s in session.scalars(sa.select(db.Scan).where(db.Scan.scan_id.in_(ids)))}
+            return {s.scan_id: s for s in session.scalars(sa.select(Scan).where(Scan.scan_id.in_(ids)))}
 
-    def wait_finished(self, ids: list[str], timeout: float = 240) -> dict[str, db.Scan]:
+    def wait_finished(self, ids: list[str], timeout: float = 240) -> dict[str, Scan]:
         wait_until(
-            lambda: len(ids) == sum(s.status in (db.DONE, db.FAILED) for s in self.scans(ids).values()),
+            lambda: len(ids) == sum(s.status in (Status.DONE, Status.FAILED) for s in self.scans(ids).values()),
             timeout,
             message=f"{len(ids)} scans finished",
         )
         return self.scans(ids)
 
-    def predictions(self, ids: list[str]) -> dict[str, db.Prediction]:
+    def predictions(self, ids: list[str]) -> dict[str, Prediction]:
         with self.sessions() as session:
-            rows = session.scalars(sa.select(db.Prediction).where(db.Prediction.scan_id.in_(ids)))
+            rows = session.scalars(sa.select(Prediction).where(Prediction.scan_id.in_(ids)))
             return {p.scan_id: p for p in rows}
 
-    def sends(self, ids: list[str]) -> list[db.ResultSend]:
+    def sends(self, ids: list[str]) -> list[ResultSend]:
         with self.sessions() as session:
-            return list(session.scalars(sa.select(db.ResultSend).where(db.ResultSend.scan_id.in_(ids))))
+            return list(session.scalars(sa.select(ResultSend).where(ResultSend.scan_id.in_(ids))))
 
     def close(self) -> None:
         self.listener.stop()
@@ -552,7 +547,7 @@ def test_a_stat_call_is_classified_before_a_routine_backlog(stack: Stack, tmp_pa
     assert {scans[i].priority for i in routine_ids} == {"routine"}
     stack.start_worker()
     scans = stack.wait_finished([*routine_ids, stat_id])
-    assert {s.status for s in scans.values()} == {db.DONE}
+    assert {s.status for s in scans.values()} == {Status.DONE}
     # The stat scan rides in the first batch the worker takes (one batch in flight: pipeline depth 1),
     # so no routine scan finishes before it; first in, first out would have finished all 50 first.
     earlier = sum(scans[i].finished_at < scans[stat_id].finished_at for i in routine_ids)
@@ -583,14 +578,14 @@ def test_pull_by_dicomweb_classify_and_send_results_back(stack: Stack, orthanc) 
     assert "10 queued, 0 already known" in result.stdout
     sops = [sop_uid_of(d) for d in files]
     scans = stack.wait_finished(sops)
-    assert {s.status for s in scans.values()} == {db.DONE}
+    assert {s.status for s in scans.values()} == {Status.DONE}
     assert {s.study_uid for s in scans.values()} == {study_uid_of(d) for d in files}
     assert not stack.scans([sop_uid_of(d) for d in ct])
 
     _send_once(stack)
     _assert_results_in_orthanc(orthanc, stack, files)
     sends = stack.sends(sops)
-    assert len(sends) == 10 and {s.state for s in sends} == {db.SEND_SENT} and all(s.sr_uid and s.sc_uid for s in sends)
+    assert len(sends) == 10 and {s.state for s in sends} == {SEND_SENT} and all(s.sr_uid and s.sc_uid for s in sends)
     sent_at = {s.scan_id: s.sent_at for s in sends}
     (batch_id,) = [line for line in result.stdout.splitlines() if len(line) == 32 and " " not in line]
     table = _run(["results", batch_id], stack.env)
@@ -617,14 +612,14 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
     assert result.returncode == 0, result.stderr
     sops = [sop_uid_of(d) for d in files]
     scans = stack.wait_finished(sops)
-    assert {s.status for s in scans.values()} == {db.DONE}
+    assert {s.status for s in scans.values()} == {Status.DONE}
     assert all(s.sop_instance_uid == s.scan_id and s.series_uid for s in scans.values())
     # Stored as received: the bytes in the store are the instance the sender sent.
     stored = pydicom.dcmread(stack.root / "store" / "scans" / sops[0])
     assert stored.SOPInstanceUID == sops[0] and str(stored.PatientName) == PHI_NAME
     _send_once(stack)
     _assert_results_in_orthanc(orthanc, stack, files)
-    assert {s.state for s in stack.sends(sops)} == {db.SEND_SENT}
+    assert {s.state for s in stack.sends(sops)} == {SEND_SENT}
     before = orthanc.count()
     (first_send,) = stack.sends(sops[:1])
 
@@ -639,12 +634,13 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
     first = stack.predictions(sops[:1])[sops[0]].created_at
     app = make_app(Settings(broker_url=REDIS_MAIN, batch_size=8))
     try:
-        submit_scans(stack.sessions, app, [{"scan_id": sops[0], "source_uri": f"scans/{sops[0]}"}], force=True)
+        submit_scans(stack.sessions, app, [NewScan(sops[0], f"scans/{sops[0]}")], force=True)
     finally:
         app.close()
     wait_until(
         lambda: (
-            stack.predictions(sops[:1])[sops[0]].created_at > first and stack.scans(sops[:1])[sops[0]].status == db.DONE
+            stack.predictions(sops[:1])[sops[0]].created_at > first
+            and stack.scans(sops[:1])[sops[0]].status == Status.DONE
         ),
         180,
         message="re-classified",
@@ -666,7 +662,7 @@ def test_storescu_to_the_listener_then_results_in_orthanc_and_redelivery_replace
         by_destination.setdefault(row.destination, set()).add((row.scan_id, row.state, row.sr_uid, row.sc_uid))
     assert len(by_destination) == 2
     assert len({frozenset((a, c, d) for a, _, c, d in rows) for rows in by_destination.values()}) == 1
-    assert all(state == db.SEND_SENT for rows in by_destination.values() for _, state, _, _ in rows)
+    assert all(state == SEND_SENT for rows in by_destination.values() for _, state, _, _ in rows)
     assert orthanc.count() == before
     _assert_results_in_orthanc(orthanc, stack, files)
     # Nothing in the listener's log is patient data.
@@ -696,7 +692,7 @@ def test_orthanc_pushes_a_study_to_the_listener_by_c_store_as_stat(stack: Stack,
     scans = stack.scans(sops)
     assert len(scans) == 2 and {s.priority for s in scans.values()} == {"stat"}
     stack.start_worker()
-    assert {s.status for s in stack.wait_finished(sops).values()} == {db.DONE}
+    assert {s.status for s in stack.wait_finished(sops).values()} == {Status.DONE}
     _send_once(stack)
     _assert_results_in_orthanc(orthanc, stack, files)
 
@@ -756,7 +752,7 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
     """The database goes away (its TCP path is cut): the C-STORE fails with 0xA700 and nothing is recorded."""
     from sqlalchemy.engine import make_url
 
-    db.migrate(postgres_url)
+    migrate(postgres_url)
     url = make_url(postgres_url)
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     proxy.start()
@@ -771,7 +767,7 @@ def test_listener_answers_out_of_resources_while_the_database_is_down(postgres_u
         dicom_port=port,
     )
     listener = ListenerProcess(env, port, tmp_path / "listener.log")
-    engine = db.make_engine(postgres_url)
+    engine = make_engine(postgres_url)
     with engine.connect() as connection:
         # The session's schema is shared with other tests: only what this test adds counts.
         before = set(connection.execute(sa.text("SELECT scan_id FROM scans")).scalars())

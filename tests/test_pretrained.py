@@ -214,8 +214,10 @@ def test_a_worker_serves_a_hed_bundle_and_refuses_one_whose_backbone_differs(hed
     from helpers import mixed_scans, start_worker, wait_until
     from sqlalchemy import select
 
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, migrate
+    from shared.models import Prediction
     from shared.queueing import make_app, submit_scans
+    from shared.scans import NewScan, batch_counts
     from shared.settings import Settings
     from shared.store import LocalStore, overlay_key, scan_key
 
@@ -232,17 +234,17 @@ def test_a_worker_serves_a_hed_bundle_and_refuses_one_whose_backbone_differs(hed
         "LUNGCAM_BATCH_SIZE": "4",
         "LUNGCAM_BATCH_FLUSH_MS": "200",
     }
-    engine = db.make_engine(env["LUNGCAM_DATABASE_URL"])
-    db.migrate(engine)
-    sessions = db.make_session_factory(engine)
+    engine = make_engine(env["LUNGCAM_DATABASE_URL"])
+    migrate(engine)
+    sessions = make_session_factory(engine)
     app = make_app(Settings(broker_url=REDIS_URL, database_url=env["LUNGCAM_DATABASE_URL"]))
-    submit_scans(sessions, app, [{"scan_id": s, "source_uri": scan_key(s)} for s in scans], batch_id="hed")
+    submit_scans(sessions, app, [NewScan(s, scan_key(s)) for s in scans], batch_id="hed")
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         worker.wait_ready()
-        wait_until(lambda: db.batch_counts(sessions(), "hed")["done"] == 4, 180, message="4 scans done")
+        wait_until(lambda: batch_counts(sessions(), "hed")["done"] == 4, 180, message="4 scans done")
         with sessions() as session:
-            rows = session.scalars(select(db.Prediction)).all()
+            rows = session.scalars(select(Prediction)).all()
         assert {(row.scan_id, row.model_name) for row in rows} == {(s, "hed-test") for s in scans}
         assert all(store.exists(overlay_key("hed-test", "t1", s)) for s in scans)
     finally:

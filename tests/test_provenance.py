@@ -21,9 +21,11 @@ from helpers import redis_url
 from pacs_support import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
 from pydicom.uid import generate_uid
 
-from shared import db
+from shared.domain import Status
 from shared.errors import SubmissionError
+from shared.models import Scan
 from shared.queueing import make_app
+from shared.scans import PredictionRow, mark_scans, upsert_predictions
 from shared.settings import Settings
 from shared.store import LocalStore, overlay_key, scan_key
 from worker.ops.ingest import IngestItem, ingest
@@ -102,27 +104,27 @@ def test_a_dicom_received_scan_is_refused_by_the_api_and_results_go_to_the_origi
                 )
             assert store.get(scan_key(sop)) == original
             with api.sessions() as session:
-                scan = session.get(db.Scan, sop)
+                scan = session.get(Scan, sop)
                 assert (scan.study_uid, scan.sop_instance_uid, scan.source_uri) == (study, sop, scan_key(sop))
 
             # A worker classified it; dicom-send files the results into the PACS.
             png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()
             store.put(overlay_key("m", "1", sop), png)
             with api.sessions.begin() as session:
-                db.upsert_predictions(
+                upsert_predictions(
                     session,
                     [
-                        {
-                            "scan_id": sop,
-                            "model_name": "m",
-                            "model_version": "1",
-                            "label": "covid",
-                            "p_covid": 0.8,
-                            "overlay_key": overlay_key("m", "1", sop),
-                        }
+                        PredictionRow(
+                            scan_id=sop,
+                            model_name="m",
+                            model_version="1",
+                            label="covid",
+                            p_covid=0.8,
+                            overlay_key=overlay_key("m", "1", sop),
+                        )
                     ],
                 )
-                db.mark_scans(session, [sop], db.DONE, finished=True)
+                mark_scans(session, [sop], Status.DONE, finished=True)
             with run_orthanc(tmp_path / "orthanc") as orthanc:
                 sender_settings = Settings(
                     database_url=url,

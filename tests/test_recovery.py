@@ -7,6 +7,7 @@ and PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -32,9 +33,12 @@ from helpers import (
 )
 from sqlalchemy import func, select
 
-from shared import db
 from shared.broker_state import RedisBroker
+from shared.domain import Priority, Status
+from shared.engine import alembic_config, make_engine, make_session_factory, migrate
+from shared.models import Batch, Prediction, Scan, utcnow
 from shared.queueing import make_app, publish, submit_scans
+from shared.scans import NewScan, add_scans, batch_counts, claim_scans, renew_leases
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from worker.consumer.reconciler import Reconciler
@@ -129,26 +133,24 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def _sessions(url: str):
-    engine = db.make_engine(url)
-    db.migrate(engine)
-    return db.make_session_factory(engine)
+    engine = make_engine(url)
+    migrate(engine)
+    return make_session_factory(engine)
 
 
 def _statuses(sessions) -> dict[str, int]:
     with sessions() as session:
-        return dict(session.execute(select(db.Scan.status, func.count()).group_by(db.Scan.status)).all())
+        return dict(session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all())
 
 
 def _all_done(sessions, total: int) -> bool:
-    return _statuses(sessions).get(db.DONE, 0) == total
+    return _statuses(sessions).get(Status.DONE, 0) == total
 
 
 def _rows_per_scan(sessions) -> dict[str, int]:
     with sessions() as session:
         rows = session.execute(
-            select(db.Prediction.scan_id, func.count())
-            .where(db.Prediction.model_name == MODEL)
-            .group_by(db.Prediction.scan_id)
+            select(Prediction.scan_id, func.count()).where(Prediction.model_name == MODEL).group_by(Prediction.scan_id)
         ).all()
     return dict(rows)
 
@@ -168,7 +170,7 @@ def _stage(store_root: Path, count: int, seed: int) -> list[dict]:
     scans = []
     for scan_id, data in mixed_scans(count, seed=seed, size=64).items():
         store.put(scan_key(scan_id), data)
-        scans.append({"scan_id": scan_id, "source_uri": scan_key(scan_id)})
+        scans.append(NewScan(scan_id, scan_key(scan_id)))
     return scans
 
 
@@ -182,15 +184,15 @@ def _assert_ours(worker) -> None:
 
 def test_migration_0002_round_trip_keeps_results(db_url):
     """Upgrade to 0002 and back to 0001 on SQLite and PostgreSQL; predictions survive both ways."""
-    engine = db.make_engine(db_url)
+    engine = make_engine(db_url)
     try:
-        db.migrate(engine, "0001")
+        migrate(engine, "0001")
         with engine.begin() as connection:
             insert_scans_at_old_revision(connection, ["s1"])
-        db.migrate(engine)
+        migrate(engine)
         assert {"lease_expires_at", "published_at"} <= {c["name"] for c in sa.inspect(engine).get_columns("scans")}
         with engine.begin() as connection:
-            command.downgrade(db.alembic_config(connection), "0001")
+            command.downgrade(alembic_config(connection), "0001")
         assert "lease_expires_at" not in {c["name"] for c in sa.inspect(engine).get_columns("scans")}
         with engine.connect() as connection:
             assert connection.execute(sa.text("SELECT count(*) FROM predictions")).scalar() == 1
@@ -202,19 +204,19 @@ def test_a_live_lease_cannot_be_claimed_twice(db_url):
     """Two workers racing for one scan: the second claim finds the first one's live lease and gets nothing."""
     sessions = _sessions(db_url)
     with sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": "s1", "source_uri": "x"}], None)
+        add_scans(session, [NewScan("s1", "x")], None)
     with sessions.begin() as session:
-        assert db.claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]
+        assert claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]
     with sessions.begin() as session:
-        assert db.claim_scans(session, ["s1"], "worker-b", 30) == []
-        assert db.claim_scans(session, ["s1"], "worker-b", 30, take_over=["s1"]) == ["s1"]  # forced
+        assert claim_scans(session, ["s1"], "worker-b", 30) == []
+        assert claim_scans(session, ["s1"], "worker-b", 30, take_over=["s1"]) == ["s1"]  # forced
     with sessions.begin() as session:
-        assert db.renew_leases(session, ["s1"], "worker-a", 30) == 0  # taken over: a cannot renew it
-        session.execute(sa.update(db.Scan).values(lease_expires_at=db.utcnow() - dt.timedelta(seconds=1)))
+        assert renew_leases(session, ["s1"], "worker-a", 30) == 0  # taken over: a cannot renew it
+        session.execute(sa.update(Scan).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
     with sessions.begin() as session:
-        assert db.claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]  # expired: free again
-        scan = session.get(db.Scan, "s1")
-        assert (scan.status, scan.worker_id, scan.attempts) == (db.RUNNING, "worker-a", 3)
+        assert claim_scans(session, ["s1"], "worker-a", 30) == ["s1"]  # expired: free again
+        scan = session.get(Scan, "s1")
+        assert (scan.status, scan.worker_id, scan.attempts) == (Status.RUNNING, "worker-a", 3)
 
 
 def test_broker_snapshot_sees_waiting_and_held_messages_and_restores_to_the_head(unit_redis):
@@ -256,14 +258,14 @@ def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_p
     app = make_app(settings)
     client = redis.Redis.from_url(unit_redis)
     try:
-        old = db.utcnow() - dt.timedelta(seconds=120)
+        old = utcnow() - dt.timedelta(seconds=120)
         with sessions.begin() as session:
-            db.add_scans(
+            add_scans(
                 session,
                 [
-                    {"scan_id": "lost-stat", "source_uri": "x", "priority": "stat", "submitted_at": old},
-                    {"scan_id": "waiting", "source_uri": "x", "submitted_at": old},
-                    {"scan_id": "young", "source_uri": "x"},
+                    NewScan("lost-stat", "x", priority=Priority.STAT, submitted_at=old),
+                    NewScan("waiting", "x", submitted_at=old),
+                    NewScan("young", "x"),
                 ],
                 None,
             )
@@ -275,7 +277,7 @@ def test_reconciler_resends_a_lost_message_once_and_leaves_live_ones_alone(tmp_p
         client.delete("stat")  # lost again at once: the grace period keeps it from being re-sent every pass
         assert not reconciler.run_once()
         # A minute on, "young" (never published) is due as well; "waiting" still has its message.
-        report = reconciler.run_once(now=db.utcnow() + dt.timedelta(seconds=61))
+        report = reconciler.run_once(now=utcnow() + dt.timedelta(seconds=61))
         assert sorted(report.lost) == ["lost-stat", "young"]
     finally:
         app.close()
@@ -289,19 +291,17 @@ def test_an_expired_lease_puts_the_dead_workers_message_back_at_the_head(tmp_pat
     app = make_app(settings)
     try:
         with sessions.begin() as session:
-            db.add_scans(
-                session, [{"scan_id": s, "source_uri": "x", "priority": "stat"} for s in ("held", "next")], None
-            )
+            add_scans(session, [NewScan(s, "x", priority=Priority.STAT) for s in ("held", "next")], None)
         publish(app, "held", "stat", force=True)
         publish(app, "next", "stat")
         # The "dead" worker's connection stays open: closing it cleanly would hand the message back itself.
         dead = app.connection_for_read()
         assert dead.default_channel.basic_get("stat", no_ack=False) is not None  # "held", never acked
         with sessions.begin() as session:
-            db.claim_scans(session, ["held"], "dead-worker", settings.lease_s)
+            claim_scans(session, ["held"], "dead-worker", settings.lease_s)
         reconciler = Reconciler(app, sessions, settings, owner="test")
         assert not reconciler.run_once()
-        report = reconciler.run_once(now=db.utcnow() + dt.timedelta(seconds=6))
+        report = reconciler.run_once(now=utcnow() + dt.timedelta(seconds=6))
         assert report.expired == ["held"] and report.restored == 1
         with app.connection_for_read() as connection:
             first = connection.default_channel.basic_get("stat", no_ack=True)
@@ -327,7 +327,7 @@ def _held_by(sessions, worker_prefix: str) -> set[str]:
     with sessions() as session:
         return set(
             session.scalars(
-                select(db.Scan.scan_id).where(db.Scan.status == db.RUNNING, db.Scan.worker_id.startswith(worker_prefix))
+                select(Scan.scan_id).where(Scan.status == Status.RUNNING, Scan.worker_id.startswith(worker_prefix))
             )
         )
 
@@ -341,9 +341,7 @@ class ResumeClock:
         self._polled = 0.0
 
     def killed(self, in_flight: set[str]) -> None:
-        self.kills.append(
-            {"in_flight": in_flight, "at": db.utcnow(), "t": time.monotonic(), "first": None, "all": None}
-        )
+        self.kills.append({"in_flight": in_flight, "at": utcnow(), "t": time.monotonic(), "first": None, "all": None})
 
     def poll(self) -> None:
         """Check the open kills (at most twice a second)."""
@@ -355,12 +353,12 @@ class ResumeClock:
                 continue
             with self.sessions() as session:
                 rows = session.execute(
-                    select(db.Scan.status, db.Scan.claimed_at, db.Scan.finished_at).where(
-                        db.Scan.scan_id.in_(kill["in_flight"])
-                    )
+                    select(Scan.status, Scan.claimed_at, Scan.finished_at).where(Scan.scan_id.in_(kill["in_flight"]))
                 ).all()
-            finished = any(r.status == db.DONE and r.finished_at and r.finished_at > kill["at"] for r in rows)
-            again = all(r.status == db.DONE or (r.claimed_at is not None and r.claimed_at > kill["at"]) for r in rows)
+            finished = any(r.status == Status.DONE and r.finished_at and r.finished_at > kill["at"] for r in rows)
+            again = all(
+                r.status == Status.DONE or (r.claimed_at is not None and r.claimed_at > kill["at"]) for r in rows
+            )
             elapsed = time.monotonic() - kill["t"]
             if finished and kill["first"] is None:
                 kill["first"] = elapsed
@@ -418,8 +416,8 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
         app.close()
     wall = time.monotonic() - started
     print(f"\nwall time {wall:.0f} s; per kill (in flight, first finished s, all re-claimed s): {clock.summary()}")
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
-    assert _statuses(sessions) == {db.DONE: 300}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
+    assert _statuses(sessions) == {Status.DONE: 300}
     for in_flight, first, every in clock.summary():
         assert in_flight > 0 and first is not None and every is not None and first < 90 and every < 90, clock.summary()
 
@@ -445,19 +443,19 @@ def test_a_redis_that_loses_everything_mid_run_needs_no_operator(tmp_path, bundl
         worker.wait_ready()
         _assert_ours(worker)
         submit_scans(sessions, app, scans, batch_id="wipe")
-        wait_until(lambda: _statuses(sessions).get(db.DONE, 0) >= 16, 120, 0.05, "a first batch done")
+        wait_until(lambda: _statuses(sessions).get(Status.DONE, 0) >= 16, 120, 0.05, "a first batch done")
         private_redis.kill()
         at_wipe = _statuses(sessions)
         time.sleep(2)
         private_redis.start()  # empty: no queues, no unacked messages, no bindings
-        assert at_wipe.get(db.DONE, 0) < 120, at_wipe
+        assert at_wipe.get(Status.DONE, 0) < 120, at_wipe
         wait_until(lambda: _all_done(sessions, 120), 240, 1.0, "all 120 scans done after the wipe")
         assert "lost messages re-sent" in worker.log()
     finally:
         worker.stop()
         app.close()
     print(f"at the wipe: {at_wipe}")
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
 
 
 def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back(tmp_path, bundle, private_redis):
@@ -467,14 +465,14 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
     url = f"sqlite:///{tmp_path / 'down.sqlite'}"
     sessions = _sessions(url)
     scans = _stage(tmp_path / "store", 3, seed=5)
-    scans[0]["priority"] = "stat"
+    scans[0] = dataclasses.replace(scans[0], priority=Priority.STAT)
     app = make_app(Settings(broker_url=private_redis.url, database_url=url))
     try:
         with pytest.raises(OperationalError):
             submit_scans(sessions, app, scans, batch_id="down")
     finally:
         app.close()
-    assert _statuses(sessions) == {db.QUEUED: 3}
+    assert _statuses(sessions) == {Status.QUEUED: 3}
     private_redis.start()
     env = _env(
         private_redis.url,
@@ -491,7 +489,7 @@ def test_a_scan_submitted_while_the_broker_is_down_is_classified_when_it_is_back
         wait_until(lambda: _all_done(sessions, 3), 120, 0.5, "the scans submitted during the outage to be done")
     finally:
         worker.stop()
-    assert _rows_per_scan(sessions) == {scan["scan_id"]: 1 for scan in scans}
+    assert _rows_per_scan(sessions) == {scan.scan_id: 1 for scan in scans}
 
 
 # --- re-running an interrupted ingest ----------------------------------------------------------------
@@ -552,8 +550,8 @@ def test_ingesting_the_same_source_again_resumes_its_batch_and_keeps_stored_imag
         assert len(forced.queued) == 3
         assert b"changed on disk" in {store.get(key) for key in store.list("scans/")}
         with sessions() as session:
-            assert db.batch_counts(session, batch)["total"] == 3
-            assert session.scalar(select(func.count()).select_from(db.Batch)) == 1
+            assert batch_counts(session, batch)["total"] == 3
+            assert session.scalar(select(func.count()).select_from(Batch)) == 1
     finally:
         app.close()
         redis.Redis.from_url(broker).flushdb()

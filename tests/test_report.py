@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from helpers import ARTIFACTS, headless_chromium
 
-from shared import db
 from shared.bundle import read_manifest
 from shared.calibration import AUDIT_PASSED
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, migrate
 from shared.overlay import overlay_png
 from shared.results import get_batch_progress, list_batch_scans
+from shared.scans import NewScan, PredictionRow, add_scans, mark_scans, upsert_predictions
 from shared.settings import Settings
 from shared.shipped import shipped_model_dir
 from shared.sources import SourceFetcher
@@ -35,9 +37,9 @@ TRUTH = {"s-a": "covid", "s-b": "normal", "s-c": "normal", "s-d": "normal"}
 def batch(tmp_path: Path):
     """A batch recorded as workers would leave it: 4 scans with two models' predictions, 1 failed, 1 skipped."""
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
     rng = np.random.default_rng(3)
     scans, rows = [], []
@@ -49,29 +51,29 @@ def batch(tmp_path: Path):
             else cv2.imencode(".png", image)[1].tobytes()
         )
         store.put(scan_key(scan_id), data)
-        scans.append({"scan_id": scan_id, "source_uri": scan_key(scan_id)})
+        scans.append(NewScan(scan_id, scan_key(scan_id)))
         for (name, version), shift in ((DEMO, 0.0), (OTHER, 0.01)):
             key = overlay_key(name, version, scan_id)
             store.put(key, overlay_png(image, rng.random((8, 8)).astype(np.float32)), "image/png")
             prob = min(1.0, p + shift)
             rows.append(
-                {
-                    "scan_id": scan_id,
-                    "model_name": name,
-                    "model_version": version,
-                    "label": "covid" if prob >= 0.5 else "normal",
-                    "p_covid": prob,
-                    "overlay_key": key,
-                    "inference_ms": 1.0,
-                }
+                PredictionRow(
+                    scan_id=scan_id,
+                    model_name=name,
+                    model_version=version,
+                    label="covid" if prob >= 0.5 else "normal",
+                    p_covid=prob,
+                    overlay_key=key,
+                    inference_ms=1.0,
+                )
             )
-    scans.append({"scan_id": "s-bad", "source_uri": scan_key("s-bad")})
+    scans.append(NewScan("s-bad", scan_key("s-bad")))
     store.put(scan_key("s-bad"), b"not an image")
     with sessions.begin() as session:
-        db.add_scans(session, scans, "b1", batch_name="report test")
-        db.upsert_predictions(session, rows)
-        db.mark_scans(session, list(P_COVID), db.DONE, finished=True)
-        db.mark_scans(session, ["s-bad"], db.FAILED, error="undecodable image: not an image", finished=True)
+        add_scans(session, scans, "b1", batch_name="report test")
+        upsert_predictions(session, rows)
+        mark_scans(session, list(P_COVID), Status.DONE, finished=True)
+        mark_scans(session, ["s-bad"], Status.FAILED, error="undecodable image: not an image", finished=True)
     with sessions() as session:
         progress, loaded = get_batch_progress(session, "b1"), list_batch_scans(session, "b1")
     settings = Settings(data_dir=tmp_path / "data", store_url=str(tmp_path / "store"))

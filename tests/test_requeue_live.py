@@ -11,10 +11,12 @@ from pathlib import Path
 import redis
 from helpers import redis_url
 
-from shared import db
 from shared.broker_state import decode_message
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import utcnow
 from shared.queueing import QUEUES, make_app, publish
 from shared.requeue import requeue_stale
+from shared.scans import NewScan, add_scans
 from shared.settings import Settings
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_REQUEUE_REDIS_URL", redis_url(14))
@@ -36,20 +38,17 @@ def test_requeue_leaves_waiting_and_held_messages_alone_and_sends_the_lost_one(t
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     app = make_app(Settings(broker_url=REDIS_URL, database_url=url))
     cleanup = ExitStack()
     try:
-        long_ago = db.utcnow() - dt.timedelta(hours=2)
+        long_ago = utcnow() - dt.timedelta(hours=2)
         with sessions.begin() as session:
-            db.add_scans(
+            add_scans(
                 session,
-                [
-                    {"scan_id": s, "source_uri": f"scans/{s}", "submitted_at": long_ago}
-                    for s in ("waiting", "held", "lost")
-                ],
+                [NewScan(s, f"scans/{s}", submitted_at=long_ago) for s in ("waiting", "held", "lost")],
                 None,
             )
         publish(app, "held", "routine")  # taken by a consumer below, not acknowledged: held, live

@@ -25,8 +25,11 @@ from helpers import empty_schema, mixed_scans, redis_url
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from shared import db
+from shared.domain import Priority, Status
+from shared.engine import make_engine, make_session_factory, migrate, normalize_url
+from shared.models import Prediction, Scan, utcnow
 from shared.queueing import CLASSIFY_TASK, make_app, submit_scans
+from shared.scans import NewScan, add_scans, claim_scans, fail_unfinished, mark_scans
 from shared.settings import Settings
 from shared.store import LocalStore, StoreError, scan_key
 from worker.consumer.classifier import ScanClassifier
@@ -105,9 +108,9 @@ class Rig:
             "id-" + scan_id, CLASSIFY_TASK, (scan_id,), kwargs, {"routing_key": queue}, "t", True, None, None, None
         )
 
-    def scan(self, scan_id: str) -> db.Scan:
+    def scan(self, scan_id: str) -> Scan:
         with self.sessions() as session:
-            scan = session.get(db.Scan, scan_id)
+            scan = session.get(Scan, scan_id)
             assert scan is not None
             return scan
 
@@ -130,12 +133,12 @@ def make_rig(
     **overrides: Any,
 ) -> Rig:
     """Migrate db_url and build the task's runner around a stub model."""
-    db.migrate(db_url)
+    migrate(db_url)
     url = _with_lock_timeout(db_url, 300) if db_url.startswith("postgresql") else db_url
     options = {"batch_size": 8, "task_max_retries": 2, "lease_s": 30, **overrides}
     settings = Settings(broker_url=REDIS_URL, database_url=url, **options)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     model = ServedModel(bundle or StubBundle(), StubGradCam(on_call))  # type: ignore[arg-type]
     classifier = ScanClassifier([model], store or LocalStore(tmp_path / "store"), sessions, settings)
     return Rig(settings, BatchRunner(make_app(settings), classifier, settings), classifier, sessions, engine)
@@ -152,12 +155,12 @@ def rigs() -> Iterator[list[Rig]]:
         rig.engine.dispose()
 
 
-def add_scans(rig: Rig, images: dict[str, bytes], priority: str = "routine") -> list[str]:
+def store_and_add_scans(rig: Rig, images: dict[str, bytes], priority: str = "routine") -> list[str]:
     """Put images in the rig's store and record them as queued (without publishing)."""
     for scan_id, data in images.items():
         rig.classifier.store.put(scan_key(scan_id), data)
     with rig.sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": s, "source_uri": scan_key(s), "priority": priority} for s in images], "b")
+        add_scans(session, [NewScan(s, scan_key(s), priority=priority) for s in images], "b")
     return list(images)
 
 
@@ -250,12 +253,12 @@ def test_a_constraint_violation_fails_only_its_scan(db_url, tmp_path, broker, ri
     rig = make_rig(db_url, tmp_path)
     rigs.append(rig)
     refuse_negative_probabilities(rig)
-    ids = add_scans(rig, {**mixed_scans(3, size=64), "black": black_png()})
+    ids = store_and_add_scans(rig, {**mixed_scans(3, size=64), "black": black_png()})
     assert rig.runner.run([rig.request(s) for s in ids]) == {"done": 3, "failed": 1, "retry": 0}
     black = rig.scan("black")
-    assert black.status == db.FAILED and "IntegrityError" in (black.error or "")
+    assert black.status == Status.FAILED and "IntegrityError" in (black.error or "")
     assert black.lease_expires_at is None and black.worker_id is None
-    assert {rig.scan(s).status for s in ids if s != "black"} == {db.DONE}
+    assert {rig.scan(s).status for s in ids if s != "black"} == {Status.DONE}
     assert published(broker) == []
 
 
@@ -263,7 +266,7 @@ def test_a_value_the_column_cannot_hold_is_permanent(fresh_postgres, tmp_path, b
     """DataError (a model version longer than its column) fails the scans instead of retrying them as an outage."""
     rig = make_rig(fresh_postgres, tmp_path, bundle=StubBundle(version="v" * 80))
     rigs.append(rig)
-    ids = add_scans(rig, mixed_scans(2, size=64))
+    ids = store_and_add_scans(rig, mixed_scans(2, size=64))
     assert rig.runner.run([rig.request(s) for s in ids]) == {"done": 0, "failed": 2, "retry": 0}
     assert all("DataError" in (rig.scan(s).error or "") for s in ids)
     assert published(broker) == []
@@ -295,17 +298,17 @@ def test_overlay_upload_errors(tmp_path, broker, rigs, error, transient):
     """Only a transient store error retries the scan (same queue, force kept, backoff); anything else fails it."""
     rig = make_rig(f"sqlite:///{tmp_path / 'u.sqlite'}", tmp_path, store=FlakyStore(tmp_path / "store", error))
     rigs.append(rig)
-    (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
+    (scan_id,) = store_and_add_scans(rig, mixed_scans(1, size=64), priority="stat")
     result = rig.runner.run([rig.request(scan_id, "stat", force=True)])
     scan = rig.scan(scan_id)
     if transient:
         assert result == {"done": 0, "failed": 0, "retry": 1}
-        assert scan.status == db.QUEUED and scan.lease_expires_at is None and scan.published_at is not None
+        assert scan.status == Status.QUEUED and scan.lease_expires_at is None and scan.published_at is not None
         ((queue, sent, kwargs, eta),) = published(broker)
         assert (queue, sent, kwargs) == ("stat", scan_id, {"attempt": 1, "force": True}) and eta is not None
     else:
         assert result == {"done": 0, "failed": 1, "retry": 0}
-        assert scan.status == db.FAILED and "overlay upload failed" in (scan.error or "")
+        assert scan.status == Status.FAILED and "overlay upload failed" in (scan.error or "")
         assert str(error).split(": ")[-1] in (scan.error or "")
         assert published(broker) == []
 
@@ -317,7 +320,7 @@ class TableLock:
     """Locks tables from another connection, as a long migration or a stuck transaction would."""
 
     def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(db.normalize_url(url), poolclass=sa.pool.NullPool)
+        self.engine = sa.create_engine(normalize_url(url), poolclass=sa.pool.NullPool)
         self.connection: sa.Connection | None = None
 
     def lock(self, tables: str, mode: str = "SHARE") -> None:
@@ -355,7 +358,7 @@ def test_stat_scan_survives_two_failed_database_writes(fresh_postgres, tmp_path,
     app = rig.runner.app
     scan_id = "stat-scan"
     rig.classifier.store.put(scan_key(scan_id), next(iter(mixed_scans(1, size=64).values())))
-    submit_scans(rig.sessions, app, [{"scan_id": scan_id, "source_uri": scan_key(scan_id), "priority": "stat"}])
+    submit_scans(rig.sessions, app, [NewScan(scan_id, scan_key(scan_id), priority=Priority.STAT)])
     ((queue, _, kwargs, _),) = published(broker)
     assert queue == "stat"
     request = rig.request(scan_id, queue, **{**kwargs, "force": True})  # as a forced re-submission would carry
@@ -364,7 +367,7 @@ def test_stat_scan_survives_two_failed_database_writes(fresh_postgres, tmp_path,
     for attempt in (1, 2):
         assert rig.runner.run([request]) == {"done": 0, "failed": 0, "retry": 1}
         scan = rig.scan(scan_id)
-        assert scan.status == db.QUEUED and scan.priority == "stat"
+        assert scan.status == Status.QUEUED and scan.priority == "stat"
         ((queue, sent, kwargs, eta),) = published(broker)
         assert (queue, sent, kwargs) == ("stat", scan_id, {"attempt": attempt, "force": True}) and eta
         history.append(eta)
@@ -372,11 +375,11 @@ def test_stat_scan_survives_two_failed_database_writes(fresh_postgres, tmp_path,
     table_lock.release()
     assert rig.runner.run([request]) == {"done": 1, "failed": 0, "retry": 0}
     scan = rig.scan(scan_id)
-    assert (scan.status, scan.priority, scan.attempts) == (db.DONE, "stat", 3)
+    assert (scan.status, scan.priority, scan.attempts) == (Status.DONE, "stat", 3)
     assert scan.lease_expires_at is None and scan.worker_id is None
     assert published(broker) == []  # nothing left circulating
     with rig.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(db.Prediction)) == 1
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 1
     # Backoff grows: the second retry's ETA is later relative to its publication than the first's.
     assert history[0] < history[1]
 
@@ -389,14 +392,14 @@ def test_database_down_at_the_last_retry_leaves_an_expiring_lease_not_a_loop(
         fresh_postgres, tmp_path, task_max_retries=2, lease_s=5, on_call=lambda: table_lock.lock("scans, predictions")
     )
     rigs.append(rig)
-    (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
-    started = db.utcnow()
+    (scan_id,) = store_and_add_scans(rig, mixed_scans(1, size=64), priority="stat")
+    started = utcnow()
     # Claimed, then every table is locked during the model pass: neither the result nor the failure can be written.
     assert rig.runner.run([rig.request(scan_id, "stat", attempt=2)]) == {"done": 0, "failed": 0, "retry": 1}
     assert published(broker) == []
     table_lock.release()
     scan = rig.scan(scan_id)
-    assert scan.status == db.RUNNING and scan.worker_id == rig.classifier.leases.worker_id
+    assert scan.status == Status.RUNNING and scan.worker_id == rig.classifier.leases.worker_id
     assert scan.lease_expires_at is not None and scan.lease_expires_at <= started + dt_seconds(rig.settings.lease_s + 2)
     reconciler = Reconciler(rig.runner.app, rig.sessions, rig.settings, owner="test")
     assert not reconciler.run_once()  # lease still valid: nothing to do
@@ -404,25 +407,25 @@ def test_database_down_at_the_last_retry_leaves_an_expiring_lease_not_a_loop(
     assert report.expired == [scan_id]
     ((queue, sent, kwargs, _eta),) = published(broker)
     assert (queue, sent, kwargs["attempt"]) == ("stat", scan_id, 0)
-    assert rig.scan(scan_id).status == db.QUEUED
+    assert rig.scan(scan_id).status == Status.QUEUED
 
 
 def test_a_scan_whose_worker_keeps_dying_is_failed_after_max_attempts(tmp_path, broker, rigs):
     """The reconciler does not re-queue a scan for ever: after max_attempts expired leases it fails it."""
     rig = make_rig(f"sqlite:///{tmp_path / 'm.sqlite'}", tmp_path, max_attempts=3, lease_s=5)
     rigs.append(rig)
-    (scan_id,) = add_scans(rig, mixed_scans(1, size=64))
+    (scan_id,) = store_and_add_scans(rig, mixed_scans(1, size=64))
     reconciler = Reconciler(rig.runner.app, rig.sessions, rig.settings, owner="test")
     for attempt in range(1, 4):
         with rig.sessions.begin() as session:
-            db.claim_scans(session, [scan_id], "dead-worker", rig.settings.lease_s)
-        report = reconciler.run_once(now=db.utcnow() + dt_seconds(10))
+            claim_scans(session, [scan_id], "dead-worker", rig.settings.lease_s)
+        report = reconciler.run_once(now=utcnow() + dt_seconds(10))
         published(broker)
         if attempt < 3:
-            assert report.expired == [scan_id] and rig.scan(scan_id).status == db.QUEUED
+            assert report.expired == [scan_id] and rig.scan(scan_id).status == Status.QUEUED
     assert report.gave_up == [scan_id]
     scan = rig.scan(scan_id)
-    assert scan.status == db.FAILED and "gave up after 3 attempts" in (scan.error or "")
+    assert scan.status == Status.FAILED and "gave up after 3 attempts" in (scan.error or "")
 
 
 def dt_seconds(seconds: float):
@@ -439,15 +442,17 @@ def test_the_last_retry_fails_the_scan_with_its_reason_and_never_undoes_a_result
         store=FlakyStore(tmp_path / "store", StoreError("S3 PutObject failed: SlowDown")),
     )
     rigs.append(rig)
-    (scan_id,) = add_scans(rig, mixed_scans(1, size=64), priority="stat")
+    (scan_id,) = store_and_add_scans(rig, mixed_scans(1, size=64), priority="stat")
     assert rig.runner.run([rig.request(scan_id, "stat", attempt=2)]) == {"done": 0, "failed": 1, "retry": 0}
     scan = rig.scan(scan_id)
-    assert scan.status == db.FAILED and (scan.error or "").startswith("gave up after 2 retries: overlay upload failed")
+    assert scan.status == Status.FAILED and (scan.error or "").startswith(
+        "gave up after 2 retries: overlay upload failed"
+    )
     assert published(broker) == []
     with rig.sessions.begin() as session:
-        db.mark_scans(session, [scan_id], db.DONE, finished=True)
-        assert db.fail_unfinished(session, {scan_id: "late"}) == []
-    assert rig.scan(scan_id).status == db.DONE
+        mark_scans(session, [scan_id], Status.DONE, finished=True)
+        assert fail_unfinished(session, {scan_id: "late"}) == []
+    assert rig.scan(scan_id).status == Status.DONE
 
 
 def test_a_database_error_before_claiming_is_logged_with_its_traceback_but_not_its_parameters(
@@ -458,7 +463,7 @@ def test_a_database_error_before_claiming_is_logged_with_its_traceback_but_not_i
 
     rig = make_rig(f"sqlite:///{tmp_path / 'refusing.sqlite'}", tmp_path)
     rigs.append(rig)
-    (scan_id,) = add_scans(rig, mixed_scans(1, size=64))
+    (scan_id,) = store_and_add_scans(rig, mixed_scans(1, size=64))
     with rig.engine.begin() as connection:
         # A real constraint that refuses the claim: a permanent SQL error, its statement's parameters in its text.
         connection.execute(

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from helpers import redis_url
 
-from shared import db
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, migrate
 from shared.errors import SchemaOutOfDate
+from shared.scans import NewScan, add_scans, batch_counts, mark_scans
 from shared.settings import Settings
 from worker import runtime
 
@@ -29,36 +31,36 @@ class FakeTime:
 @pytest.fixture
 def sessions(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'runtime.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
+    migrate(url)
+    engine = make_engine(url)
     try:
-        yield db.make_session_factory(engine)
+        yield make_session_factory(engine)
     finally:
         engine.dispose()
 
 
 def _batch(sessions, statuses: dict[str, str]) -> str:
     with sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": s, "source_uri": f"scans/{s}"} for s in statuses], "batch-1")
+        add_scans(session, [NewScan(s, f"scans/{s}") for s in statuses], "batch-1")
         for scan_id, status in statuses.items():
-            if status != db.QUEUED:
-                db.mark_scans(session, [scan_id], status, finished=True, error="x" if status == db.FAILED else None)
+            if status != Status.QUEUED:
+                mark_scans(session, [scan_id], status, finished=True, error="x" if status == Status.FAILED else None)
     return "batch-1"
 
 
 def test_follow_says_failed_scans_with_exit_4_and_a_clean_batch_with_0(sessions, capsys):
-    batch = _batch(sessions, {"a": db.DONE, "b": db.FAILED, "c": db.SKIPPED})
+    batch = _batch(sessions, {"a": Status.DONE, "b": Status.FAILED, "c": Status.SKIPPED})
     assert runtime.follow(sessions, batch, None) == runtime.SOME_FAILED
     captured = capsys.readouterr()
     assert "1 done, 1 failed, 1 skipped of 3" in captured.out and "1 scan(s) failed" in captured.err
     with sessions.begin() as session:
-        db.mark_scans(session, ["b"], db.DONE, finished=True)
+        mark_scans(session, ["b"], Status.DONE, finished=True)
     assert runtime.follow(sessions, batch, None) == runtime.OK
     assert runtime.follow(sessions, "no-such-batch", None) == runtime.NOT_FOUND
 
 
 def test_follow_times_out_with_exit_3_and_says_what_it_waits_for(sessions, capsys):
-    batch = _batch(sessions, {"a": db.QUEUED, "b": db.DONE})
+    batch = _batch(sessions, {"a": Status.QUEUED, "b": Status.DONE})
     fake = FakeTime()
     code = runtime.follow(sessions, batch, 40.0, clock=fake.clock, sleep=fake.sleep)
     assert code == runtime.TIMEOUT and 40.0 < fake.now <= 42.0
@@ -69,7 +71,7 @@ def test_follow_times_out_with_exit_3_and_says_what_it_waits_for(sessions, capsy
 
 
 def test_wait_for_batch_runs_the_check_before_every_poll(sessions):
-    batch = _batch(sessions, {"a": db.QUEUED})
+    batch = _batch(sessions, {"a": Status.QUEUED})
 
     class ChildDied(Exception):
         pass
@@ -95,12 +97,12 @@ def test_services_refuse_a_schema_that_is_behind(tmp_path: Path):
 
 def test_services_open_and_close_on_given_settings(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'ok.sqlite'}"
-    db.migrate(url)
+    migrate(url)
     settings = Settings(database_url=url, broker_url=redis_url(15), store_url=str(tmp_path / "store"))
     with runtime.running_services(settings) as services:
         assert services.celery().conf.broker_url == redis_url(15)
         with services.sessions() as session:
-            assert db.batch_counts(session, "none")["total"] == 0
+            assert batch_counts(session, "none")["total"] == 0
         # Nobody consumes this broker: a ping gets no answer.
         assert runtime.workers_answering(services.celery(), timeout=0.2) == []
     with runtime.running_services(settings, with_app=False) as services, pytest.raises(RuntimeError):

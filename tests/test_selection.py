@@ -17,8 +17,9 @@ import redis
 from apiserver import AUTH, api_settings, serve
 from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, redis_url, start_worker, wait_until
 
-from shared import db
+from shared.engine import make_engine, make_session_factory
 from shared.queueing import make_app, submit_scans
+from shared.scans import NewScan, batch_counts
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from shared.synthetic import make_dicom, synthetic_xray
@@ -161,22 +162,20 @@ def test_sixteen_images_of_10000_pixels_a_side_stay_under_two_gigabytes(tmp_path
         for scan_id in ids:
             store.put(scan_key(scan_id), data)
         settings = site.settings()
-        engine = db.make_engine(settings.resolved_database_url())
-        sessions = db.make_session_factory(engine)
+        engine = make_engine(settings.resolved_database_url())
+        sessions = make_session_factory(engine)
         baseline = _vm_hwm_bytes(site.worker.process.pid)
-        submit_scans(
-            sessions, make_app(settings), [{"scan_id": s, "source_uri": scan_key(s)} for s in ids], batch_id="huge"
-        )
+        submit_scans(sessions, make_app(settings), [NewScan(s, scan_key(s)) for s in ids], batch_id="huge")
 
         def finished() -> bool:
             with sessions() as session:
-                counts = db.batch_counts(session, "huge")
+                counts = batch_counts(session, "huge")
             return counts["done"] + counts["failed"] == len(ids)
 
         wait_until(finished, 600, interval=1.0, message="16 huge images")
         peak = _vm_hwm_bytes(site.worker.process.pid)
         with sessions() as session:
-            assert db.batch_counts(session, "huge")["done"] == 16
+            assert batch_counts(session, "huge")["done"] == 16
         engine.dispose()
         print(
             f"worker peak RSS {peak / GIB:.2f} GiB (after start-up {baseline / GIB:.2f} GiB) for 16 x 10000x10000 16-bit PNG"

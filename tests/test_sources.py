@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from shared import db
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.scans import NewScan, add_scans
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed, SourcePolicy
 from shared.store import LocalStore, S3Store, scan_key
@@ -72,19 +73,19 @@ def test_the_worker_fails_a_refused_source_like_a_missing_one(tmp_path: Path, s3
 
     s3_store.put("exists.png", cv2.imencode(".png", np.full((32, 32), 128, np.uint8))[1].tobytes())
     url = f"sqlite:///{tmp_path / 'w.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     store = LocalStore(tmp_path / "store")
     settings = Settings(
         data_dir=tmp_path / "data", database_url=url, store_url=str(tmp_path / "store"), s3_endpoint_url=moto_server
     )
     scans = [
-        {"scan_id": "refused", "source_uri": f"s3://{s3_store.bucket}/exists.png"},
-        {"scan_id": "missing", "source_uri": scan_key("missing")},
+        NewScan("refused", f"s3://{s3_store.bucket}/exists.png"),
+        NewScan("missing", scan_key("missing")),
     ]
     with sessions.begin() as session:
-        db.add_scans(session, scans, None)
+        add_scans(session, scans, None)
     classifier = ScanClassifier([], store, sessions, settings)
     try:
         outcome = classifier.process(["refused", "missing"])

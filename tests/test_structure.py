@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -239,7 +240,10 @@ API_IMAGE_MODULES = [
     "shared.queueing",
     "shared.results",
     "shared.sources",
-    "shared.db",
+    "shared.domain",
+    "shared.engine",
+    "shared.models",
+    "shared.scans",
     "shared.store",
 ]
 
@@ -254,7 +258,7 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
     """make_app + bind_classify_task take their settings as arguments; the task runs in-process on a real database."""
     from celery_batches import SimpleRequest
 
-    from shared import db
+    from shared.engine import make_engine, make_session_factory, migrate
     from shared.queueing import CLASSIFY_TASK, make_app
     from shared.settings import Settings
     from shared.store import LocalStore
@@ -264,11 +268,11 @@ def test_an_app_is_built_from_given_settings_without_environment_or_subprocess(t
     for name in [key for key in os.environ if key.startswith("LUNGCAM_")]:
         monkeypatch.delenv(name)
     url = f"sqlite:///{tmp_path / 'app.sqlite'}"
-    db.migrate(url)
+    migrate(url)
     settings = Settings(broker_url=redis_url(14), database_url=url, batch_size=5, batch_flush_ms=300)
     app = make_app(settings)
-    engine = db.make_engine(url)
-    classifier = ScanClassifier([], LocalStore(tmp_path / "store"), db.make_session_factory(engine), settings)
+    engine = make_engine(url)
+    classifier = ScanClassifier([], LocalStore(tmp_path / "store"), make_session_factory(engine), settings)
     try:
         bind_classify_task(app, classifier, settings)
         task = app.tasks[CLASSIFY_TASK]
@@ -364,3 +368,157 @@ def test_only_the_imaging_package_sniffs_bytes_or_parses_dicom_headers():
             problems += [f"{name}: {what}" for what in found]
     assert not problems, "\n".join(problems)
     assert parsed_inside >= 5, "the check found no sniffing or parsing even in shared/imaging/"
+
+
+# --- One home per concept: the scan repository and the scan vocabulary (issue 20) ---
+
+# The one module that writes status, leases and stamps to the scans table.
+SCAN_REPOSITORY = "shared.scans"
+# The one module that defines the scan vocabulary.
+VOCABULARY = "shared.domain"
+VOCABULARY_NAMES = ("Priority", "Status", "SCAN_ID_PATTERN")
+_SQL_MODULES = ("sa", "sqlalchemy")
+_RAW_SCANS_UPDATE = re.compile(r"\bUPDATE\s+scans\b", re.IGNORECASE)
+
+
+def _checked_modules() -> dict[str, Path]:
+    """shared/, worker/, trainer/ (migrations excluded: they own the schema's history) and the benchmarks."""
+    benchmarks = {f"benchmarks.{path.stem}": path for path in sorted((ROOT / "benchmarks").rglob("*.py"))}
+    return project_modules() | benchmarks
+
+
+def _is_scan_table(node: ast.expr) -> bool:
+    """Scan, models.Scan, Scan.__table__ or sa.table("scans")."""
+    if isinstance(node, ast.Name):
+        return node.id == "Scan"
+    if isinstance(node, ast.Attribute):
+        return node.attr == "Scan" or (node.attr == "__table__" and _is_scan_table(node.value))
+    if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        return name == "table" and node.args[0].value == "scans"
+    return False
+
+
+def _is_query_of_scans(node: ast.expr) -> bool:
+    """An ORM query chain that starts at session.query(Scan...)."""
+    return any(
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "query"
+        and any(_is_scan_table(arg) or any(_is_scan_table(sub) for sub in ast.walk(arg)) for arg in call.args)
+        for call in ast.walk(node)
+    )
+
+
+def _updates_scans(call: ast.Call) -> bool:
+    """update(Scan) or sa.update(models.Scan) (the construct, not set.update), Scan.__table__.update(), query(Scan).update()."""
+    func = call.func
+    construct = (isinstance(func, ast.Name) and func.id == "update") or (
+        isinstance(func, ast.Attribute)
+        and func.attr == "update"
+        and isinstance(func.value, ast.Name)
+        and func.value.id in _SQL_MODULES
+    )
+    if construct:
+        return bool(call.args) and _is_scan_table(call.args[0])
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr == "update"
+        and (_is_scan_table(func.value) or _is_query_of_scans(func.value))
+    )
+
+
+def scans_updates(source: str) -> list[int]:
+    """Lines of source that UPDATE the scans table, through SQLAlchemy or in raw SQL (docstrings aside)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    }
+    lines = {node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and _updates_scans(node)}
+    lines.update(
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and _RAW_SCANS_UPDATE.search(node.value)
+    )
+    return sorted(lines)
+
+
+def test_the_scans_update_check_sees_every_form():
+    """Guard against a checker that passes because it recognises nothing."""
+    planted = textwrap.dedent(
+        """
+        import sqlalchemy as sa
+        from sqlalchemy import text, update
+        from shared import models
+        from shared.models import Scan
+        session.execute(update(Scan).values(status="queued"))
+        session.execute(sa.update(models.Scan).where(models.Scan.scan_id == "a").values(error=None))
+        session.execute(Scan.__table__.update().values(error=None))
+        session.query(Scan).filter(Scan.scan_id == "a").update({"status": "failed"})
+        session.execute(text("UPDATE scans SET status = 'failed'"))
+        session.execute(sa.update(sa.table("scans")).values(error=None))
+        found.update(session.scalars(sa.select(Scan.scan_id)))  # a set's update: not an UPDATE
+        values.update({"status": "queued"})
+        """
+    )
+    assert scans_updates(planted) == [6, 7, 8, 9, 10, 11]
+    assert len(scans_updates(_checked_modules()[SCAN_REPOSITORY].read_text())) >= 8
+
+
+def test_only_the_scan_repository_updates_scans():
+    """Every UPDATE of the scans table (status, leases, published_at, sources) is a named function of shared.scans."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for name, path in _checked_modules().items()
+        if name != SCAN_REPOSITORY
+        for line in scans_updates(path.read_text())
+    ]
+    assert not offenders, "UPDATE of scans outside shared/scans.py (add a function there):\n" + "\n".join(offenders)
+
+
+def _defined_names(tree: ast.Module) -> list[tuple[str, int]]:
+    """(name, line) of module-level and nested classes and assignments named like the vocabulary."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in VOCABULARY_NAMES:
+            found.append((node.name, node.lineno))
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        for target in targets:
+            for leaf in ast.walk(target):
+                if isinstance(leaf, ast.Name) and leaf.id in VOCABULARY_NAMES:
+                    found.append((leaf.id, node.lineno))
+    return found
+
+
+def test_the_scan_vocabulary_has_one_definition():
+    """Priority, Status and the scan-id pattern are defined once (shared.domain); nobody re-spells the pattern."""
+    from shared.domain import SCAN_ID_PATTERN
+
+    core = SCAN_ID_PATTERN.pattern.strip("^$")
+    definitions: dict[str, list[str]] = {name: [] for name in VOCABULARY_NAMES}
+    copies = []
+    for module, path in _checked_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for name, line in _defined_names(tree):
+            definitions[name].append(f"{module}:{line}")
+        # The pattern as a literal anywhere else (re.compile, Field(pattern=...), Path(pattern=...)).
+        copies.extend(
+            f"{module}:{node.lineno}"
+            for node in ast.walk(tree)
+            if module != VOCABULARY
+            and isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and core in node.value
+        )
+    assert {name: places for name, places in definitions.items() if len(places) != 1} == {}, definitions
+    assert all(places[0].startswith(f"{VOCABULARY}:") for places in definitions.values()), definitions
+    assert not copies, "the scan-id pattern spelled again (import shared.domain.SCAN_ID_PATTERN):\n" + "\n".join(copies)

@@ -15,8 +15,11 @@ import redis
 from helpers import corrupt_scans, make_bundle, mixed_scans, redis_url, start_worker, wait_until
 from sqlalchemy import func, select
 
-from shared import db
+from shared.domain import Status
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import Prediction, Scan
 from shared.queueing import make_app, publish, submit_scans
+from shared.scans import NewScan, batch_counts
 from shared.settings import Settings
 from shared.sources import NOT_READABLE
 from shared.store import LocalStore, overlay_key, scan_key
@@ -61,26 +64,26 @@ def _env(broker: str, db_url: str, store_url: str, bundles: list[Path], **extra:
 
 
 def _sessions(db_url: str):
-    engine = db.make_engine(db_url)
-    db.migrate(engine)
-    return db.make_session_factory(engine)
+    engine = make_engine(db_url)
+    migrate(engine)
+    return make_session_factory(engine)
 
 
 def _status_counts(sessions) -> dict[str, int]:
     with sessions() as session:
-        return dict(session.execute(select(db.Scan.status, func.count()).group_by(db.Scan.status)).all())
+        return dict(session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all())
 
 
 def _finished(sessions, total: int) -> bool:
     counts = _status_counts(sessions)
-    return counts.get(db.DONE, 0) + counts.get(db.FAILED, 0) == total
+    return counts.get(Status.DONE, 0) + counts.get(Status.FAILED, 0) == total
 
 
 def _predictions_per_scan_and_model(sessions) -> dict[tuple[str, str], int]:
     with sessions() as session:
         rows = session.execute(
-            select(db.Prediction.scan_id, db.Prediction.model_name, func.count()).group_by(
-                db.Prediction.scan_id, db.Prediction.model_name
+            select(Prediction.scan_id, Prediction.model_name, func.count()).group_by(
+                Prediction.scan_id, Prediction.model_name
             )
         ).all()
     return {(scan_id, model): count for scan_id, model, count in rows}
@@ -95,7 +98,7 @@ def test_forty_scans_and_three_corrupt_end_done_or_failed(db_url, s3_store, moto
     settings = Settings(**{key.removeprefix("LUNGCAM_").lower(): value for key, value in env.items()})
     sessions = _sessions(db_url)
     app = make_app(settings)
-    scans = [{"scan_id": scan_id, "source_uri": scan_key(scan_id)} for scan_id in {**valid, **corrupt}]
+    scans = [NewScan(scan_id, scan_key(scan_id)) for scan_id in {**valid, **corrupt}]
     submitted = submit_scans(sessions, app, scans, batch_id="e2e")
     assert len(submitted.queued) == 43
 
@@ -105,8 +108,8 @@ def test_forty_scans_and_three_corrupt_end_done_or_failed(db_url, s3_store, moto
         wait_until(lambda: _finished(sessions, 43), 300, message="all 43 scans to finish")
 
         with sessions() as session:
-            counts = db.batch_counts(session, "e2e")
-            failed = {s.scan_id: s.error for s in session.scalars(select(db.Scan).where(db.Scan.status == db.FAILED))}
+            counts = batch_counts(session, "e2e")
+            failed = {s.scan_id: s.error for s in session.scalars(select(Scan).where(Scan.status == Status.FAILED))}
         assert counts["done"] == 40 and counts["failed"] == 3, counts
         assert set(failed) == set(corrupt)
         assert "truncated" in failed["bad-truncated-png"] or "corrupt" in failed["bad-truncated-png"]
@@ -132,7 +135,7 @@ def test_forty_scans_and_three_corrupt_end_done_or_failed(db_url, s3_store, moto
         )
         assert _predictions_per_scan_and_model(sessions) == per_model
         with sessions() as session:
-            keys = set(session.scalars(select(db.Prediction.overlay_key).where(db.Prediction.scan_id.in_(again))))
+            keys = set(session.scalars(select(Prediction.overlay_key).where(Prediction.scan_id.in_(again))))
         assert keys == {overlay_key(model, "t1", scan_id) for scan_id in again for model in MODEL_NAMES}
         assert "Traceback" not in worker.log()
     finally:
@@ -141,7 +144,7 @@ def test_forty_scans_and_three_corrupt_end_done_or_failed(db_url, s3_store, moto
 
 def _attempts(sessions, scan_ids: list[str]) -> set[int]:
     with sessions() as session:
-        return set(session.scalars(select(db.Scan.attempts).where(db.Scan.scan_id.in_(scan_ids))))
+        return set(session.scalars(select(Scan.attempts).where(Scan.scan_id.in_(scan_ids))))
 
 
 def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles, broker, moto_server):
@@ -152,8 +155,8 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles
     for scan_id, data in valid.items():
         store.put(scan_key(scan_id), data)
     # A scan in a bucket that does not exist: the store refuses it, which no retry changes (issue #10).
-    scans = [{"scan_id": scan_id, "source_uri": scan_key(scan_id)} for scan_id in valid]
-    scans.append({"scan_id": "unreachable", "source_uri": "s3://no-such-bucket-lungcam/scan.png"})
+    scans = [NewScan(scan_id, scan_key(scan_id)) for scan_id in valid]
+    scans.append(NewScan("unreachable", "s3://no-such-bucket-lungcam/scan.png"))
     env = _env(
         broker,
         db_url,
@@ -176,13 +179,13 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles
     try:
         first.wait_ready()
         submit_scans(sessions, make_app(settings), scans, batch_id="crash")
-        wait_until(lambda: _status_counts(sessions).get(db.RUNNING, 0) > 0, 60, 0.02, "a batch in flight")
+        wait_until(lambda: _status_counts(sessions).get(Status.RUNNING, 0) > 0, 60, 0.02, "a batch in flight")
         first.kill()
     finally:
         first.stop()
     at_kill = _status_counts(sessions)
-    assert at_kill.get(db.DONE, 0) < len(valid), f"the first worker finished everything before the kill: {at_kill}"
-    assert at_kill.get(db.RUNNING, 0) > 0, at_kill
+    assert at_kill.get(Status.DONE, 0) < len(valid), f"the first worker finished everything before the kill: {at_kill}"
+    assert at_kill.get(Status.RUNNING, 0) > 0, at_kill
 
     second = start_worker(env, tmp_path / "second.log")
     try:
@@ -195,10 +198,10 @@ def test_sigkilled_worker_loses_nothing_and_duplicates_nothing(tmp_path, bundles
     per_model = _predictions_per_scan_and_model(sessions)
     assert per_model == {(scan_id, model): 1 for scan_id in valid for model in MODEL_NAMES}
     with sessions() as session:
-        statuses = dict(session.execute(select(db.Scan.scan_id, db.Scan.status)).all())
-        unreachable = session.get(db.Scan, "unreachable")
-    assert {statuses[scan_id] for scan_id in valid} == {db.DONE}
-    assert unreachable.status == db.FAILED
+        statuses = dict(session.execute(select(Scan.scan_id, Scan.status)).all())
+        unreachable = session.get(Scan, "unreachable")
+    assert {statuses[scan_id] for scan_id in valid} == {Status.DONE}
+    assert unreachable.status == Status.FAILED
     # Worded like a missing key: a scan's error never tells whether a bucket exists.
     assert unreachable.error == NOT_READABLE
     assert "gave up" not in unreachable.error

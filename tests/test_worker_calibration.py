@@ -9,23 +9,25 @@ from pathlib import Path
 import pytest
 from helpers import make_tiny_bundle, mixed_scans
 
-from shared import db
+from shared.engine import make_engine, make_session_factory, migrate
+from shared.models import Prediction
+from shared.scans import NewScan, add_scans
 from shared.settings import Settings
 from shared.store import LocalStore, scan_key
 from worker.consumer.classifier import ScanClassifier
 from worker.consumer.served import load_served_models
 
 
-def _classify(tmp_path: Path, calibration: dict | None) -> list[db.Prediction]:
+def _classify(tmp_path: Path, calibration: dict | None) -> list[Prediction]:
     bundle = make_tiny_bundle(tmp_path / "bundle", 64)
     manifest = json.loads((bundle / "manifest.json").read_text())
     if calibration is not None:
         # Only the manifest changes; the model file (and its verified sha256) stays as trained.
         (bundle / "manifest.json").write_text(json.dumps({**manifest, "calibration": calibration}))
     url = f"sqlite:///{tmp_path / 'w.sqlite'}"
-    db.migrate(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=url,
@@ -38,13 +40,13 @@ def _classify(tmp_path: Path, calibration: dict | None) -> list[db.Prediction]:
     for scan_id, data in scans.items():
         store.put(scan_key(scan_id), data)
     with sessions.begin() as session:
-        db.add_scans(session, [{"scan_id": s, "source_uri": scan_key(s)} for s in scans], None)
+        add_scans(session, [NewScan(s, scan_key(s)) for s in scans], None)
     classifier = ScanClassifier(load_served_models(settings), store, sessions, settings)
     try:
         outcome = classifier.process(list(scans))
         assert sorted(outcome.done) == sorted(scans)
         with sessions() as session:
-            return list(session.query(db.Prediction).order_by(db.Prediction.scan_id))
+            return list(session.query(Prediction).order_by(Prediction.scan_id))
     finally:
         classifier.close()
         engine.dispose()

@@ -60,11 +60,11 @@ class Services:
 
 def open_engine(settings: Settings, *, hide_parameters: bool = False) -> Engine:
     """An engine on the configured database whose schema is at head (SchemaError otherwise, engine disposed)."""
-    from shared import db
+    from shared.engine import make_engine, require_current_schema
 
-    engine = db.make_engine(settings.resolved_database_url(), hide_parameters=hide_parameters)
+    engine = make_engine(settings.resolved_database_url(), hide_parameters=hide_parameters)
     try:
-        db.require_current_schema(engine)
+        require_current_schema(engine)
     except Exception:
         engine.dispose()
         raise
@@ -82,7 +82,7 @@ def open_services(
 
     hide_parameters keeps bound parameters (scan ids) out of SQL error messages, for servers that log them.
     """
-    from shared import db
+    from shared.engine import make_session_factory
     from shared.queueing import make_app
     from shared.settings import get_settings
     from shared.store import store_from_settings
@@ -95,7 +95,7 @@ def open_services(
     except Exception:
         engine.dispose()
         raise
-    return Services(settings, engine, db.make_session_factory(engine), store, app)
+    return Services(settings, engine, make_session_factory(engine), store, app)
 
 
 @contextmanager

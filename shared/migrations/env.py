@@ -1,6 +1,6 @@
 """Alembic environment for lungcam.
 
-Used two ways: programmatically by `shared.db.migrate()`, which hands over an open connection in
+Used two ways: programmatically by `shared.engine.migrate()`, which hands over an open connection in
 `config.attributes["connection"]` (so tests can migrate a per-test schema), and by operators as
 `alembic upgrade head` from the repo root, where the URL comes from `-x url=...` or LUNGCAM_DATABASE_URL.
 """
@@ -13,7 +13,8 @@ from typing import Any
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from shared.db import Base, UTCDateTime, make_engine, normalize_url
+from shared.engine import make_engine, normalize_url
+from shared.models import Base, UTCDateTime
 
 config = context.config
 target_metadata = Base.metadata

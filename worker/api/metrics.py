@@ -11,7 +11,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Status
+from shared.models import Prediction, Scan
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ class DatabaseCollector(Collector):
         up = GaugeMetricFamily("lungcam_metrics_database_up", "1 if the last scrape could read the database.")
         try:
             with self.sessions() as session:
-                by_status = dict(session.execute(select(db.Scan.status, func.count()).group_by(db.Scan.status)).all())
+                by_status = dict(session.execute(select(Scan.status, func.count()).group_by(Scan.status)).all())
                 timings = session.execute(
                     select(
-                        db.Prediction.model_name,
-                        db.Prediction.model_version,
-                        func.count(db.Prediction.inference_ms),
-                        func.coalesce(func.sum(db.Prediction.inference_ms), 0.0),
-                    ).group_by(db.Prediction.model_name, db.Prediction.model_version)
+                        Prediction.model_name,
+                        Prediction.model_version,
+                        func.count(Prediction.inference_ms),
+                        func.coalesce(func.sum(Prediction.inference_ms), 0.0),
+                    ).group_by(Prediction.model_name, Prediction.model_version)
                 ).all()
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database is down
             log.warning("metrics: database unavailable: %s", type(exc).__name__)
@@ -46,8 +47,8 @@ class DatabaseCollector(Collector):
         yield up
 
         scans = GaugeMetricFamily("lungcam_scans", "Scans per status, from the scans table.", labels=["status"])
-        for status in db.STATUSES:
-            scans.add_metric([status], float(by_status.get(status, 0)))
+        for status in Status:
+            scans.add_metric([status.value], float(by_status.get(status.value, 0)))
         yield scans
 
         inference = SummaryMetricFamily(

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.scan_ids import SCAN_ID_PATTERN
+from shared.domain import SCAN_ID_PATTERN, Priority, Status
 
 # s3://bucket/key, bucket per S3 naming rules (lower case, digits, '.', '-'; 3 to 63 characters).
 S3_URI_PATTERN = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00]+$")
@@ -49,9 +49,6 @@ Base64Image = Annotated[
     WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
 ]
 
-Priority = Literal["stat", "routine"]
-Status = Literal["queued", "running", "done", "failed", "skipped"]
-
 
 class ScanIn(BaseModel):
     """One scan to classify: an uploaded image (base64) or a reference to an image already in S3."""
@@ -67,7 +64,9 @@ class ScanIn(BaseModel):
         alias="image_base64",
         description="The image file (PNG, JPEG or DICOM), base64-encoded.",
     )
-    priority: Priority = Field(default="routine", description="'stat' scans are classified before 'routine' ones.")
+    priority: Priority = Field(
+        default=Priority.ROUTINE, description="'stat' scans are classified before 'routine' ones."
+    )
     force: bool = Field(default=False, description="Classify again even if the scan already exists.")
 
     @field_validator("scan_id")

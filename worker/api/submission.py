@@ -9,14 +9,14 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Status
 from shared.errors import SubmissionError
+from shared.models import Scan
 from shared.queueing import SubmitResult, submit_scans
+from shared.scans import NewScan, dicom_received_ids, existing_scan_ids
 from shared.sources import SourcePolicy
 from shared.store import ObjectStore, scan_key
 from worker.api.models import ScanIn
-
-_ID_CHUNK = 500  # keeps IN (...) lists under every driver's bound-parameter limit
 
 
 class ImageTooLarge(SubmissionError):
@@ -48,15 +48,6 @@ def check_image_sizes(scans: Sequence[ScanIn], limit: int, *, in_batch: bool) ->
             raise ImageTooLarge(field, len(scan.image), limit)
 
 
-def existing_scan_ids(session: Session, scan_ids: Sequence[str]) -> set[str]:
-    """The subset of scan_ids that already have a row."""
-    found: set[str] = set()
-    for start in range(0, len(scan_ids), _ID_CHUNK):
-        chunk = scan_ids[start : start + _ID_CHUNK]
-        found.update(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(chunk))))
-    return found
-
-
 def _source_uri(scan: ScanIn) -> str:
     """Where the worker reads the scan: the upload's key in the configured store, or the given s3:// URI."""
     return scan_key(scan.scan_id) if scan.image is not None else str(scan.source_uri)
@@ -84,7 +75,7 @@ def submit(
                 sources.check(scan.source_uri)
     with sessions() as session:
         existing = existing_scan_ids(session, [scan.scan_id for scan in scans])
-        received = db.dicom_received_ids(session, sorted(existing))
+        received = dicom_received_ids(session, sorted(existing))
     if received:
         # Replacing it would change the image behind results filed in the PACS under its patient and study.
         raise ReceivedOverDicom(len(received))
@@ -101,15 +92,15 @@ def submit(
         group = [scan for scan in scans if scan.force is force]
         if not group:
             continue
-        rows = [{"scan_id": s.scan_id, "source_uri": _source_uri(s), "priority": s.priority} for s in group]
+        rows = [NewScan(s.scan_id, _source_uri(s), s.priority) for s in group]
         part = submit_scans(sessions, celery, rows, batch_id=batch_id, batch_name=batch_name, force=force)
         result.queued.extend(part.queued)
         result.already.extend(part.already)
     return result
 
 
-def current_status(sessions: sessionmaker[Session], scan_id: str) -> str:
+def current_status(sessions: sessionmaker[Session], scan_id: str) -> Status:
     """The scan's status now (queued if the row vanished in between, which only a delete could cause)."""
     with sessions() as session:
-        status = session.scalar(select(db.Scan.status).where(db.Scan.scan_id == scan_id))
-    return status or db.QUEUED
+        status = session.scalar(select(Scan.status).where(Scan.scan_id == scan_id))
+    return Status(status) if status else Status.QUEUED

@@ -21,20 +21,21 @@ import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
-from shared.domain import ModelKey
+from shared.domain import ModelKey, Status
+from shared.engine import make_engine, make_session_factory, require_current_schema
 from shared.errors import LungcamError
 from shared.imaging.dicom import selection_reason
 from shared.imaging.formats import probe
 from shared.imaging.limits import ImageDecodeError
 from shared.imaging.preprocess import DISPLAY_MAX_SIDE
+from shared.models import Prediction, Scan, utcnow
 from shared.overlay import OVERLAY_FORMATS, cam_note, encode_overlay
+from shared.scans import PredictionRow, claim_scans, mark_scans, record_batch_models, upsert_predictions
 from shared.settings import Settings
 from shared.sources import NOT_READABLE, SourceFetcher, SourceNotAllowed
 from shared.store import ObjectNotFound, ObjectStore, StoreError, overlay_key
@@ -46,8 +47,6 @@ from worker.consumer.transient import describe, is_transient
 
 log = logging.getLogger(__name__)
 
-# One predictions row, as db.upsert_predictions takes it (scan_id, model_name, model_version, label, ...).
-PredictionRow = dict[str, Any]
 # An overlay being stored, by (scan id, model): two versions of one model name are two overlays.
 OverlayUploads = dict[tuple[str, ModelKey], Future[None]]
 
@@ -135,7 +134,7 @@ class Recorded:
 class BatchOutcome:
     """What one `ScanClassifier.process` call did with each scan id it was given.
 
-    `not_selected` scans end with status skipped (db.SKIPPED); `passed_over` ones were not touched at all.
+    `not_selected` scans end with status skipped (Status.SKIPPED); `passed_over` ones were not touched at all.
     """
 
     done: tuple[str, ...] = ()  # recorded done
@@ -240,22 +239,20 @@ class ScanClassifier:
     def claim(self, scan_ids: list[str], force: Collection[str] = frozenset()) -> ClaimedBatch:
         """Load the scans, pass over finished or leased ones, and claim the rest under a lease (one transaction)."""
         with self.sessions.begin() as session:
-            scans = {s.scan_id: s for s in session.scalars(select(db.Scan).where(db.Scan.scan_id.in_(scan_ids)))}
+            scans = {s.scan_id: s for s in session.scalars(select(Scan).where(Scan.scan_id.in_(scan_ids)))}
             candidates, complete, passed_over = self._sort_for_claim(
                 scan_ids, scans, self._results_by_scan(session, scan_ids), force
             )
-            claimed = db.claim_scans(
+            claimed = claim_scans(
                 session, list(candidates), self.leases.worker_id, self.settings.lease_s, take_over=force
             )
             # Another worker claimed some of them since they were read: theirs now.
             mine = set(claimed)
             passed_over.extend(scan_id for scan_id in candidates if scan_id not in mine)
-            db.mark_scans(session, complete, db.DONE, finished=True)
+            mark_scans(session, complete, Status.DONE, finished=True)
             # Which model versions each batch was screened with: what results and reports show by default.
             batches = {batch for scan_id in [*claimed, *complete] if (batch := scans[scan_id].batch_id)}
-            db.record_batch_models(
-                session, batches, [(m.key.name, m.key.version, m.demonstration) for m in self.models]
-            )
+            record_batch_models(session, batches, [(m.key.name, m.key.version, m.demonstration) for m in self.models])
         return ClaimedBatch(tuple(candidates[scan_id] for scan_id in claimed), tuple(passed_over))
 
     @staticmethod
@@ -263,8 +260,8 @@ class ScanClassifier:
         """The models each scan already has a prediction from."""
         have: dict[str, set[ModelKey]] = {}
         for scan_id, name, version in session.execute(
-            select(db.Prediction.scan_id, db.Prediction.model_name, db.Prediction.model_version).where(
-                db.Prediction.scan_id.in_(scan_ids)
+            select(Prediction.scan_id, Prediction.model_name, Prediction.model_version).where(
+                Prediction.scan_id.in_(scan_ids)
             )
         ):
             have.setdefault(scan_id, set()).add(ModelKey(name, version))
@@ -273,13 +270,13 @@ class ScanClassifier:
     def _sort_for_claim(
         self,
         scan_ids: list[str],
-        scans: dict[str, db.Scan],
+        scans: dict[str, Scan],
         have: dict[str, set[ModelKey]],
         force: Collection[str],
     ) -> tuple[dict[str, ClaimedScan], list[str], list[str]]:
         """(scans to claim with the models each needs, queued scans already complete, ids passed over)."""
         expected = frozenset(model.key for model in self.models)
-        now = db.utcnow()
+        now = utcnow()
         candidates: dict[str, ClaimedScan] = {}
         complete: list[str] = []
         passed_over: list[str] = []
@@ -290,13 +287,13 @@ class ScanClassifier:
                 passed_over.append(scan_id)
             elif scan_id in force:
                 candidates[scan_id] = ClaimedScan(scan_id, scan.source_uri, expected)
-            elif scan.status == db.SKIPPED:
+            elif scan.status == Status.SKIPPED:
                 # Not a frontal chest film: a redelivered message changes nothing.
                 passed_over.append(scan_id)
-            elif expected and not missing and scan.status in (db.DONE, db.QUEUED):
+            elif expected and not missing and scan.status in (Status.DONE, Status.QUEUED):
                 # Finished work redelivered, or re-screened with models it already has: nothing to run.
                 passed_over.append(scan_id)
-                if scan.status == db.QUEUED:
+                if scan.status == Status.QUEUED:
                     complete.append(scan_id)
             elif self._leased_elsewhere(scan, now):
                 # A duplicate message (restored or re-published) while a live worker still works on it.
@@ -309,9 +306,9 @@ class ScanClassifier:
             log.warning("%d messages for unknown scan ids ignored", unknown)
         return candidates, complete, passed_over
 
-    def _leased_elsewhere(self, scan: db.Scan, now: dt.datetime) -> bool:
+    def _leased_elsewhere(self, scan: Scan, now: dt.datetime) -> bool:
         """Whether a live lease on scan belongs to another worker or to another batch of this one."""
-        if scan.status != db.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
+        if scan.status != Status.RUNNING or scan.lease_expires_at is None or scan.lease_expires_at <= now:
             return False
         return scan.worker_id != self.leases.worker_id or self.leases.holds(scan.scan_id)
 
@@ -397,18 +394,17 @@ class ScanClassifier:
                 self._render_and_upload, scan.images.display, cams[index], key
             )
             rows.append(
-                {
-                    "scan_id": scan.scan_id,
-                    "model_name": model.key.name,
-                    "model_version": model.key.version,
-                    "label": labels[index],
-                    "p_covid": float(p_calibrated[index]),
-                    "threshold": float(operating_point.threshold),
-                    "overlay_key": key,
-                    # Computed beside the overlay, on the map and the input it was made from.
-                    "cam_note": cam_note(cams[index], batch[index]),
-                    "inference_ms": elapsed_ms / len(chunk),
-                }
+                PredictionRow(
+                    scan_id=scan.scan_id,
+                    model_name=model.key.name,
+                    model_version=model.key.version,
+                    label=labels[index],
+                    p_covid=float(p_calibrated[index]),
+                    threshold=float(operating_point.threshold),
+                    overlay_key=key,
+                    cam_note=cam_note(cams[index], batch[index]),
+                    inference_ms=elapsed_ms / len(chunk),
+                )
             )
         return rows
 
@@ -433,7 +429,7 @@ class ScanClassifier:
                     (retry if is_transient(exc) else failed)[scan_id] = f"overlay upload failed: {describe(exc)}"
         done = tuple(scan.scan_id for scan in scans if scan.scan_id not in failed and scan.scan_id not in retry)
         done_ids = set(done)
-        return Inferred(done, tuple(row for row in rows if row["scan_id"] in done_ids), failed, retry)
+        return Inferred(done, tuple(row for row in rows if row.scan_id in done_ids), failed, retry)
 
     # --- record -----------------------------------------------------------------------------------
 
@@ -467,7 +463,7 @@ class ScanClassifier:
         retry: dict[str, str] = {}
         for scan_id in done:
             try:
-                self._write([row for row in rows if row["scan_id"] == scan_id], [scan_id], {}, {})
+                self._write([row for row in rows if row.scan_id == scan_id], [scan_id], {}, {})
                 recorded.append(scan_id)
             except Exception as exc:  # noqa: BLE001 - sorted into retry or failed
                 if is_transient(exc):
@@ -493,12 +489,12 @@ class ScanClassifier:
     ) -> None:
         """Write predictions and final statuses in one transaction."""
         with self.sessions.begin() as session:
-            db.upsert_predictions(session, list(rows))
-            db.mark_scans(session, done, db.DONE, finished=True)
+            upsert_predictions(session, list(rows))
+            mark_scans(session, done, Status.DONE, finished=True)
             for scan_id, reason in failed.items():
-                db.mark_scans(session, [scan_id], db.FAILED, error=reason, finished=True)
+                mark_scans(session, [scan_id], Status.FAILED, error=reason, finished=True)
             for scan_id, reason in not_selected.items():
-                db.mark_scans(session, [scan_id], db.SKIPPED, error=reason, finished=True)
+                mark_scans(session, [scan_id], Status.SKIPPED, error=reason, finished=True)
 
 
 def classifier_from_settings(settings: Settings, pinned_gpu: str | None = None) -> ScanClassifier:
@@ -509,13 +505,13 @@ def classifier_from_settings(settings: Settings, pinned_gpu: str | None = None) 
     from shared.store import store_from_settings
 
     require_models_configured(settings)
-    engine = db.make_engine(settings.resolved_database_url())
-    db.require_current_schema(engine)
+    engine = make_engine(settings.resolved_database_url())
+    require_current_schema(engine)
     models = load_served_models(settings)
     classifier = ScanClassifier(
         models,
         store_from_settings(settings),
-        db.make_session_factory(engine),
+        make_session_factory(engine),
         settings,
         decoder=DecodePool(decode_processes(settings, pinned_gpu)),
     )

@@ -11,7 +11,7 @@ from collections import Counter
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.scans import renew_leases
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LeaseKeeper:
         if not held:
             return 0
         with self.sessions.begin() as session:
-            return db.renew_leases(session, held, self.worker_id, self.lease_s)
+            return renew_leases(session, held, self.worker_id, self.lease_s)
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_s / 3.0):

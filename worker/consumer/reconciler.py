@@ -13,12 +13,12 @@ import threading
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
 from shared.broker_state import BrokerSnapshot, NotRedis, RedisBroker
+from shared.models import utcnow
 from shared.queueing import publish
+from shared.scans import expired_lease_ids, give_up_expired, requeue_expired, stale_queued, stamp_published
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Reconciler:
 
     def run_once(self, now: dt.datetime | None = None) -> ReconcileReport:
         """One pass: expired leases first, then queued scans without a live message."""
-        now = now or db.utcnow()
+        now = now or utcnow()
         try:
             snapshot: BrokerSnapshot | None = self.broker.snapshot()
         except NotRedis:
@@ -109,69 +109,30 @@ class Reconciler:
         """Fail scans that used up max_attempts, set the other expired-lease scans back to queued."""
         # Rows claimed before leases existed have none: give them the visibility timeout, as before.
         legacy_cutoff = now - dt.timedelta(seconds=self.settings.visibility_timeout_s)
-        expired = and_(
-            db.Scan.status == db.RUNNING,
-            or_(
-                db.Scan.lease_expires_at < now,
-                and_(db.Scan.lease_expires_at.is_(None), db.Scan.submitted_at < legacy_cutoff),
-            ),
-        )
         with self.sessions.begin() as session:
-            ids = list(session.scalars(select(db.Scan.scan_id).where(expired).limit(PASS_LIMIT)))
+            ids = expired_lease_ids(session, now, legacy_cutoff, PASS_LIMIT)
             if not ids:
                 return []
-            limit = self.settings.max_attempts
-            report.gave_up = list(
-                session.scalars(
-                    update(db.Scan)
-                    .where(db.Scan.scan_id.in_(ids), expired, db.Scan.attempts >= limit)
-                    .values(
-                        status=db.FAILED,
-                        error=f"gave up after {limit} attempts: its worker stopped each time",
-                        finished_at=now,
-                        worker_id=None,
-                        claimed_at=None,
-                        lease_expires_at=None,
-                    )
-                    .returning(db.Scan.scan_id)
-                    .execution_options(synchronize_session=False)
-                )
-            )
-            rows = session.execute(
-                update(db.Scan)
-                .where(db.Scan.scan_id.in_(ids), expired)
-                .values(status=db.QUEUED, published_at=now, worker_id=None, claimed_at=None, lease_expires_at=None)
-                .returning(db.Scan.scan_id, db.Scan.priority)
-                .execution_options(synchronize_session=False)
-            ).all()
+            report.gave_up = give_up_expired(session, ids, now, legacy_cutoff, self.settings.max_attempts)
+            rows = requeue_expired(session, ids, now, legacy_cutoff)
         report.expired = [scan_id for scan_id, _ in rows]
-        return [(scan_id, priority) for scan_id, priority in rows]
+        return rows
 
     def _claim_lost(self, now: dt.datetime, snapshot: BrokerSnapshot | None) -> list[tuple[str, str]]:
         """Queued scans older than requeue_after_s without a live message, stamped as published now."""
         grace = self.settings.requeue_after_s
         cutoff = now - dt.timedelta(seconds=grace)
-        last_sent = func.coalesce(db.Scan.published_at, db.Scan.submitted_at, type_=db.UTCDateTime)
-        stale = and_(db.Scan.status == db.QUEUED, last_sent < cutoff)
         epoch = now.timestamp()
         with self.sessions.begin() as session:
             # Oldest first, so a large backlog is repaired in submission order over several passes.
-            candidates = session.execute(
-                select(db.Scan.scan_id).where(stale).order_by(db.Scan.submitted_at).limit(PASS_LIMIT * 5)
-            ).scalars()
-            ids = [scan_id for scan_id in candidates if snapshot is None or not snapshot.is_live(scan_id, epoch, grace)]
-            ids = ids[:PASS_LIMIT]
+            candidates = stale_queued(session, cutoff, limit=PASS_LIMIT * 5)
+            ids = [
+                scan_id for scan_id, _ in candidates if snapshot is None or not snapshot.is_live(scan_id, epoch, grace)
+            ][:PASS_LIMIT]
             if not ids:
                 return []
             # Conditional on "still queued and stale", so a scan claimed meanwhile is left alone.
-            rows = session.execute(
-                update(db.Scan)
-                .where(db.Scan.scan_id.in_(ids), stale)
-                .values(published_at=now)
-                .returning(db.Scan.scan_id, db.Scan.priority)
-                .execution_options(synchronize_session=False)
-            ).all()
-        return [(scan_id, priority) for scan_id, priority in rows]
+            return stamp_published(session, ids, now, sent_before=cutoff)
 
     def _resend(
         self,

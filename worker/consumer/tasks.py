@@ -15,8 +15,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from celery_batches import Batches
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared import db
 from shared.queueing import CLASSIFY_TASK, QUEUES, ROUTINE_QUEUE, publish
+from shared.scans import fail_unfinished, requeue_scans
 from shared.settings import Settings
 from worker.consumer.classifier import BatchOutcome, ScanClassifier
 from worker.consumer.transient import describe, is_transient, traceback_without_messages
@@ -94,7 +94,7 @@ class BatchRunner:
         """Record scans failed for a permanent reason; if even that cannot be written, leave them to their leases."""
         try:
             with self.classifier.sessions.begin() as session:
-                failed = set(db.fail_unfinished(session, reasons))
+                failed = set(fail_unfinished(session, reasons))
         except Exception as exc:  # noqa: BLE001 - see below
             # Not re-published: a database that cannot take the failure would make that a loop. Claimed
             # scans keep their (no longer renewed) lease, which expires; the reconciler takes it from there.
@@ -138,7 +138,7 @@ class BatchRunner:
             return
         try:
             with self.classifier.sessions.begin() as session:
-                db.requeue_scans(session, mine, worker_id=self.classifier.leases.worker_id)
+                requeue_scans(session, mine, worker_id=self.classifier.leases.worker_id)
         except Exception as exc:  # noqa: BLE001 - the scans keep an expiring lease; the retry message still goes out
             log.warning("could not mark %d scans queued for retry: %s", len(mine), type(exc).__name__)
 

@@ -141,10 +141,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_migrate(args: argparse.Namespace) -> int:
     """`lungcam migrate`: create or upgrade the database schema."""
-    from shared import db
+    from shared.engine import migrate
     from shared.settings import get_settings
 
-    db.migrate(get_settings().resolved_database_url())
+    migrate(get_settings().resolved_database_url())
     print("database schema is at the latest migration")
     return 0
 

@@ -29,7 +29,7 @@ from worker import runtime
 if TYPE_CHECKING:
     from celery import Celery
 
-    from shared.db import Scan
+    from shared.models import Scan
     from shared.results import BatchProgress, ModelKey
     from worker.ops.ingest import IngestItem
     from worker.ops.model_facts import ModelFacts
@@ -258,8 +258,8 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
 
     Returns the images to queue and the models' manifests.
     """
-    from shared import db
     from shared.bundle import read_manifest
+    from shared.engine import migrate
     from shared.store import store_from_settings
     from worker.ops.ingest import survey
 
@@ -278,7 +278,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
         _check_named_backbone(manifest)
     # The embedded demo is one of the places that migrate (with `lungcam migrate` and the deploy job):
     # the worker and the API only check the schema. This also proves the database is reachable.
-    db.migrate(settings.resolved_database_url())
+    migrate(settings.resolved_database_url())
     next(iter(store_from_settings(settings).list("readyz-probe/")), None)
     return items, manifests
 

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import SCAN_ID_RULE, Priority, is_valid_scan_id
 from shared.errors import SubmissionError
 from shared.queueing import SubmitResult, submit_scans
-from shared.scan_ids import SCAN_ID_RULE, is_valid_scan_id
+from shared.scans import NewScan, dicom_received_ids, existing_scan_ids
 from shared.settings import Settings
 from shared.store import ObjectNotFound, ObjectStore, cached_store, scan_key
 
@@ -35,7 +34,7 @@ class IngestItem:
 
     scan_id: str
     location: str  # local path or s3://bucket/key
-    priority: str = "routine"
+    priority: Priority = Priority.ROUTINE
 
     @property
     def is_local(self) -> bool:
@@ -161,9 +160,10 @@ def _from_csv(path: Path) -> Discovery:
             scan_id = (row.get("scan_id") or "").strip() or scan_id_for(Path(location).name)
             if not is_valid_scan_id(scan_id):
                 raise SubmissionError(f"{path.name}:{line}: scan_id must be {SCAN_ID_RULE}")
-            priority = (row.get("priority") or "routine").strip()
-            if priority not in ("stat", "routine"):
-                raise SubmissionError(f"{path.name}:{line}: priority must be stat or routine")
+            try:
+                priority = Priority((row.get("priority") or Priority.ROUTINE).strip())
+            except ValueError:
+                raise SubmissionError(f"{path.name}:{line}: priority must be stat or routine") from None
             labels.append(f"{path.name}:{line} ({Path(location).name})")
             found.items.append(IngestItem(scan_id, location, priority))
     _refuse_duplicates(found.items, labels)
@@ -199,7 +199,7 @@ def _stored_bytes(store: ObjectStore, scan_id: str) -> bytes | None:
 
 def _existing(sessions: sessionmaker[Session], scan_ids: list[str]) -> set[str]:
     with sessions() as session:
-        return set(session.scalars(select(db.Scan.scan_id).where(db.Scan.scan_id.in_(scan_ids))))
+        return existing_scan_ids(session, scan_ids)
 
 
 def _refuse_replacing_dicom(
@@ -207,7 +207,7 @@ def _refuse_replacing_dicom(
 ) -> None:
     """Raise SubmissionError, before anything is stored, if an item would replace a scan received over DICOM."""
     with sessions() as session:
-        received = db.dicom_received_ids(session, [item.scan_id for item in items])
+        received = dicom_received_ids(session, [item.scan_id for item in items])
     replacing = [
         item
         for item in items
@@ -256,27 +256,26 @@ def ingest(
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
         existing = set() if force else _existing(sessions, [item.scan_id for item in chunk])
-        scans, changed = [], []
+        scans: list[NewScan] = []
+        changed: list[NewScan] = []
         for item in chunk:
             if item.scan_id in existing and rescreen and item.is_local and not reference_local:
                 data = Path(item.location).read_bytes()
                 if _stored_bytes(store, item.scan_id) != data:
                     store.put(scan_key(item.scan_id), data)
-                    changed.append(
-                        {"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority}
-                    )
+                    changed.append(NewScan(item.scan_id, scan_key(item.scan_id), item.priority))
                     continue
-                scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+                scans.append(NewScan(item.scan_id, scan_key(item.scan_id), item.priority))
             elif item.scan_id in existing:
                 # Overwriting it would silently change the input behind a finished result.
-                scans.append({"scan_id": item.scan_id, "source_uri": scan_key(item.scan_id), "priority": item.priority})
+                scans.append(NewScan(item.scan_id, scan_key(item.scan_id), item.priority))
             elif item.is_local and not reference_local:
                 # Uploaded, so workers on other machines can read it: they share only the store.
                 key = scan_key(item.scan_id)
                 store.put(key, Path(item.location).read_bytes())
-                scans.append({"scan_id": item.scan_id, "source_uri": key, "priority": item.priority})
+                scans.append(NewScan(item.scan_id, key, item.priority))
             else:
-                scans.append({"scan_id": item.scan_id, "source_uri": item.location, "priority": item.priority})
+                scans.append(NewScan(item.scan_id, item.location, item.priority))
         result = submit_scans(
             sessions, app, scans, batch_id=batch_id, batch_name=batch_name, force=force, rescreen=rescreen
         )

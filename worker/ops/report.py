@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from shared import db
 from shared.imaging.decode import decode_image
 from shared.imaging.formats import probe
 from shared.imaging.limits import ImageDecodeError
 from shared.imaging.preprocess import fit_within, to_uint8
+from shared.models import Scan
 from shared.results import BatchProgress
 from shared.sources import SourceFetcher
 from shared.store import ObjectStore, StoreError
@@ -89,7 +89,7 @@ def _shrink(data: bytes) -> bytes:
     return cv2.imencode(".jpg", fit_within(image, THUMBNAIL_SIDE), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
-def _prediction_cells(scan: db.Scan, current: set[ModelKey] | None) -> list[dict[str, Any]]:
+def _prediction_cells(scan: Scan, current: set[ModelKey] | None) -> list[dict[str, Any]]:
     """What the page shows of each of the scan's predictions; older when its model is not among current."""
     return [
         {
@@ -105,7 +105,7 @@ def _prediction_cells(scan: db.Scan, current: set[ModelKey] | None) -> list[dict
     ]
 
 
-def _write_original(scan: db.Scan, fetcher: SourceFetcher, assets: Path) -> _Image | None:
+def _write_original(scan: Scan, fetcher: SourceFetcher, assets: Path) -> _Image | None:
     """The scan's image as a thumbnail and a full-size JPEG in assets; None when it cannot be read."""
     try:
         data = fetcher.fetch(scan.source_uri)
@@ -122,7 +122,7 @@ def _write_original(scan: db.Scan, fetcher: SourceFetcher, assets: Path) -> _Ima
     return _Image(f"{stem}.jpg", f"{stem}.full.jpg")
 
 
-def _write_overlays(scan: db.Scan, store: ObjectStore, assets: Path) -> list[_Overlay]:
+def _write_overlays(scan: Scan, store: ObjectStore, assets: Path) -> list[_Overlay]:
     """Each prediction's Grad-CAM overlay, as stored and as a thumbnail, in assets (without files when unreadable)."""
     overlays = []
     for p in scan.predictions:
@@ -153,7 +153,7 @@ def _label_counts(rows: Sequence[_Row]) -> dict[str, Counter[str]]:
 def write_report(
     out_html: Path,
     progress: BatchProgress,
-    scans: list[db.Scan],
+    scans: list[Scan],
     *,
     store: ObjectStore,
     fetcher: SourceFetcher,
@@ -177,7 +177,7 @@ def write_report(
     assets.mkdir(parents=True, exist_ok=True)
     current = set(current_models) if current_models is not None else None
 
-    def prepare(scan: db.Scan) -> _Row:
+    def prepare(scan: Scan) -> _Row:
         row = _Row(
             scan.scan_id,
             scan.status,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 
-from shared import db
+from shared.models import Prediction, Scan
 
 RESULT_COLUMNS = (
     "scan_id",
@@ -35,7 +35,7 @@ TABLE_COLUMNS = (
 )
 
 
-def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
+def result_rows(scans: Iterable[Scan], current: Collection[tuple[str, str]] | None = None) -> list[dict[str, str]]:
     """One row per scan and model (one row with empty model fields for scans without predictions).
 
     With `current` (the batch's model versions), a prediction of any other model is marked older_model=yes.
@@ -48,7 +48,7 @@ def result_rows(scans: Iterable[db.Scan], current: Collection[tuple[str, str]] |
             "error": scan.error or "",
             "finished_at": scan.finished_at.isoformat() if scan.finished_at else "",
         }
-        predictions: Sequence[db.Prediction | None] = scan.predictions or [None]
+        predictions: Sequence[Prediction | None] = scan.predictions or [None]
         for p in predictions:
             rows.append(
                 {

@@ -7,7 +7,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from shared import db
+from shared.models import Scan
 from worker.ops.ingest import IngestItem, scan_id_for
 
 TRUE_LABELS = ("covid", "normal")
@@ -103,7 +103,7 @@ class Agreement:
 
 
 def agreement(
-    scans: Iterable[db.Scan], truth: Mapping[str, str], models: Collection[tuple[str, str]] | None = None
+    scans: Iterable[Scan], truth: Mapping[str, str], models: Collection[tuple[str, str]] | None = None
 ) -> list[Agreement]:
     """Per model (of `models`, or every model seen), its calls on the labelled scans against the true labels."""
     tallies: dict[tuple[str, str], dict[str, int]] = {}

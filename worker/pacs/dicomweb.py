@@ -30,8 +30,10 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Priority, Status
 from shared.errors import SubmissionError
+from shared.models import Scan
+from shared.scans import NewScan, add_scans, mark_scans
 from shared.settings import Settings
 from shared.store import ObjectStore, scan_key
 
@@ -479,8 +481,8 @@ def _rows(sessions: sessionmaker[Session], scan_ids: list[str]) -> dict[str, _Ro
     with sessions() as session:
         for start in range(0, len(scan_ids), 500):
             chunk = scan_ids[start : start + 500]
-            statement = select(db.Scan.scan_id, db.Scan.status, db.Scan.error, db.Scan.sop_instance_uid).where(
-                db.Scan.scan_id.in_(chunk)
+            statement = select(Scan.scan_id, Scan.status, Scan.error, Scan.sop_instance_uid).where(
+                Scan.scan_id.in_(chunk)
             )
             for scan_id, status, error, sop in session.execute(statement):
                 rows[scan_id] = _Row(status, error, sop is not None)
@@ -488,7 +490,7 @@ def _rows(sessions: sessionmaker[Session], scan_ids: list[str]) -> dict[str, _Ro
 
 
 def _is_failed_retrieval(row: _Row | None) -> bool:
-    return row is not None and row.status == db.FAILED and (row.error or "").startswith(RETRIEVAL_FAILED)
+    return row is not None and row.status == Status.FAILED and (row.error or "").startswith(RETRIEVAL_FAILED)
 
 
 def _record_failure(
@@ -505,21 +507,21 @@ def _record_failure(
         return  # an upload under this UID (not yet replaced): left as it is
     with sessions.begin() as session:
         # No sop_instance_uid: nothing was received, so the listener or a later pull may still fill this row.
-        db.add_scans(
+        add_scans(
             session,
             [
-                {
-                    "scan_id": instance.sop_uid,
-                    "source_uri": scan_key(instance.sop_uid),
-                    "priority": db.ROUTINE,
-                    "study_uid": instance.study_uid,
-                    "series_uid": instance.series_uid,
-                }
+                NewScan(
+                    instance.sop_uid,
+                    scan_key(instance.sop_uid),
+                    priority=Priority.ROUTINE,
+                    study_uid=instance.study_uid,
+                    series_uid=instance.series_uid,
+                )
             ],
             batch_id,
             batch_name=batch_name,
         )
-        db.mark_scans(session, [instance.sop_uid], db.FAILED, error=(RETRIEVAL_FAILED + reason)[:500], finished=True)
+        mark_scans(session, [instance.sop_uid], Status.FAILED, error=(RETRIEVAL_FAILED + reason)[:500], finished=True)
 
 
 def _search_within_deadline(
@@ -569,14 +571,14 @@ def _store_and_queue(
         sessions,
         app,
         [
-            {
-                "scan_id": instance.sop_uid,
-                "source_uri": scan_key(instance.sop_uid),
-                "priority": db.ROUTINE,
-                "study_uid": instance.study_uid,
-                "series_uid": instance.series_uid,
-                "sop_instance_uid": instance.sop_uid,
-            }
+            NewScan(
+                instance.sop_uid,
+                scan_key(instance.sop_uid),
+                priority=Priority.ROUTINE,
+                study_uid=instance.study_uid,
+                series_uid=instance.series_uid,
+                sop_instance_uid=instance.sop_uid,
+            )
         ],
         batch_id=result.batch_id,
         batch_name=batch_name,

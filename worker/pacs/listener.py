@@ -37,10 +37,12 @@ from pydicom.uid import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Priority, Status
 from shared.imaging.dicom import decodable_transfer_syntaxes
 from shared.imaging.formats import check_image_header, probe
 from shared.imaging.limits import ImageDecodeError
+from shared.models import Scan, utcnow
+from shared.scans import NewScan
 from shared.settings import Settings
 from shared.store import ObjectStore, scan_key
 
@@ -83,7 +85,7 @@ def log_ref(scan_id: str) -> str:
 
 def day_batch_id(now: dt.datetime | None = None) -> tuple[str, str]:
     """The batch a received instance joins: one per UTC day, so `lungcam results dicom-YYYYMMDD` lists a day."""
-    now = now or db.utcnow()
+    now = now or utcnow()
     return f"dicom-{now:%Y%m%d}", f"received by DICOM on {now:%Y-%m-%d}"
 
 
@@ -102,7 +104,7 @@ class Receiver:
     store: ObjectStore
     app: Celery
 
-    def priority_for(self, calling_ae: str, called_ae: str) -> str:
+    def priority_for(self, calling_ae: str, called_ae: str) -> Priority:
         """stat when the calling or called AE title is one of LUNGCAM_DICOM_STAT_AE_TITLES.
 
         With an allow-list (LUNGCAM_DICOM_ALLOWED_AETS) only a listed calling AE title can be stat:
@@ -111,10 +113,14 @@ class Receiver:
         stat_titles = set(self.settings.stat_ae_title_list())
         allowed = self.settings.allowed_aet_list()
         if allowed and calling_ae.strip() not in allowed:
-            return db.ROUTINE
-        return db.STAT if (calling_ae.strip() in stat_titles or called_ae.strip() in stat_titles) else db.ROUTINE
+            return Priority.ROUTINE
+        return (
+            Priority.STAT
+            if (calling_ae.strip() in stat_titles or called_ae.strip() in stat_titles)
+            else Priority.ROUTINE
+        )
 
-    def receive(self, data: bytes, *, sop_uid: str, study_uid: str, series_uid: str, priority: str) -> int:
+    def receive(self, data: bytes, *, sop_uid: str, study_uid: str, series_uid: str, priority: Priority) -> int:
         """Store, record and queue one instance; the DIMSE status to answer."""
         from shared.queueing import publish, submit_scans
 
@@ -123,7 +129,7 @@ class Receiver:
         try:
             with self.sessions() as session:
                 known = session.execute(
-                    select(db.Scan.status, db.Scan.sop_instance_uid).where(db.Scan.scan_id == scan_id)
+                    select(Scan.status, Scan.sop_instance_uid).where(Scan.scan_id == scan_id)
                 ).first()
             status, received = known if known is not None else (None, None)
         except Exception as exc:  # noqa: BLE001 - any database failure is "out of resources" to the sender
@@ -131,7 +137,7 @@ class Receiver:
             return OUT_OF_RESOURCES
         if status is not None and received is not None:
             # A re-sent instance: already recorded. Re-publish only if it may never have been queued.
-            if status == db.QUEUED:
+            if status == Status.QUEUED:
                 try:
                     publish(self.app, scan_id, priority)
                 except Exception as exc:  # noqa: BLE001
@@ -145,14 +151,14 @@ class Receiver:
             log.warning("scan %s: store unavailable (%s): answering 0xA700", ref, type(exc).__name__)
             return OUT_OF_RESOURCES
         batch_id, batch_name = day_batch_id()
-        scan = {
-            "scan_id": scan_id,
-            "source_uri": scan_key(scan_id),
-            "priority": priority,
-            "study_uid": study_uid,
-            "series_uid": series_uid,
-            "sop_instance_uid": sop_uid,
-        }
+        scan = NewScan(
+            scan_id,
+            scan_key(scan_id),
+            priority,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+        )
         try:
             # Commits the row, then publishes: a publish failure leaves the row queued, and the
             # sender's retry (or `lungcam requeue`) re-publishes it.

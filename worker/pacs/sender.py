@@ -24,8 +24,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import db
+from shared.domain import Status
 from shared.errors import LungcamError, SettingsError
+from shared.models import SEND_FAILED, SEND_PENDING, SEND_RETRY, SEND_SENT, Prediction, ResultSend, Scan, utcnow
 from shared.settings import Settings
 from shared.store import ObjectStore
 
@@ -173,7 +174,7 @@ class Sender:
         store: ObjectStore,
         transport: Transport,
         *,
-        clock: Callable[[], dt.datetime] = db.utcnow,
+        clock: Callable[[], dt.datetime] = utcnow,
     ):
         """Send to transport; clock (UTC, timezone-aware) decides what is due and when a retry is."""
         from shared.sources import SourceFetcher
@@ -185,40 +186,40 @@ class Sender:
         self.transport = transport
         self.fetcher = SourceFetcher(store, settings)
 
-    def due(self, session: Session, limit: int = BATCH) -> list[tuple[db.Scan, db.Prediction, db.ResultSend | None]]:
+    def due(self, session: Session, limit: int = BATCH) -> list[tuple[Scan, Prediction, ResultSend | None]]:
         """Done DICOM scans' predictions never sent here, due for a retry, or re-classified since sent."""
         now = self.clock()
-        send = db.ResultSend
+        send = ResultSend
         statement = (
-            select(db.Scan, db.Prediction, send)
-            .join(db.Prediction, db.Prediction.scan_id == db.Scan.scan_id)
+            select(Scan, Prediction, send)
+            .join(Prediction, Prediction.scan_id == Scan.scan_id)
             .outerjoin(
                 send,
                 and_(
-                    send.scan_id == db.Scan.scan_id,
-                    send.model_name == db.Prediction.model_name,
-                    send.model_version == db.Prediction.model_version,
+                    send.scan_id == Scan.scan_id,
+                    send.model_name == Prediction.model_name,
+                    send.model_version == Prediction.model_version,
                     send.destination == self.transport.label,
                 ),
             )
             .where(
-                db.Scan.status == db.DONE,  # skipped and failed scans send nothing
-                db.Scan.sop_instance_uid.is_not(None),  # PNG/JPEG and uploads have no DICOM context
+                Scan.status == Status.DONE,  # skipped and failed scans send nothing
+                Scan.sop_instance_uid.is_not(None),  # PNG/JPEG and uploads have no DICOM context
                 or_(
                     send.id.is_(None),
                     and_(
-                        send.state.in_((db.SEND_PENDING, db.SEND_RETRY)),
+                        send.state.in_((SEND_PENDING, SEND_RETRY)),
                         or_(send.next_attempt_at.is_(None), send.next_attempt_at <= now),
                     ),
-                    and_(send.state.in_((db.SEND_SENT, db.SEND_FAILED)), db.Prediction.created_at > send.updated_at),
+                    and_(send.state.in_((SEND_SENT, SEND_FAILED)), Prediction.created_at > send.updated_at),
                 ),
             )
-            .order_by(db.Scan.finished_at, db.Scan.scan_id, db.Prediction.model_name)
+            .order_by(Scan.finished_at, Scan.scan_id, Prediction.model_name)
             .limit(limit)
         )
         return [tuple(row) for row in session.execute(statement).all()]  # type: ignore[misc]
 
-    def build(self, scan: db.Scan, prediction: db.Prediction) -> list[Dataset]:
+    def build(self, scan: Scan, prediction: Prediction) -> list[Dataset]:
         """The SR (and, with an overlay, the Secondary Capture) of one prediction."""
         from worker.pacs.objects import build_results, build_sr, overlay_pixels, read_source
 
@@ -259,7 +260,7 @@ class Sender:
             work = self.due(session, limit)
             session.expunge_all()
         for scan, prediction, row in work:
-            attempts = (row.attempts if row and row.state in (db.SEND_PENDING, db.SEND_RETRY) else 0) + 1
+            attempts = (row.attempts if row and row.state in (SEND_PENDING, SEND_RETRY) else 0) + 1
             values: dict[str, Any] = {"attempts": attempts, "updated_at": self.clock()}
             try:
                 datasets = self.build(scan, prediction)
@@ -268,7 +269,7 @@ class Sender:
                 reason = f"{type(exc).__name__}: {exc}"[:500]
                 final = attempts >= self.settings.dicom_send_max_attempts
                 values.update(
-                    state=db.SEND_FAILED if final else db.SEND_RETRY,
+                    state=SEND_FAILED if final else SEND_RETRY,
                     last_error=reason,
                     next_attempt_at=None
                     if final
@@ -288,7 +289,7 @@ class Sender:
                 )
             else:
                 values.update(
-                    state=db.SEND_SENT,
+                    state=SEND_SENT,
                     last_error=None,
                     next_attempt_at=None,
                     sent_at=self.clock(),
@@ -306,19 +307,19 @@ class Sender:
             self._record(scan.scan_id, prediction, values)
         return counts
 
-    def _record(self, scan_id: str, prediction: db.Prediction, values: dict[str, Any]) -> None:
+    def _record(self, scan_id: str, prediction: Prediction, values: dict[str, Any]) -> None:
         # One dicom-send per destination (docs/pacs.md), so select-then-write does not race.
         with self.sessions.begin() as session:
             row = session.scalar(
-                select(db.ResultSend).where(
-                    db.ResultSend.scan_id == scan_id,
-                    db.ResultSend.model_name == prediction.model_name,
-                    db.ResultSend.model_version == prediction.model_version,
-                    db.ResultSend.destination == self.transport.label,
+                select(ResultSend).where(
+                    ResultSend.scan_id == scan_id,
+                    ResultSend.model_name == prediction.model_name,
+                    ResultSend.model_version == prediction.model_version,
+                    ResultSend.destination == self.transport.label,
                 )
             )
             if row is None:
-                row = db.ResultSend(
+                row = ResultSend(
                     scan_id=scan_id,
                     model_name=prediction.model_name,
                     model_version=prediction.model_version,

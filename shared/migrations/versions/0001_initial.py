@@ -19,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Create the three tables with the constraint names shared.db's naming convention gives."""
+    """Create the three tables with the constraint names shared.models' naming convention gives."""
     op.create_table(
         "batches",
         sa.Column("batch_id", sa.String(128), nullable=False),

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, status
 
 from shared import results
-from shared.scan_ids import SCAN_ID_PATTERN
+from shared.domain import SCAN_ID_PATTERN
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
 from worker.api.models import BatchIn, BatchOut, BatchSubmitted, ErrorOut, StatusCounts
 from worker.api.submission import check_image_sizes, submit

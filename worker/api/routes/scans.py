@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
 from shared import results
-from shared.scan_ids import SCAN_ID_PATTERN
+from shared.domain import SCAN_ID_PATTERN, Status
 from shared.settings import Settings
 from shared.store import LocalStore, ObjectStore
 from worker.api.deps import CeleryDep, SessionDep, SessionFactoryDep, SettingsDep, SourcePolicyDep, StoreDep
-from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted, Status
+from worker.api.models import ErrorOut, ScanIn, ScanOut, ScanSubmitted
 from worker.api.security import quote_key, sign_file_path
 from worker.api.submission import check_image_sizes, current_status, submit
 
@@ -46,11 +46,9 @@ def submit_scan(
     check_image_sizes([scan], settings.api_max_image_bytes, in_batch=False)
     result = submit(sessions, celery, store, [scan], upload_threads=1, sources=sources)
     if result.queued:
-        return ScanSubmitted(scan_id=scan.scan_id, status="queued", queued=True)
+        return ScanSubmitted(scan_id=scan.scan_id, status=Status.QUEUED, queued=True)
     response.status_code = status.HTTP_200_OK
-    # The database's status column is a plain string; pydantic checks it is a Status when the model is built.
-    now = cast(Status, current_status(sessions, scan.scan_id))
-    return ScanSubmitted(scan_id=scan.scan_id, status=now, queued=False)
+    return ScanSubmitted(scan_id=scan.scan_id, status=current_status(sessions, scan.scan_id), queued=False)
 
 
 # A path id outside the pattern (NUL, '/', 129 characters...) is a 422 before any database query.
