@@ -31,7 +31,7 @@ VENV = Path(os.environ.get("LUNGCAM_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".lungcam-installed"
 
-# Where the tests find Orthanc's DICOMweb plugin (tests/pacs_support.PLUGIN_DIRS).
+# Where the tests find Orthanc's DICOMweb plugin (tests/helpers.pacs.PLUGIN_DIRS).
 ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins", "/usr/local/share/orthanc/plugins")
 
 
@@ -178,19 +178,19 @@ NEEDS = (
         "chromium + chromedriver (Debian: chromium, chromium-driver)",
         _tools("chromium", "chromedriver"),
         lambda: _apt_install(["chromium", "chromium-driver"]) and _tools("chromium", "chromedriver")(),
-        "the HTML report tests in a browser skip (tests/test_report.py, tests/test_cli.py)",
+        "the HTML report tests in a browser skip (tests/worker/ops/test_report.py, tests/worker/ops/test_cli.py)",
     ),
     Need(
         "Orthanc + DICOMweb plugin (Debian: orthanc, orthanc-dicomweb)",
         _orthanc_ready,
         lambda: _apt_install(["orthanc", "orthanc-dicomweb"]) and _orthanc_ready(),
-        "the PACS tests that run Orthanc skip (tests/test_pacs.py)",
+        "the PACS tests that run Orthanc skip (tests/worker/pacs/test_pacs.py)",
     ),
     Need(
         "dcmtk's storescu (Debian: dcmtk)",
         _tools("storescu"),
         lambda: _apt_install(["dcmtk"]) and _tools("storescu")(),
-        "the PACS tests that send with storescu skip (tests/test_pacs.py)",
+        "the PACS tests that send with storescu skip (tests/worker/pacs/test_pacs.py)",
     ),
     Need(
         "docker compose (the Compose v2 plugin)",

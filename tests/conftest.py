@@ -26,7 +26,7 @@ def _own_redis_for_this_process() -> None:
 
     Test modules pick fixed database numbers on 127.0.0.1:6379 and flush them; two processes running
     two modules that share a number would flush each other's queues. Runs at import, before any test
-    module reads tests/helpers.TEST_REDIS_PORT.
+    module reads tests/helpers/__init__.TEST_REDIS_PORT.
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     server = shutil.which("redis-server")

@@ -44,7 +44,7 @@ def test_the_suite_runs_in_two_processes_unless_one_module_or_a_choice_is_given(
     (tmp_path / "lib" / "python3.11" / "site-packages" / "xdist").mkdir(parents=True)
     assert run.parallel_args(["-q"]) == ["-n", "2", "--dist", "loadfile"]
     assert run.parallel_args(["-m", "not slow"]) == ["-n", "2", "--dist", "loadfile"]
-    assert run.parallel_args(["tests/test_db.py"]) == []
+    assert run.parallel_args(["tests/shared/test_db.py"]) == []
     assert run.parallel_args(["-n", "4"]) == [] and run.parallel_args(["-p", "no:xdist"]) == []
     monkeypatch.setenv("LUNGCAM_TEST_PROCESSES", "1")
     assert run.parallel_args([]) == []

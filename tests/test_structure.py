@@ -522,3 +522,22 @@ def test_the_scan_vocabulary_has_one_definition():
     assert {name: places for name, places in definitions.items() if len(places) != 1} == {}, definitions
     assert all(places[0].startswith(f"{VOCABULARY}:") for places in definitions.values()), definitions
     assert not copies, "the scan-id pattern spelled again (import shared.domain.SCAN_ID_PATTERN):\n" + "\n".join(copies)
+
+
+# --- Short functions (issue 20): a reader sees a whole function at once ---
+
+MAX_FUNCTION_LINES = 80
+# Argument parsers are one declaration per option: long, flat and read as a table.
+LONG_FUNCTIONS_ALLOWED = {"worker.cli.build_parser", "trainer.cli.build_parser"}
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Every function in shared/, worker/ and trainer/ fits in 80 lines, the CLI argument parsers excepted."""
+    too_long = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and f"{name}.{node.name}" not in LONG_FUNCTIONS_ALLOWED:
+                    too_long.append(f"{name}.{node.name} (line {node.lineno}): {length} lines")
+    assert not too_long, "\n".join(too_long)

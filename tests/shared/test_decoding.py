@@ -46,7 +46,7 @@ from shared.imaging.preprocess import preprocess
 from shared.overlay import encode_overlay, overlay_png, render_overlay
 from shared.synthetic import make_dicom, synthetic_film
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --- pydicom's corpus ---------------------------------------------------------------------------
 

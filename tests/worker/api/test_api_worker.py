@@ -11,8 +11,8 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from apiserver import PNG_MAGIC, WORKER_REDIS_URL, Api, b64, png_bytes, redis_client, running_api
 from helpers import make_bundle, mixed_scans, start_worker, wait_until
+from helpers.api import PNG_MAGIC, WORKER_REDIS_URL, Api, b64, png_bytes, redis_client, running_api
 
 from shared.domain import Status
 from shared.models import Scan

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from apiserver import Api, b64, png_bytes, redis_client, running_api
 from helpers import LUNGCAM, REPO, redis_url
+from helpers.api import Api, b64, png_bytes, redis_client, running_api
 
 from shared.domain import Status
 from shared.engine import migrate

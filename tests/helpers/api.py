@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import redis
 import uvicorn
-from helpers import redis_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from helpers import redis_url
 from shared.engine import make_engine, make_session_factory
 from shared.engine import migrate as migrate_schema
 from shared.settings import Settings

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis
-from apiserver import (
+from helpers.api import (
     API_REDIS_URL,
     AUTH,
     MAX_BODY_BYTES,

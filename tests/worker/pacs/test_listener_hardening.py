@@ -2,7 +2,7 @@
 
 The slow tests share one real `lungcam dicom-listen` subprocess (SQLite, a local store, Redis db 8) with a 2 s idle timeout,
 an allow-list of calling AE titles and of peer addresses; pynetdicom and raw sockets as the clients.
-Peak memory is the listener's VmHWM above its idle level (tests/hardening_support.PeakMemory).
+Peak memory is the listener's VmHWM above its idle level (tests/helpers.hardening.PeakMemory).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pydicom
 import pytest
 import redis
 import sqlalchemy as sa
-from hardening_support import MB, PeakMemory, deflate_bomb, lying_headers
 from helpers import redis_url
-from pacs_support import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
+from helpers.hardening import MB, PeakMemory, deflate_bomb, lying_headers
+from helpers.pacs import ListenerProcess, free_port, make_study_dicoms, sop_uid_of, subprocess_env
 
 from shared.engine import make_engine, make_session_factory, migrate
 from shared.models import Scan

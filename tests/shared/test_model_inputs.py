@@ -25,7 +25,7 @@ from worker.consumer import classifier as consumer
 from worker.consumer.classifier import ScanClassifier
 from worker.consumer.decoding import decode_for_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import sqlalchemy as sa
 from helpers import LUNGCAM, REPO
-from pacs_support import make_study_dicoms, sop_uid_of, study_uid_of
+from helpers.pacs import make_study_dicoms, sop_uid_of, study_uid_of
 
 from shared.domain import Status
 from shared.engine import make_engine, make_session_factory, migrate
@@ -295,7 +295,7 @@ def test_hostile_parts_are_each_recorded_with_what_the_server_did_and_a_1_gb_par
 
 def test_a_deflate_bomb_part_is_refused_from_its_header_without_inflating(hostile, site: Site):
     """A 1 MB part declaring 22600x22600 16-bit (1 GB inflated): a recorded failure, the pull's memory flat."""
-    from hardening_support import MB, PeakMemory, deflate_bomb
+    from helpers.hardening import MB, PeakMemory, deflate_bomb
 
     from shared.imaging import dicom_header
 

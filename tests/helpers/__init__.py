@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import sqlalchemy as sa
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LUNGCAM = str(Path(sys.executable).with_name("lungcam"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

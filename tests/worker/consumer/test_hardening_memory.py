@@ -4,8 +4,8 @@ The shared size guard (`shared.imaging.check_image_header`) refuses a declared s
 before any pixel is inflated; deflated data sets are read through a bounded stream. Measured here:
 the header readers, both decoders and `lungcam report`'s thumbnails in this process, then the HTTP API
 (in this process) and a real `lungcam worker` subprocess (the decode path `screen` also uses) on real
-Redis and SQLite. Peak memory is VmHWM above the idle level (tests/hardening_support.PeakMemory).
-The listener's part is in tests/test_listener_hardening.py.
+Redis and SQLite. Peak memory is VmHWM above the idle level (tests/helpers.hardening.PeakMemory).
+The listener's part is in tests/worker/pacs/test_listener_hardening.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hardening_support import MB, PeakMemory, _explicit_body, _file_meta, deflate_bomb, image_header, lying_headers
 from helpers import redis_url
+from helpers.hardening import MB, PeakMemory, _explicit_body, _file_meta, deflate_bomb, image_header, lying_headers
 
 from shared.domain import Status
 from shared.engine import make_engine, make_session_factory, migrate
@@ -148,8 +148,8 @@ def test_the_report_gives_the_bomb_no_thumbnail_at_bounded_memory(bomb: bytes, t
 def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bomb: bytes, tmp_path: Path) -> None:
     """POST the bomb and a normal film through the real API; a real worker fails the one and classifies the other."""
     import redis
-    from apiserver import b64, png_bytes, running_api
     from helpers import make_bundle, start_worker, wait_until
+    from helpers.api import b64, png_bytes, running_api
 
     broker_url = redis_url(8)
     redis.Redis.from_url(broker_url).flushdb()

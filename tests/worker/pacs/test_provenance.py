@@ -16,9 +16,9 @@ import pydicom
 import pytest
 import redis
 import requests
-from apiserver import b64, running_api
 from helpers import redis_url
-from pacs_support import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
+from helpers.api import b64, running_api
+from helpers.pacs import make_study_dicoms, orthanc_available, run_orthanc, sop_uid_of, study_uid_of
 from pydicom.uid import generate_uid
 
 from shared.domain import Status

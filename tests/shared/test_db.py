@@ -34,7 +34,7 @@ from shared.engine import (
 from shared.models import Base, Batch, Prediction, Scan, utcnow
 from shared.scans import NewScan, PredictionRow, add_scans, batch_counts, mark_scans, upsert_predictions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from apiserver import AUTH, api_settings, serve
 from helpers import LUNGCAM, WorkerProcess, make_tiny_bundle, redis_url, start_worker, wait_until
+from helpers.api import AUTH, api_settings, serve
 
 from shared.engine import make_engine, make_session_factory
 from shared.queueing import make_app, submit_scans

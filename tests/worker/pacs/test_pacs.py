@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from helpers import LUNGCAM, REPO, make_bundle, redis_url, start_worker, wait_until
-from pacs_support import (
+from helpers.pacs import (
     PHI_ID,
     PHI_NAME,
     ListenerProcess,
