@@ -54,7 +54,7 @@ def decode_message(payload: dict[str, Any]) -> tuple[str | None, float | None]:
     headers = payload.get("headers") or {}
     if headers.get("task") != CLASSIFY_TASK:
         return None, None
-    body = payload.get("body")
+    body: Any = payload.get("body")  # untrusted JSON: decoding says what it is
     if (payload.get("properties") or {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     try:

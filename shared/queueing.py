@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.domain import Priority, Status
@@ -40,7 +40,8 @@ def make_app(settings: Settings, *, broker_url: str | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # results live in SQL, not in a result backend
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        # kombu's Queue and Exchange are not annotated.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue=ROUTINE_QUEUE,
         task_default_exchange=ROUTINE_QUEUE,
         task_default_routing_key=ROUTINE_QUEUE,

@@ -49,7 +49,8 @@ def _pacs(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         from worker.pacs import commands
 
-        return getattr(commands, name)(args)
+        command: Callable[[argparse.Namespace], int] = getattr(commands, name)
+        return command(args)
 
     return handler
 
@@ -60,7 +61,8 @@ def _ops(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         from worker.ops import commands
 
-        return getattr(commands, name)(args)
+        command: Callable[[argparse.Namespace], int] = getattr(commands, name)
+        return command(args)
 
     return handler
 
@@ -275,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = _expected_errors()
     try:
-        return args.handler(args)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except KeyboardInterrupt:
         return runtime.INTERRUPTED
     except expected as exc:

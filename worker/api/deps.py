@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
@@ -56,7 +56,7 @@ class Resources:
 
 def get_resources(request: Request) -> Resources:
     """The app's shared resources (set up by the lifespan in main.py)."""
-    return request.app.state.resources
+    return cast(Resources, request.app.state.resources)
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]

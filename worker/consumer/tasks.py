@@ -143,7 +143,7 @@ class BatchRunner:
             log.warning("could not mark %d scans queued for retry: %s", len(mine), type(exc).__name__)
 
 
-class RearmBatchFlush(bootsteps.StartStopStep):
+class RearmBatchFlush(bootsteps.StartStopStep):  # type: ignore[misc]  # celery has no type information
     """Re-arms celery-batches' flush timer each time the consumer (re)connects to the broker."""
 
     # Celery clears the event loop's timer after a lost broker connection, but celery-batches keeps
@@ -167,7 +167,7 @@ def bind_classify_task(app: Celery, classifier: ScanClassifier, settings: Settin
     runner = BatchRunner(app, classifier, settings)
     app.steps["consumer"].add(RearmBatchFlush)
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # celery has no type information
         base=Batches,
         name=CLASSIFY_TASK,
         flush_every=settings.batch_size,

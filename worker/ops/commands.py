@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.settings import Settings
 from worker import runtime
 from worker.runtime import follow, progress_bar, running_services
+
+if TYPE_CHECKING:
+    from worker.ops.model_facts import ModelFacts
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -90,7 +93,7 @@ def run_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_model_facts(settings: Settings, keys: set[tuple[str, str]]) -> list:
+def _batch_model_facts(settings: Settings, keys: set[tuple[str, str]]) -> list[ModelFacts]:
     """What the batch's models are, for those found among LUNGCAM_MODELS (or the shipped model when unset)."""
     from shared.bundle import read_manifest
     from shared.errors import LungcamError

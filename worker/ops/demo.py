@@ -19,7 +19,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from shared.errors import LungcamError
 from shared.settings import Settings, child_environment
@@ -29,6 +29,7 @@ from worker import runtime
 if TYPE_CHECKING:
     from celery import Celery
 
+    from shared.domain import Manifest
     from shared.models import Scan
     from shared.results import BatchProgress, ModelKey
     from worker.ops.ingest import IngestItem
@@ -55,7 +56,7 @@ DEMO_BANNER = (
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return cast(int, sock.getsockname()[1])
 
 
 def _say(message: str) -> None:
@@ -142,12 +143,12 @@ def demo_images(settings: Settings, count: int) -> Path:
     return folder
 
 
-def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child
     return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _stop(process: subprocess.Popen, name: str) -> None:
+def _stop(process: subprocess.Popen[bytes], name: str) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -192,7 +193,7 @@ class _Child:
     """A started worker or API process and its log."""
 
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log: Path
     node: str | None = None  # a worker's Celery node name, which answers pings
 
@@ -253,7 +254,7 @@ def _wait_until_ready(
         time.sleep(0.5)
 
 
-def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[IngestItem], list[dict]]:
+def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[IngestItem], list[Manifest]]:
     """Everything that can be checked before a process starts or a scan is queued: images, models, database, store.
 
     Returns the images to queue and the models' manifests.
@@ -283,7 +284,7 @@ def _precheck(settings: Settings, models: str, folder: Path) -> tuple[list[Inges
     return items, manifests
 
 
-def _check_named_backbone(manifest: dict) -> None:
+def _check_named_backbone(manifest: Manifest) -> None:
     """Refuse now, in one line, a bundle whose frozen backbone's package is not installed (the worker would, later)."""
     from shared.bundle import named_backbone
     from shared.pretrained import PACKAGED_WEIGHTS, PretrainedWeightsError, packaged_weights_path
@@ -314,7 +315,7 @@ def choose_models_and_folder(
     return models, images if images is not None else sample_films_dir()
 
 
-def describe_models(manifests: list[dict]) -> list[ModelFacts]:
+def describe_models(manifests: list[Manifest]) -> list[ModelFacts]:
     """Print what each model is (stdout) and, before anything is screened, its warnings (stderr); returns the facts."""
     from worker.ops.model_facts import model_facts
 

@@ -130,7 +130,7 @@ def valid_uid(value: object) -> str | None:
     return text if 0 < len(text) <= 64 and _UID.fullmatch(text) else None
 
 
-def _value(record: dict, keyword: str) -> object:
+def _value(record: dict[str, Any], keyword: str) -> object:
     element = record.get(_TAGS[keyword])
     values = element.get("Value") if isinstance(element, dict) else None
     return values[0] if isinstance(values, list) and values else None
@@ -193,7 +193,7 @@ class _Http:
         return bytes(body)
 
 
-def _search_page(http: _Http, filters: dict[str, str], limit: int, offset: int) -> list:
+def _search_page(http: _Http, filters: dict[str, str], limit: int, offset: int) -> list[dict[str, Any]]:
     """One QIDO-RS page as a list of records; PullError for anything else."""
     import requests
 
@@ -266,11 +266,11 @@ def search_instances(
             if _value(record, "Manufacturer") == OWN_MANUFACTURER or sop_class not in IMAGE_SOP_CLASSES:
                 continue
             uids = [valid_uid(_value(record, k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-            if not all(uids):
+            study, series, sop = uids
+            if study is None or series is None or sop is None:
                 result.refused += 1
                 continue
-            study, series, sop = uids  # type: ignore[misc]
-            seen.setdefault(sop, RemoteInstance(study, series, sop, sop_class))  # type: ignore[arg-type]
+            seen.setdefault(sop, RemoteInstance(study, series, sop, sop_class))
         if len(page) < page_size:
             result.instances = list(seen.values())
             return result

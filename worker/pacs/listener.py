@@ -231,7 +231,7 @@ def make_ae(settings: Settings) -> Any:
     what is accepted can be classified.
     """
     from pynetdicom import AE, AllStoragePresentationContexts
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # pynetdicom creates SOP classes at import
 
     ae = AE(ae_title=settings.dicom_ae_title)
     # Calls to the stat AE titles reach this same listener: any called AE title is accepted, and
@@ -242,6 +242,7 @@ def make_ae(settings: Settings) -> Any:
     ae.add_supported_context(Verification)
     syntaxes = decodable_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None  # set on every predefined context
         ae.add_supported_context(context.abstract_syntax, syntaxes)
     ae.maximum_pdu_size = settings.dicom_max_pdu_bytes
     ae.maximum_associations = settings.dicom_max_associations
@@ -335,7 +336,8 @@ def _server_class(settings: Settings) -> type:
         request_queue_size = 64
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
+            kwargs["request_handler"] = GuardedRequestHandler
+            super().__init__(*args, **kwargs)
 
         def verify_request(self, request: Any, client_address: Any) -> bool:
             """Close connections from addresses outside LUNGCAM_DICOM_ALLOWED_PEERS at once."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -16,6 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from shared.imaging.dicom import read_dataset
 from worker.pacs import uids
+
+if TYPE_CHECKING:
+    from highdicom.sr import CodedConcept
 
 MANUFACTURER = "lungcam"
 # Series numbers far from a modality's own (1, 2, ...), so the results sort after the images.
@@ -72,7 +76,7 @@ def overlay_pixels(png: bytes) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
-def _codes() -> dict[str, object]:
+def _codes() -> dict[str, CodedConcept]:
     from highdicom.sr import CodedConcept
 
     return {
