@@ -58,11 +58,11 @@ class Services:
         self.engine.dispose()
 
 
-def open_engine(settings: Settings, *, hide_parameters: bool = False) -> Engine:
+def open_engine(settings: Settings) -> Engine:
     """An engine on the configured database whose schema is at head (SchemaError otherwise, engine disposed)."""
     from shared.engine import make_engine, require_current_schema
 
-    engine = make_engine(settings.resolved_database_url(), hide_parameters=hide_parameters)
+    engine = make_engine(settings.resolved_database_url())
     try:
         require_current_schema(engine)
     except Exception:
@@ -76,19 +76,15 @@ def open_services(
     *,
     with_app: bool = True,
     broker_url: str | None = None,
-    hide_parameters: bool = False,
 ) -> Services:
-    """Open the services for settings (default: the environment's); the schema must be at head.
-
-    hide_parameters keeps bound parameters (scan ids) out of SQL error messages, for servers that log them.
-    """
+    """Open the services for settings (default: the environment's); the schema must be at head."""
     from shared.engine import make_session_factory
     from shared.queueing import make_app
     from shared.settings import get_settings
     from shared.store import store_from_settings
 
     settings = settings or get_settings()
-    engine = open_engine(settings, hide_parameters=hide_parameters)
+    engine = open_engine(settings)
     try:
         store = store_from_settings(settings)
         app = make_app(settings, broker_url=broker_url) if with_app else None

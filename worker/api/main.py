@@ -42,8 +42,8 @@ expiring inside `overlay_url`, built on `LUNGCAM_PUBLIC_URL` (never on the Host 
 
 def open_resources(settings: Settings) -> Resources:
     """The runtime's services (schema checked), the source policy and the metrics registry."""
-    # hide_parameters: SQL errors end up in logs, and their bound parameters are scan ids.
-    services = open_services(settings, hide_parameters=True)
+    # Every engine hides bound parameters (shared.engine.make_engine): SQL errors carry no scan ids.
+    services = open_services(settings)
     return Resources(
         services=services,
         sources=SourcePolicy.from_settings(settings),

@@ -31,6 +31,7 @@ from shared.engine import make_engine, make_session_factory, require_current_sch
 from shared.errors import LungcamError
 from shared.imaging.dicom import selection_reason
 from shared.imaging.formats import probe
+from shared.imaging.inputs import decode_side
 from shared.imaging.limits import ImageDecodeError
 from shared.imaging.preprocess import DISPLAY_MAX_SIDE
 from shared.models import Prediction, Scan, utcnow
@@ -193,10 +194,10 @@ class ScanClassifier:
             {m.input_key: (m.input_key, m.bundle.preprocessing, m.bundle.input_size) for m in models}.values()
         )
         # Decode once to the largest size anything needs: the display image or the biggest model input.
-        self._decode_side = max([DISPLAY_MAX_SIDE, *(size for _key, _spec, size in self._input_specs)])
+        self._decode_side = decode_side(size for _key, _spec, size in self._input_specs)
         self.budget = PixelBudget(settings.decode_pixel_budget)
         self.decoder = decoder if decoder is not None else DecodePool(decode_processes(settings, pinned_gpu=None))
-        self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format][2].lstrip(".")
+        self._overlay_extension = OVERLAY_FORMATS[settings.overlay_format].file_extension.lstrip(".")
 
     def close(self) -> None:
         """Stop the I/O threads, the decode processes and the lease heartbeat."""
