@@ -341,7 +341,19 @@ class ResumeClock:
         self._polled = 0.0
 
     def killed(self, in_flight: set[str]) -> None:
-        self.kills.append({"in_flight": in_flight, "at": utcnow(), "t": time.monotonic(), "first": None, "all": None})
+        """A kill holding in_flight. Scans of an earlier kill among them were resumed (re-claimed by this
+        worker) and are lost again: from now on they count for this kill, not the earlier one."""
+        now = time.monotonic()
+        for kill in self.kills:
+            lost_again = kill["waiting"] & in_flight
+            if lost_again and kill["first"] is None:
+                kill["waiting"] = kill["waiting"] - lost_again
+                if not kill["waiting"]:
+                    # Every scan was re-claimed after that kill (so it resumed) and then killed again.
+                    kill["first"] = kill["all"] = kill["all"] or now - kill["t"]
+        self.kills.append(
+            {"in_flight": in_flight, "waiting": set(in_flight), "at": utcnow(), "t": now, "first": None, "all": None}
+        )
 
     def poll(self) -> None:
         """Check the open kills (at most twice a second)."""
@@ -353,7 +365,7 @@ class ResumeClock:
                 continue
             with self.sessions() as session:
                 rows = session.execute(
-                    select(Scan.status, Scan.claimed_at, Scan.finished_at).where(Scan.scan_id.in_(kill["in_flight"]))
+                    select(Scan.status, Scan.claimed_at, Scan.finished_at).where(Scan.scan_id.in_(kill["waiting"]))
                 ).all()
             finished = any(r.status == Status.DONE and r.finished_at and r.finished_at > kill["at"] for r in rows)
             again = all(
@@ -376,7 +388,10 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
     to start), so the batch arrives in 30 parts of 10 every 5 s (a feed, not one upload): that keeps
     work in flight across five kill/restart cycles. Each worker is killed holding a batch once it has
     run for 15 s, so its reconciler had a chance to act (a worker killed within a second of starting
-    recovers nothing, and neither would any real one).
+    recovers nothing, and neither would any real one). The kill waits for a batch of the feed: the
+    reconciler hands a killed worker's scans back at the next worker's passes, and a worker killed
+    while it holds only those would measure two kills as one. If a kill still catches some of them,
+    they resumed, and their wait counts for the new kill.
     """
     empty_schema(postgres_url)
     sessions = _sessions(postgres_url)
@@ -399,14 +414,20 @@ def test_five_sigkills_during_300_scans_lose_nothing_and_resume_quickly(postgres
         worker.wait_ready()
         _assert_ours(worker)
         feeder.start()
+        killed: set[str] = set()
         for kill in range(1, 6):
             worker.wait_ready()
             ready_at = time.monotonic()
             wait_until(lambda: clock.poll() or time.monotonic() - ready_at >= 15, 60, 0.2, "15 s of work")
-            wait_until(lambda: clock.poll() or _held_by(sessions, _worker_id(worker)), 120, 0.02, "a batch in flight")
+            # A batch of the feed, not the previous kill's scans that the reconciler has just handed back:
+            # killing those again measures two kills as one.
+            wait_until(
+                lambda: clock.poll() or _held_by(sessions, _worker_id(worker)) - killed, 120, 0.02, "a batch in flight"
+            )
             in_flight = _held_by(sessions, _worker_id(worker))
             worker.kill()
             clock.killed(in_flight)
+            killed |= in_flight
             worker = start_worker(env, tmp_path / f"worker-{kill}.log")
         wait_until(lambda: clock.poll() or _all_done(sessions, 300), 300, 0.5, "all 300 scans done")
         wait_until(lambda: clock.poll() or all(k["first"] is not None for k in clock.kills), 60, 0.5, "resumes")
