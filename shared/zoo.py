@@ -9,10 +9,10 @@ from typing import Any
 import keras
 from keras import layers
 
+from shared.domain import CLASS_NAMES
 from shared.errors import LungcamError
 from shared.pretrained import PACKAGED_WEIGHTS, PACKAGED_WEIGHTS_ARCH, load_vgg16_conv_weights, verified_weights_path
 
-CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
 LOGITS_LAYER = "logits"
 INPUT_SCALING_LAYER = "backbone_input_scaling"
 

@@ -160,23 +160,34 @@ def s3_store(moto_server: str) -> S3Store:
 
 
 # Under pytest-xdist (`python3 run.py test`: two processes, whole modules each), the longest modules
-# start first so both processes finish at about the same time; measured on 2 cores, longest first.
-# A serial run keeps pytest's order.
+# start first so both processes finish at about the same time (measured with --durations=0 on 2 cores,
+# longest first). xdist would otherwise order modules by how many tests they hold, which put the
+# longest ones last and left one process running them alone. A serial run keeps pytest's order.
 LONGEST_MODULES_FIRST = (
-    "test_recovery.py",
     "test_trainer.py",
+    "test_recovery.py",
+    "test_demo.py",
+    "test_audit.py",
     "test_pacs.py",
     "test_worker.py",
-    "test_demo.py",
     "test_models.py",
     "test_robust_recipe.py",
     "test_selection.py",
-    "test_audit.py",
+    "test_pretrained.py",
     "test_cli.py",
-    "test_waiting.py",
     "test_api_worker.py",
     "test_decoding.py",
+    "test_dicomweb_hostile.py",
+    "test_waiting.py",
+    "test_hardening_memory.py",
+    "test_structure.py",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the module order below under pytest-xdist (its default re-sorts modules by their number of tests)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shared.imaging.preprocess import INTENSITY_METHODS, SQUARE_METHODS  # no OpenCV, no Keras
 
@@ -369,6 +370,21 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse a data path of no known layout or a local bundle without a manifest, before TensorFlow loads.
+
+    A mistyped path is then reported in about a second, not after TensorFlow's start-up.
+    """
+    from shared.bundle import read_manifest
+    from trainer.datasets import detect_layout
+
+    bundle = getattr(args, "bundle", None)
+    if bundle is not None and not str(bundle).startswith("s3://"):
+        read_manifest(bundle)
+    for path in args.data:
+        detect_layout(Path(path))
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, reported in one line; anything else is a bug and keeps its traceback."""
     from shared.errors import LungcamError
@@ -389,11 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from shared.tensorflow_quiet import import_tensorflow
 
-    import_tensorflow(verbose=args.verbose)  # first, so CUDA probing on a CPU-only machine stays quiet
     run = {"train": _run_train, "evaluate": _run_evaluate, "audit": _run_audit, "calibrate": _run_calibrate}[
         args.command
     ]
     try:
+        _check_paths(args)
+        import_tensorflow(verbose=args.verbose)  # before the command, so CUDA probing on a CPU-only machine stays quiet
         return run(args)
     except _expected_errors() as exc:
         print(f"lungcam-train {args.command}: error: {exc}", file=sys.stderr)

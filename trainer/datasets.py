@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from shared.domain import CLASS_NAMES
 from shared.errors import LungcamError
 from shared.hashing import sha256_file
-from shared.zoo import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,26 @@ def load_dataset(
     None keeps every row. The paper's filters are the defaults.
     """
     root = Path(path)
+    layout = detect_layout(root)
+    if layout == "ieee8023":
+        return _load_ieee8023(root, finding=finding, view=view)
+    if layout == "kermany":
+        return _load_kermany(root, _find_kermany_root(root) or root)
+    return _load_class_folders(root)
+
+
+def detect_layout(root: Path) -> str:
+    """Which layout a data path has ("ieee8023", "kermany" or "class-folders"); DatasetError if none (lists no files)."""
     if not root.exists():
         raise DatasetError(f"data path does not exist: {root}")
     if not root.is_dir():
         raise DatasetError(f"data path is not a folder: {root}")
     if (root / "metadata.csv").is_file() and _child_dir(root, "images") is not None:
-        return _load_ieee8023(root, finding=finding, view=view)
-    kermany_root = _find_kermany_root(root)
-    if kermany_root is not None:
-        return _load_kermany(root, kermany_root)
+        return "ieee8023"
+    if _find_kermany_root(root) is not None:
+        return "kermany"
     if any(_child_dir(root, name) is not None for name in CLASS_NAMES):
-        return _load_class_folders(root)
+        return "class-folders"
     raise DatasetError(
         f"unknown dataset layout in {root}: expected class folders {'/, '.join(CLASS_NAMES)}/ "
         "(optionally with manifest.csv), the COVID chest X-ray dataset's metadata.csv + images/, "

@@ -22,7 +22,7 @@ from sklearn.metrics import (
 )
 
 from shared.calibration import OperatingPoint, brier_score, expected_calibration_error
-from shared.zoo import CLASS_NAMES
+from shared.domain import CLASS_NAMES
 from trainer.datasets import Sample, dataset_hash, load_datasets
 from trainer.loading import load_images, to_float
 

@@ -14,9 +14,8 @@ import numpy as np
 
 from shared.bundle import save_bundle
 from shared.calibration import OperatingPoint
-from shared.domain import Manifest
+from shared.domain import CLASS_NAMES, Manifest
 from shared.gradcam import GradCam
-from shared.zoo import CLASS_NAMES
 from trainer import plots
 from trainer.config import ResolvedConfig, preprocessing_for
 from trainer.datasets import (

@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 
 from shared.calibration import OperatingPoint, fit_operating_point
-from shared.domain import Manifest
+from shared.domain import CLASS_NAMES, Manifest
 from shared.pretrained import PACKAGED_WEIGHTS
-from shared.zoo import CLASS_NAMES, build_model, resolve_weights
+from shared.zoo import build_model, resolve_weights
 from trainer import plots
 
 # TrainConfig and the recipes' defaults live in trainer.config; importable from here as before

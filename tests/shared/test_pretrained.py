@@ -14,6 +14,7 @@ import pytest
 from helpers import redis_url
 
 from shared.bundle import MANIFEST_FILE, BundleError, load_bundle, save_bundle
+from shared.domain import CLASS_NAMES
 from shared.imaging import PREPROCESSING
 from shared.pretrained import (
     HED_VGG16_WEIGHTS,
@@ -24,7 +25,7 @@ from shared.pretrained import (
     verified_weights_path,
     vgg16_conv_layer_names,
 )
-from shared.zoo import CLASS_NAMES, attach_head, build_model, build_packaged_backbone, resolve_weights
+from shared.zoo import attach_head, build_model, build_packaged_backbone, resolve_weights
 from trainer.frozen import LinearHead
 
 INPUT_SIZE = 32

@@ -11,7 +11,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from helpers import make_bundle, mixed_scans, start_worker, wait_until
+from helpers import make_tiny_bundle, mixed_scans, start_worker, wait_until
 from helpers.api import PNG_MAGIC, WORKER_REDIS_URL, Api, b64, png_bytes, redis_client, running_api
 
 from shared.domain import Status
@@ -36,7 +36,7 @@ class Deployment:
 def deployment(moto_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """200 routine scans and then 1 stat scan queued through the API BEFORE a worker starts, then the worker."""
     root = tmp_path_factory.mktemp("e2e")
-    bundle = make_bundle(root / "bundle", "resnet50", 64)
+    bundle = make_tiny_bundle(root / "bundle", 64)
     broker = redis_client(WORKER_REDIS_URL)
     broker.flushdb()
     s3 = S3Store(f"lungcam-api-{uuid.uuid4().hex[:12]}", endpoint_url=moto_server)
@@ -134,7 +134,7 @@ class TestWithWorker:
                 assert scan["batch_id"] == submitted["batch_id"] and "source_uri" not in scan
                 assert dt.datetime.fromisoformat(scan["finished_at"]) >= dt.datetime.fromisoformat(scan["submitted_at"])
                 (prediction,) = scan["predictions"]
-                assert prediction["model_name"] == "resnet50-test" and prediction["model_version"] == "t1"
+                assert prediction["model_name"] == "tiny-test" and prediction["model_version"] == "t1"
                 assert prediction["label"] in ("covid", "normal") and 0.0 <= prediction["p_covid"] <= 1.0
                 assert prediction["inference_ms"] > 0
                 url = prediction["overlay_url"]
@@ -146,4 +146,4 @@ class TestWithWorker:
                 _assertpng_bytes(response.content)
 
         metrics = api.client.get("/metrics").text
-        assert 'lungcam_inference_seconds_count{model_name="resnet50-test",model_version="t1"}' in metrics
+        assert 'lungcam_inference_seconds_count{model_name="tiny-test",model_version="t1"}' in metrics

@@ -148,13 +148,13 @@ def test_the_report_gives_the_bomb_no_thumbnail_at_bounded_memory(bomb: bytes, t
 def test_the_api_and_a_worker_fail_the_bomb_with_the_reason_at_bounded_memory(bomb: bytes, tmp_path: Path) -> None:
     """POST the bomb and a normal film through the real API; a real worker fails the one and classifies the other."""
     import redis
-    from helpers import make_bundle, start_worker, wait_until
+    from helpers import make_tiny_bundle, start_worker, wait_until
     from helpers.api import b64, png_bytes, running_api
 
     broker_url = redis_url(8)
     redis.Redis.from_url(broker_url).flushdb()
     overrides = {"broker_url": broker_url, "api_max_image_bytes": 4 * MB, "api_max_body_bytes": 8 * MB}
-    bundle = make_bundle(tmp_path / "bundle", "resnet50", 64)
+    bundle = make_tiny_bundle(tmp_path / "bundle", 64)
     with running_api(tmp_path, **overrides) as api:
         env = {
             "LUNGCAM_BROKER_URL": broker_url,

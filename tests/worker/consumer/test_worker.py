@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import redis
-from helpers import corrupt_scans, make_bundle, mixed_scans, redis_url, start_worker, wait_until
+from helpers import corrupt_scans, make_tiny_bundle, mixed_scans, redis_url, start_worker, wait_until
 from sqlalchemy import func, select
 
 from shared.domain import Status
@@ -28,14 +28,18 @@ from shared.store import LocalStore, overlay_key, scan_key
 pytestmark = pytest.mark.slow
 
 REDIS_URL = os.environ.get("LUNGCAM_TEST_REDIS_URL", redis_url(13))
-MODEL_NAMES = ("resnet50-test", "vgg16-test")
+MODEL_NAMES = ("first-test", "second-test")
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two small random-weight bundles, so every scan gets a row per model."""
+    """Two tiny random-weight bundles, so every scan gets a row per model.
+
+    Tiny, not ResNet50/VGG16: these tests are about the pipeline, and a worker serving them starts in half
+    the time. Workers serving real backbones: test_demo (the shipped VGG16 model) and test_pretrained.
+    """
     root = tmp_path_factory.mktemp("bundles")
-    return [make_bundle(root / "resnet50", "resnet50", 64), make_bundle(root / "vgg16", "vgg16", 64)]
+    return [make_tiny_bundle(root / name, 64, name=name) for name in MODEL_NAMES]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import redis
-from helpers import LUNGCAM, headless_chromium, make_bundle, redis_url, start_worker
+from helpers import LUNGCAM, headless_chromium, make_tiny_bundle, redis_url, start_worker
 
 from shared.synthetic import synthetic_xray
 
@@ -39,7 +39,7 @@ def screened(tmp_path_factory: pytest.TempPathFactory):
     env = {
         "LUNGCAM_DATA_DIR": str(root / "data"),
         "LUNGCAM_BROKER_URL": REDIS_URL,
-        "LUNGCAM_MODELS": str(make_bundle(root / "bundle", "resnet50", 64)),
+        "LUNGCAM_MODELS": str(make_tiny_bundle(root / "bundle", 64)),
         "LUNGCAM_BATCH_SIZE": "32",
         "LUNGCAM_BATCH_FLUSH_MS": "200",
     }

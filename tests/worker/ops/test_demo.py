@@ -23,7 +23,7 @@ import psutil
 import pytest
 import redis
 import sqlalchemy as sa
-from helpers import LUNGCAM, corrupt_scans, empty_schema, make_bundle, make_tiny_bundle, redis_url, wait_until
+from helpers import LUNGCAM, corrupt_scans, empty_schema, make_tiny_bundle, redis_url, wait_until
 
 from shared.calibration import audit_status
 from shared.shipped import SHIPPED_MODEL_NAME, sample_films_dir, shipped_model_dir
@@ -39,7 +39,8 @@ REDIS_URL = os.environ.get("LUNGCAM_TEST_DEMO_REDIS_URL", redis_url(9))
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("demo") / "bundle", "resnet50", 64)
+    """A tiny random-weight model: its worker starts in half a ResNet50's time (the shipped model has its own tests)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("demo") / "bundle", 64, name="first-test")
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_screen_on_the_embedded_defaults(folder, bundle, tmp_path):
     _check_output(result)
     assert "embedded Redis running" in result.stderr
     # The bundle was never audited: the terminal says so before anything is screened, not only worker.log.
-    warning = result.stderr.index("WARNING: model resnet50-test t1 has never been through the shortcut audit")
+    warning = result.stderr.index("WARNING: model first-test t1 has never been through the shortcut audit")
     assert warning < result.stderr.index("starting a worker")
     assert (tmp_path / "data" / "lungcam.sqlite").is_file()
     assert len(list((tmp_path / "data" / "store" / "overlays").rglob("*.png"))) == 8
@@ -152,7 +153,7 @@ def test_screen_on_real_redis_postgresql_and_s3(folder, bundle, tmp_path, postgr
         engine.dispose()
     assert len(rows) == 8
     for scan_id in rows:
-        assert bucket.exists(overlay_key("resnet50-test", "t1", scan_id))
+        assert bucket.exists(overlay_key("first-test", "t1", scan_id))
 
 
 def test_screen_with_a_missing_bundle_fails_fast_with_the_bundle_error_and_queues_nothing(folder, tmp_path):
@@ -183,12 +184,12 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     data = {"LUNGCAM_DATA_DIR": str(tmp_path / "data")}
     first = _screen(folder, {**data, "LUNGCAM_MODELS": str(bundle)})
     assert first.returncode == runtime.SOME_FAILED, first.stderr[-3000:]
-    assert "resnet50-test" in first.stdout
+    assert "first-test" in first.stdout
     second = _screen(folder, {**data, "LUNGCAM_MODELS": str(make_tiny_bundle(tmp_path / "b", 64))})
     assert second.returncode == runtime.SOME_FAILED, second.stderr[-3000:]
-    assert "tiny-test" in second.stdout and "resnet50-test" not in second.stdout  # the table
+    assert "tiny-test" in second.stdout and "first-test" not in second.stdout  # the table
     report = Path(re.search(r"HTML report: (\S+)", second.stdout).group(1)).read_text()
-    assert "tiny-test" in report and "resnet50-test" not in report
+    assert "tiny-test" in report and "first-test" not in report
     batch = re.search(r"\(batch (\w+)\)", second.stdout).group(1)
     clean = {key: value for key, value in os.environ.items() if not key.startswith("LUNGCAM_")}
 
@@ -200,14 +201,14 @@ def test_screening_again_with_another_model_shows_only_that_models_results(folde
     import csv
 
     models = [row["model_name"] for row in csv.DictReader(csv_path.open())]
-    assert models.count("tiny-test") == 8 and "resnet50-test" not in models
+    assert models.count("tiny-test") == 8 and "first-test" not in models
     every = run("results", batch, "--all-models")
     assert every.returncode == 0, every.stderr
     # The 100-column table may shorten a model's name to start…end.
     older = [
         row
         for row in _table(every.stdout)
-        if _unshortened(row.get("model_name"), ("resnet50-test", "tiny-test")) == "resnet50-test"
+        if _unshortened(row.get("model_name"), ("first-test", "tiny-test")) == "first-test"
     ]
     assert len(older) == 8 and all(row.get("older_model") == "yes" for row in older)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import sqlalchemy as sa
-from helpers import LUNGCAM, REPO, make_bundle, redis_url, start_worker, wait_until
+from helpers import LUNGCAM, REPO, make_tiny_bundle, redis_url, start_worker, wait_until
 from helpers.pacs import (
     PHI_ID,
     PHI_NAME,
@@ -416,7 +416,7 @@ class Stack:
         self.root = root
         self.db_url = f"sqlite:///{root / 'lungcam.sqlite'}"
         self.listen_port = free_port()
-        bundle = make_bundle(root / "bundle", "resnet50", 64)
+        bundle = make_tiny_bundle(root / "bundle", 64)
         self.env = subprocess_env(
             broker_url=REDIS_MAIN,
             database_url=self.db_url,
