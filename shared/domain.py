@@ -165,12 +165,12 @@ class Priority(_StrEnum):
     ROUTINE = "routine"
 
 
-# 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit: no '/', '\\', NUL or other
-# control characters, so an id can never reach into another folder of the store (and '..' is refused too).
-# Batch ids follow the same rule.
 # The model's classes, in the order of its softmax outputs (bundles and datasets use these names).
 CLASS_NAMES: tuple[str, ...] = ("covid", "normal")
 
+# 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit: no '/', '\\', NUL or other
+# control characters, so an id can never reach into another folder of the store (and '..' is refused too).
+# Batch ids follow the same rule.
 SCAN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCAN_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
 

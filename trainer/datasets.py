@@ -76,8 +76,9 @@ def load_dataset(
     layout = detect_layout(root)
     if layout == "ieee8023":
         return _load_ieee8023(root, finding=finding, view=view)
-    if layout == "kermany":
-        return _load_kermany(root, _find_kermany_root(root) or root)
+    kermany_root = _find_kermany_root(root) if layout == "kermany" else None
+    if kermany_root is not None:
+        return _load_kermany(root, kermany_root)
     return _load_class_folders(root)
 
 

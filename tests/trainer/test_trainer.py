@@ -469,6 +469,18 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], mes
     assert "cuInit" not in result.stderr and "cuda" not in result.stderr.lower()
 
 
+def test_a_bad_path_is_refused_before_tensorflow_loads(tmp_path: Path) -> None:
+    """A mistyped --bundle or --data is reported in about a second: TensorFlow is not imported for it."""
+    for args in (
+        ["evaluate", "--bundle", str(tmp_path / "no-bundle"), "--data", str(tmp_path)],
+        ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+    ):
+        code = f"import sys; from trainer.cli import main; s = main({args!r}); print('tensorflow' in sys.modules); sys.exit(s)"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stdout.strip() == "False", (result.stdout, result.stderr[-2000:])
+        assert "manifest.json" in result.stderr or "does not exist" in result.stderr
+
+
 def _imagenet_weights_cached() -> bool:
     cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
     return any(cache.glob("vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"))
