@@ -185,7 +185,7 @@ LONGEST_MODULES_FIRST = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Keep the module order below under pytest-xdist (its default re-sorts modules by their number of tests)."""
+    """Keep LONGEST_MODULES_FIRST's order under pytest-xdist (its default re-sorts modules by their number of tests)."""
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
